@@ -1,0 +1,113 @@
+//! Gateway policies: authentication, rate limiting, transformation, caching, compression,
+//! aggregation, versioning and security filters.
+//!
+//! Each policy is one small unit implementing [`Policy`]. The proxy runs a route's policies in
+//! configured order on the request ([`Policy::on_request`]); any of them may answer the request
+//! itself (401, 429, a cache hit, an aggregated body) instead of letting it reach the upstream.
+//! Responses then pass back through the same policies in reverse order
+//! ([`Policy::on_response`]). State a policy needs between the two phases (a cache key, the
+//! negotiated encoding) travels in [`RequestCtx::extensions`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+
+/// Error type of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type that flows through the proxy in both directions.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// What the proxy knows about a request besides the request itself.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The client's address (from the socket, or from the PROXY protocol header).
+    pub client_addr: SocketAddr,
+    /// `X-Request-Id` of this request (taken from the client or generated).
+    pub request_id: String,
+    /// Name of the matched route.
+    pub route_name: String,
+    /// Upstream group the request will be forwarded to. A policy may change it (versioning).
+    pub upstream_group: String,
+    /// True when the client connection is TLS.
+    pub tls: bool,
+    /// Per-request state shared between a policy's request and response phases.
+    pub extensions: http::Extensions,
+}
+
+/// The result of a request phase.
+pub enum RequestOutcome {
+    /// Continue down the chain (and eventually to the upstream) with this request.
+    Continue(Request<ProxyBody>),
+    /// Answer the client with this response; the upstream is not called. Response phases of the
+    /// policies that already ran still apply to it.
+    Respond(Response<ProxyBody>),
+}
+
+/// One gateway policy.
+#[async_trait::async_trait]
+pub trait Policy: Send + Sync + 'static {
+    /// Short name used in logs and metrics (`jwt`, `rate_limit`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Request phase.
+    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome;
+
+    /// Response phase; the default passes the response through.
+    async fn on_response(&self, resp: Response<ProxyBody>, ctx: &mut RequestCtx) -> Response<ProxyBody> {
+        let _ = ctx;
+        resp
+    }
+}
+
+/// A route's policies in order.
+#[derive(Clone, Default)]
+pub struct PolicyChain {
+    policies: Vec<Arc<dyn Policy>>,
+}
+
+impl PolicyChain {
+    pub fn new(policies: Vec<Arc<dyn Policy>>) -> Self {
+        Self { policies }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Runs request phases in order. On `Respond`, returns the response together with how many
+    /// policies ran (their response phases must still run on it).
+    pub async fn run_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Request<ProxyBody>, (Response<ProxyBody>, usize)> {
+        for (i, p) in self.policies.iter().enumerate() {
+            match p.on_request(req, ctx).await {
+                RequestOutcome::Continue(r) => req = r,
+                RequestOutcome::Respond(resp) => return Err((resp, i)),
+            }
+        }
+        Ok(req)
+    }
+
+    /// Runs response phases in reverse order over the first `ran` policies.
+    pub async fn run_response(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+        ran: usize,
+    ) -> Response<ProxyBody> {
+        for p in self.policies[..ran.min(self.policies.len())].iter().rev() {
+            resp = p.on_response(resp, ctx).await;
+        }
+        resp
+    }
+
+    /// Number of policies (pass to [`Self::run_response`] after a forwarded request).
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+}
