@@ -16,7 +16,12 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let target_dir = out_dir.join("ebpf-target");
 
-    for p in ["xdp-ebpf/src", "xdp-ebpf/Cargo.toml", "common/src", "common/Cargo.toml"] {
+    for p in [
+        "xdp-ebpf/src",
+        "xdp-ebpf/Cargo.toml",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
 
@@ -39,7 +44,9 @@ fn main() -> anyhow::Result<()> {
     // The outer cargo's settings must not leak into the nested build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key.starts_with("RUST") && key != "RUSTUP_HOME" {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME"
+            || key.starts_with("RUST") && key != "RUSTUP_HOME"
+        {
             cmd.env_remove(key.as_ref());
         }
     }

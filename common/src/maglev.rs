@@ -21,8 +21,14 @@ pub const fn mix32(mut h: u32) -> u32 {
 
 #[inline(always)]
 const fn absorb(h: u32, word: u32) -> u32 {
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -221,12 +227,8 @@ mod table {
                 let after = build_table(&rest, 65537).unwrap();
                 assert!(after.iter().all(|&id| id != removed));
                 // Entries that belonged to the removed backend must move; count the others.
-                let changed = before
-                    .iter()
-                    .zip(&after)
-                    .filter(|(a, b)| a != b)
-                    .count() as f64
-                    / 65537.0;
+                let changed =
+                    before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / 65537.0;
                 let bound = 1.0 / n as f64 + 0.01;
                 assert!(changed <= bound, "n={n}: {changed} > {bound}");
             }
@@ -244,7 +246,11 @@ mod table {
             for (i, w) in [1.0, 2.0, 3.0, 4.0].iter().enumerate() {
                 let want = 65537.0 * w / 10.0;
                 let ratio = c[i] as f64 / want;
-                assert!((ratio - 1.0).abs() <= 0.01, "backend {i}: {} vs {want}", c[i]);
+                assert!(
+                    (ratio - 1.0).abs() <= 0.01,
+                    "backend {i}: {} vs {want}",
+                    c[i]
+                );
             }
         }
 
@@ -268,12 +274,18 @@ mod table {
             let b = backends(37);
             let mut r = b.clone();
             r.reverse();
-            assert_eq!(build_table(&b, 65537).unwrap(), build_table(&r, 65537).unwrap());
+            assert_eq!(
+                build_table(&b, 65537).unwrap(),
+                build_table(&r, 65537).unwrap()
+            );
         }
 
         #[test]
         fn empty_and_errors() {
-            assert!(build_table(&[], 251).unwrap().iter().all(|&x| x == crate::NO_BACKEND));
+            assert!(build_table(&[], 251)
+                .unwrap()
+                .iter()
+                .all(|&x| x == crate::NO_BACKEND));
             assert_eq!(
                 build_table(&backends(3), 1000),
                 Err(MaglevError::SizeNotPrime(1000))

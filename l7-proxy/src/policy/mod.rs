@@ -56,7 +56,11 @@ pub trait Policy: Send + Sync + 'static {
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome;
 
     /// Response phase; the default passes the response through.
-    async fn on_response(&self, resp: Response<ProxyBody>, ctx: &mut RequestCtx) -> Response<ProxyBody> {
+    async fn on_response(
+        &self,
+        resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Response<ProxyBody> {
         let _ = ctx;
         resp
     }
@@ -110,4 +114,28 @@ impl PolicyChain {
     pub fn len(&self) -> usize {
         self.policies.len()
     }
+}
+
+/// One entry of a route's `policies = [...]` list in the proxy's TOML config, tagged by
+/// `type` (for example `{ type = "jwt", ... }`). Each variant's fields are that policy's schema.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PolicyConfig {}
+
+/// A policy config that cannot be turned into a policy (bad key file, invalid regex, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("policy {policy}: {message}")]
+pub struct PolicyBuildError {
+    pub policy: String,
+    pub message: String,
+}
+
+/// Builds a route's chain from its config, in order. Called at config load and on reload, so
+/// errors surface before the config goes live.
+pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildError> {
+    let policies = configs
+        .iter()
+        .map(|c| match *c {})
+        .collect::<Vec<Arc<dyn Policy>>>();
+    Ok(PolicyChain::new(policies))
 }
