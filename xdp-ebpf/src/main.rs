@@ -1,1 +1,196 @@
-#![no_std] #![no_main]
+//! The XDP datapath of the L4 load balancer.
+//!
+//! `xdp_lb` reads top to bottom: parse → look up the VIP → find the flow or pick by Maglev →
+//! rewrite or encapsulate → count → act. Packets that are not for a VIP leave with XDP_PASS
+//! untouched. `xdp_decap` runs on backends and strips the IPIP / IP6IP6 header that `xdp_lb`
+//! adds (this kernel has no ipip module). `xdp_pass` lets a veth peer receive XDP_TX frames.
+//!
+//! IP fragments addressed to a VIP address are dropped and counted (`drop_fragment`), as
+//! Katran does: only the first fragment carries ports, so the others cannot be steered
+//! consistently. IPv6 packets with extension headers (other than a fragment header) are passed
+//! to the kernel.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod decap;
+mod forward;
+mod icmp;
+mod maps;
+mod parse;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use common::{
+    maglev::flow_hash, reason, BackendInfo, FlowEntry, FlowKey, VipKey, VipMeta, BACKEND_F_ALIVE,
+    NO_BACKEND, RING_SIZE_MAX, VIP_F_HASH_NO_PORTS,
+};
+
+use maps::{
+    account, count, BACKENDS, BACKEND_STATS, CONN_TABLE, RINGS, VIPS, VIP_ADDRS, VIP_STATS,
+};
+use parse::{has_ports, is_icmp, parse_l3, read_ports, Packet, L3};
+
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    process(&ctx)
+}
+
+#[xdp]
+pub fn xdp_decap(ctx: XdpContext) -> u32 {
+    decap::process(&ctx)
+}
+
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+pub(crate) fn pass(why: u32) -> u32 {
+    count(why);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+pub(crate) fn drop(why: u32) -> u32 {
+    count(why);
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
+fn is_vip_addr(addr: &[u8; 16]) -> bool {
+    unsafe { VIP_ADDRS.get(addr) }.is_some()
+}
+
+fn process(ctx: &XdpContext) -> u32 {
+    let mut pkt = match parse_l3(ctx) {
+        Ok(L3::Ip(pkt)) => pkt,
+        Ok(L3::Other) => return pass(reason::PASS_NOT_VIP),
+        Err(_) => return drop(reason::DROP_MALFORMED),
+    };
+    if pkt.fragment {
+        return if is_vip_addr(&pkt.dst) {
+            drop(reason::DROP_FRAGMENT)
+        } else {
+            pass(reason::PASS_NOT_VIP)
+        };
+    }
+    if is_icmp(pkt.family, pkt.proto) {
+        return icmp::handle(ctx, &pkt).unwrap_or_else(|_| drop(reason::DROP_MALFORMED));
+    }
+    if pkt.unsupported || !has_ports(pkt.proto) {
+        return if is_vip_addr(&pkt.dst) {
+            pass(reason::PASS_UNSUPPORTED)
+        } else {
+            pass(reason::PASS_NOT_VIP)
+        };
+    }
+    match read_ports(ctx, pkt.l4_off, pkt.proto) {
+        Ok((sport, dport)) => {
+            pkt.sport = sport;
+            pkt.dport = dport;
+        }
+        Err(_) => {
+            return if is_vip_addr(&pkt.dst) {
+                drop(reason::DROP_MALFORMED)
+            } else {
+                pass(reason::PASS_NOT_VIP)
+            };
+        }
+    }
+    let key = VipKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    let Some(vip) = (unsafe { VIPS.get(&key) }) else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    let flow = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: [0; 2],
+    };
+    balance(ctx, &pkt, vip, &flow, true)
+}
+
+/// Picks the flow's backend, forwards the packet to it and counts it.
+/// `track`: record a new flow in the connection table.
+#[inline(always)]
+pub(crate) fn balance(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipMeta,
+    flow: &FlowKey,
+    track: bool,
+) -> u32 {
+    let Some((backend_id, backend, new_flow)) = select_backend(vip, flow, track) else {
+        return drop(reason::DROP_NO_BACKEND);
+    };
+    let action = forward::forward(ctx, pkt, vip, &backend);
+    if action != xdp_action::XDP_DROP {
+        account(&VIP_STATS, vip.vip_id, pkt.len, new_flow);
+        account(&BACKEND_STATS, backend_id, pkt.len, new_flow);
+    }
+    action
+}
+
+/// The connection table first (established flows stay on their backend while it is alive),
+/// then the VIP's live Maglev table.
+#[inline(always)]
+fn select_backend(vip: &VipMeta, flow: &FlowKey, track: bool) -> Option<(u32, BackendInfo, bool)> {
+    if let Some(entry) = unsafe { CONN_TABLE.get(flow) } {
+        let id = entry.backend_id;
+        if entry.vip_id == vip.vip_id {
+            if let Some(b) = BACKENDS.get(id) {
+                if b.flags & BACKEND_F_ALIVE != 0 {
+                    count(reason::CONN_HIT);
+                    return Some((id, *b, false));
+                }
+            }
+        }
+        count(reason::CONN_REPICK);
+    } else {
+        count(reason::CONN_MISS);
+    }
+    let hash = if vip.flags & VIP_F_HASH_NO_PORTS != 0 {
+        flow_hash(&flow.src, &flow.dst, 0, 0, flow.proto)
+    } else {
+        flow_hash(&flow.src, &flow.dst, flow.sport, flow.dport, flow.proto)
+    };
+    if vip.ring_size == 0 || vip.ring_size > RING_SIZE_MAX {
+        return None;
+    }
+    let slot = vip
+        .ring
+        .wrapping_mul(RING_SIZE_MAX)
+        .wrapping_add(hash % vip.ring_size);
+    let id = *RINGS.get(slot)?;
+    if id == NO_BACKEND {
+        return None;
+    }
+    let b = BACKENDS.get(id)?;
+    if track {
+        let entry = FlowEntry {
+            backend_id: id,
+            vip_id: vip.vip_id,
+        };
+        let _ = CONN_TABLE.insert(flow, &entry, 0);
+    }
+    Some((id, *b, true))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

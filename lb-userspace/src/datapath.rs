@@ -1,0 +1,313 @@
+//! Typed access to the loaded XDP datapath: the one place in userspace that reads and writes
+//! the maps whose layout `common` defines.
+//!
+//! A [`Datapath`] is the loaded object with its maps pinned under a directory on bpffs, so a
+//! restarted agent that loads with the same directory finds the connection table and the
+//! configuration as they were. VIP updates are atomic for the datapath: a new Maglev table is
+//! written into the VIP's idle ring slot first, and only then is the VIP's entry (one hash-map
+//! element, replaced whole by the kernel) switched to that slot.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use common::{
+    map_names as names, reason, BackendInfo, FlowEntry, FlowKey, LbConfig, TrafficStats,
+    VipAddrInfo, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX,
+};
+
+/// Errors from the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(String),
+    #[error("VIP id {0} is out of range (at most {MAX_VIPS} VIPs)")]
+    VipIdOutOfRange(u32),
+    #[error("backend id {0} is out of range (at most {MAX_BACKENDS} backends)")]
+    BackendIdOutOfRange(u32),
+    #[error("Maglev table of {0} entries is larger than {RING_SIZE_MAX}")]
+    TableTooLarge(usize),
+    #[error("map TX_PORTS: {0}")]
+    TxPort(String),
+    #[error("counting possible CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("creating pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// The loaded XDP object and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the embedded object, pinning (or reusing already pinned) maps under `pin_dir`,
+    /// which must be on a bpffs mount. Programs are loaded into the kernel but not attached.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(crate::EBPF_OBJECT)?;
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        };
+        for name in [
+            common::prog_names::LB,
+            common::prog_names::DECAP,
+            common::prog_names::PASS,
+        ] {
+            dp.xdp(name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    name: name.into(),
+                    source,
+                })?;
+        }
+        Ok(dp)
+    }
+
+    /// Where the maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The underlying aya object (to attach programs, read logs).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// One of the XDP programs (`common::prog_names`).
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?;
+        prog.try_into().map_err(|source| DatapathError::Program {
+            name: name.into(),
+            source,
+        })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| DatapathError::Missing(format!("map {name}")))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| DatapathError::Missing(format!("map {name}")))
+    }
+
+    pub fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        let mut m: Array<&mut MapData, LbConfig> =
+            Array::try_from(self.map_mut(names::LB_CONFIG)?).map_err(map_err(names::LB_CONFIG))?;
+        m.set(0, cfg, 0).map_err(map_err(names::LB_CONFIG))
+    }
+
+    /// Writes backend `id`. Write a new id before any table refers to it.
+    pub fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        if id >= MAX_BACKENDS {
+            return Err(DatapathError::BackendIdOutOfRange(id));
+        }
+        let mut m: Array<&mut MapData, BackendInfo> =
+            Array::try_from(self.map_mut(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        m.set(id, info, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<BackendInfo> {
+        let m: Array<&MapData, BackendInfo> =
+            Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        m.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// The VIP's entry, if it exists.
+    pub fn vip(&self, key: &VipKey) -> Result<Option<VipMeta>> {
+        let m: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::VIPS)(e)),
+        }
+    }
+
+    /// Installs `table` for the VIP and makes it live atomically: the table goes into the
+    /// VIP's idle ring slot, then the VIP entry switches to it. `meta.ring` and
+    /// `meta.ring_size` are set here; the other fields are the caller's.
+    pub fn set_vip(&mut self, key: &VipKey, mut meta: VipMeta, table: &[u32]) -> Result<VipMeta> {
+        if meta.vip_id >= MAX_VIPS {
+            return Err(DatapathError::VipIdOutOfRange(meta.vip_id));
+        }
+        if table.len() > RING_SIZE_MAX as usize {
+            return Err(DatapathError::TableTooLarge(table.len()));
+        }
+        let first = meta.vip_id * 2;
+        let slot = match self.vip(key)? {
+            Some(old) if old.vip_id == meta.vip_id && old.ring == first => first + 1,
+            _ => first,
+        };
+        {
+            let mut rings: Array<&mut MapData, u32> =
+                Array::try_from(self.map_mut(names::RINGS)?).map_err(map_err(names::RINGS))?;
+            let base = slot * RING_SIZE_MAX;
+            for (i, id) in table.iter().enumerate() {
+                rings
+                    .set(base + i as u32, id, 0)
+                    .map_err(map_err(names::RINGS))?;
+            }
+        }
+        meta.ring = slot;
+        meta.ring_size = table.len() as u32;
+        let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        m.insert(key, &meta, 0).map_err(map_err(names::VIPS))?;
+        Ok(meta)
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        match m.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::VIPS)(e)),
+        }
+    }
+
+    /// Marks (or updates) a VIP address: ICMP and fragment handling look here.
+    pub fn set_vip_addr(&mut self, addr: &[u8; 16], info: &VipAddrInfo) -> Result<()> {
+        let mut m: HashMap<&mut MapData, [u8; 16], VipAddrInfo> =
+            HashMap::try_from(self.map_mut(names::VIP_ADDRS)?)
+                .map_err(map_err(names::VIP_ADDRS))?;
+        m.insert(addr, info, 0).map_err(map_err(names::VIP_ADDRS))
+    }
+
+    pub fn remove_vip_addr(&mut self, addr: &[u8; 16]) -> Result<()> {
+        let mut m: HashMap<&mut MapData, [u8; 16], VipAddrInfo> =
+            HashMap::try_from(self.map_mut(names::VIP_ADDRS)?)
+                .map_err(map_err(names::VIP_ADDRS))?;
+        match m.remove(addr) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::VIP_ADDRS)(e)),
+        }
+    }
+
+    /// Lets XDP_REDIRECT send to `ifindex` (backends behind another interface).
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        let mut m: aya::maps::DevMapHash<&mut MapData> =
+            aya::maps::DevMapHash::try_from(self.map_mut(names::TX_PORTS)?)
+                .map_err(map_err(names::TX_PORTS))?;
+        m.insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DatapathError::TxPort(e.to_string()))
+    }
+
+    /// The connection-table entry of a flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
+        let m: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(self.map(names::CONN_TABLE)?).map_err(map_err(names::CONN_TABLE))?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::CONN_TABLE)(e)),
+        }
+    }
+
+    /// Number of entries in the connection table (walks it: for stats, not hot paths).
+    pub fn flow_count(&self) -> Result<usize> {
+        let m: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(self.map(names::CONN_TABLE)?).map_err(map_err(names::CONN_TABLE))?;
+        Ok(m.keys().filter(|k| k.is_ok()).count())
+    }
+
+    fn traffic(&self, name: &'static str, index: u32) -> Result<TrafficStats> {
+        let m: PerCpuArray<&MapData, TrafficStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let per_cpu = m.get(&index, 0).map_err(map_err(name))?;
+        Ok(per_cpu
+            .iter()
+            .fold(TrafficStats::default(), |acc, s| TrafficStats {
+                packets: acc.packets + s.packets,
+                bytes: acc.bytes + s.bytes,
+                new_flows: acc.new_flows + s.new_flows,
+            }))
+    }
+
+    /// Counters of one VIP, summed over CPUs.
+    pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
+        self.traffic(names::VIP_STATS, vip_id)
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
+        self.traffic(names::BACKEND_STATS, id)
+    }
+
+    /// Zeroes a VIP's or backend's counters (when an id is reused).
+    pub fn reset_stats(&mut self, vip_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        for (name, index) in [
+            (names::VIP_STATS, vip_id),
+            (names::BACKEND_STATS, backend_id),
+        ] {
+            if let Some(index) = index {
+                let mut m: PerCpuArray<&mut MapData, TrafficStats> =
+                    PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                let zero = aya::maps::PerCpuValues::try_from(vec![
+                    TrafficStats::default();
+                    ncpus.get() as usize
+                ])
+                .map_err(DatapathError::Cpus)?;
+                m.set(index, zero, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Global counters by reason (`common::reason`), summed over CPUs.
+    pub fn global_stats(&self) -> Result<[u64; reason::COUNT as usize]> {
+        let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map(names::GLOBAL_STATS)?)
+            .map_err(map_err(names::GLOBAL_STATS))?;
+        let mut out = [0u64; reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = m
+                .get(&(i as u32), 0)
+                .map_err(map_err(names::GLOBAL_STATS))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+}
