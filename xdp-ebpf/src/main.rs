@@ -63,7 +63,7 @@ fn is_vip_addr(addr: &[u8; 16]) -> bool {
 }
 
 fn process(ctx: &XdpContext) -> u32 {
-    let mut pkt = match parse_l3(ctx) {
+    let pkt = match parse_l3(ctx) {
         Ok(L3::Ip(pkt)) => pkt,
         Ok(L3::Other) => return pass(reason::PASS_NOT_VIP),
         Err(_) => return drop(reason::DROP_MALFORMED),
@@ -76,7 +76,7 @@ fn process(ctx: &XdpContext) -> u32 {
         };
     }
     if is_icmp(pkt.family, pkt.proto) {
-        return icmp::handle(ctx, &pkt).unwrap_or_else(|_| drop(reason::DROP_MALFORMED));
+        return icmp::handle(ctx, &pkt);
     }
     if pkt.unsupported || !has_ports(pkt.proto) {
         return if is_vip_addr(&pkt.dst) {
@@ -85,22 +85,23 @@ fn process(ctx: &XdpContext) -> u32 {
             pass(reason::PASS_NOT_VIP)
         };
     }
-    match read_ports(ctx, pkt.l4_off, pkt.proto) {
-        Ok((sport, dport)) => {
-            pkt.sport = sport;
-            pkt.dport = dport;
-        }
-        Err(_) => {
-            return if is_vip_addr(&pkt.dst) {
-                drop(reason::DROP_MALFORMED)
-            } else {
-                pass(reason::PASS_NOT_VIP)
-            };
-        }
-    }
+    l4(ctx, &pkt)
+}
+
+/// TCP and UDP: ports, VIP lookup, then balance. A separate frame from `process` (see
+/// `balance`).
+#[inline(never)]
+fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let Ok((sport, dport)) = read_ports(ctx, pkt.l4_off, pkt.proto) else {
+        return if is_vip_addr(&pkt.dst) {
+            drop(reason::DROP_MALFORMED)
+        } else {
+            pass(reason::PASS_NOT_VIP)
+        };
+    };
     let key = VipKey {
         addr: pkt.dst,
-        port: pkt.dport,
+        port: dport,
         proto: pkt.proto,
         family: pkt.family,
     };
@@ -110,18 +111,19 @@ fn process(ctx: &XdpContext) -> u32 {
     let flow = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
+        sport,
+        dport,
         proto: pkt.proto,
         family: pkt.family,
         _pad: [0; 2],
     };
-    balance(ctx, &pkt, vip, &flow, true)
+    balance(ctx, pkt, vip, &flow, true)
 }
 
 /// Picks the flow's backend, forwards the packet to it and counts it.
 /// `track`: record a new flow in the connection table.
-#[inline(always)]
+/// Not inlined: its stack frame must not add to its callers' (the verifier caps the total).
+#[inline(never)]
 pub(crate) fn balance(
     ctx: &XdpContext,
     pkt: &Packet,
@@ -132,7 +134,7 @@ pub(crate) fn balance(
     let Some((backend_id, backend, new_flow)) = select_backend(vip, flow, track) else {
         return drop(reason::DROP_NO_BACKEND);
     };
-    let action = forward::forward(ctx, pkt, vip, &backend);
+    let action = forward::forward(ctx, pkt, vip, backend);
     if action != xdp_action::XDP_DROP {
         account(&VIP_STATS, vip.vip_id, pkt.len, new_flow);
         account(&BACKEND_STATS, backend_id, pkt.len, new_flow);
@@ -143,14 +145,18 @@ pub(crate) fn balance(
 /// The connection table first (established flows stay on their backend while it is alive),
 /// then the VIP's live Maglev table.
 #[inline(always)]
-fn select_backend(vip: &VipMeta, flow: &FlowKey, track: bool) -> Option<(u32, BackendInfo, bool)> {
+fn select_backend(
+    vip: &VipMeta,
+    flow: &FlowKey,
+    track: bool,
+) -> Option<(u32, &'static BackendInfo, bool)> {
     if let Some(entry) = unsafe { CONN_TABLE.get(flow) } {
         let id = entry.backend_id;
         if entry.vip_id == vip.vip_id {
             if let Some(b) = BACKENDS.get(id) {
                 if b.flags & BACKEND_F_ALIVE != 0 {
                     count(reason::CONN_HIT);
-                    return Some((id, *b, false));
+                    return Some((id, b, false));
                 }
             }
         }
@@ -182,7 +188,7 @@ fn select_backend(vip: &VipMeta, flow: &FlowKey, track: bool) -> Option<(u32, Ba
         };
         let _ = CONN_TABLE.insert(flow, &entry, 0);
     }
-    Some((id, *b, true))
+    Some((id, b, true))
 }
 
 #[cfg(not(test))]

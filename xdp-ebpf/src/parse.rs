@@ -46,9 +46,6 @@ pub struct Packet {
     pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Ports in network byte order (0 until [`read_ports`]).
-    pub sport: u16,
-    pub dport: u16,
     /// IPv4 MF set or offset non-zero; IPv6 with a fragment header.
     pub fragment: bool,
     /// IPv6 with an extension header other than fragment: not balanced.
@@ -97,8 +94,6 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
                 proto: unsafe { (*ip).proto },
                 src,
                 dst,
-                sport: 0,
-                dport: 0,
                 // MF flag or a non-zero fragment offset.
                 fragment: frags & 0x3fff != 0,
                 unsupported: false,
@@ -118,8 +113,6 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
                 proto: nh,
                 src: unsafe { (*ip).src_addr },
                 dst: unsafe { (*ip).dst_addr },
-                sport: 0,
-                dport: 0,
                 fragment: nh == IPV6_NH_FRAGMENT,
                 unsupported: !matches!(
                     nh,
