@@ -34,6 +34,8 @@ pub mod prog_names {
     /// Passes everything. Attach to the peer of a veth so that XDP_TX/REDIRECT frames
     /// can be received (veth needs NAPI on the receiving side).
     pub const PASS: &str = "xdp_pass";
+    /// Returns XDP_TX and does nothing else: the baseline of the program-cost benchmark.
+    pub const BENCH_TX: &str = "xdp_bench_tx";
 }
 
 /// Most VIPs one datapath serves.

@@ -87,6 +87,7 @@ impl Datapath {
             common::prog_names::LB,
             common::prog_names::DECAP,
             common::prog_names::PASS,
+            common::prog_names::BENCH_TX,
         ] {
             dp.xdp(name)?
                 .load()

@@ -2,3 +2,4 @@
 //! over the real XDP object) and packet builders.
 
 pub mod fixture;
+pub mod packets;

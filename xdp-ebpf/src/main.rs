@@ -45,6 +45,12 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Baseline for the program-cost benchmark: transmits every packet untouched.
+#[xdp]
+pub fn xdp_bench_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
 #[inline(always)]
 pub(crate) fn pass(why: u32) -> u32 {
     count(why);
