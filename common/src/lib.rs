@@ -86,7 +86,10 @@ impl ForwardMode {
 }
 
 /// Key of [`map_names::VIPS`]: a service address, port and L4 protocol.
-#[repr(C)]
+///
+/// The `align` attributes on this and the other address-carrying types add no padding (the
+/// sizes are asserted below); they let the datapath copy addresses as words, not byte loops.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -95,6 +98,8 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
+    /// Always zero (part of the hash key).
+    pub _pad: [u8; 4],
 }
 
 /// Value of [`map_names::VIPS`]. Replaced whole (hash map update) so the datapath never sees
@@ -134,7 +139,7 @@ pub struct VipAddrInfo {
 pub const ADDR_F_ECHO_REPLY: u32 = 1 << 0;
 
 /// Value of [`map_names::BACKENDS`] (array indexed by backend id).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendInfo {
     /// The backend's IP (the IPIP outer destination).
@@ -158,7 +163,7 @@ pub struct BackendInfo {
 pub const BACKEND_F_ALIVE: u8 = 1 << 0;
 
 /// Key of [`map_names::CONN_TABLE`]: the 5-tuple as seen on the client's packet.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -272,11 +277,13 @@ mod pod {
 
 /// Compile-time layout checks: the kernel and userspace must agree on these sizes.
 const _: () = {
-    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipKey>() == 24);
     assert!(core::mem::size_of::<VipMeta>() == 16);
     assert!(core::mem::size_of::<BackendInfo>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 24);
+    assert!(core::mem::align_of::<VipKey>() == 8);
+    assert!(core::mem::align_of::<FlowKey>() == 8);
 };

@@ -86,6 +86,7 @@ pub fn vip_key_v4(addr: [u8; 4], port: u16, proto: u8) -> VipKey {
         port: port.to_be(),
         proto,
         family: AF_INET,
+        _pad: [0; 4],
     }
 }
 
@@ -95,6 +96,7 @@ pub fn vip_key_v6(addr: [u8; 16], port: u16, proto: u8) -> VipKey {
         port: port.to_be(),
         proto,
         family: AF_INET6,
+        _pad: [0; 4],
     }
 }
 

@@ -68,12 +68,34 @@ fn is_vip_addr(addr: &[u8; 16]) -> bool {
     unsafe { VIP_ADDRS.get(addr) }.is_some()
 }
 
+const PARSED_IP: u32 = 0;
+const PARSED_OTHER: u32 = 1;
+const PARSED_TRUNCATED: u32 = 2;
+
+/// Parses into `out` in a frame of its own, so the parse's temporaries do not sit on the stack
+/// under the ICMP and balancing frames. Returns one of the `PARSED_*` codes.
+#[inline(never)]
+fn parse(ctx: &XdpContext, out: *mut Packet) -> u32 {
+    match parse_l3(ctx) {
+        Ok(L3::Ip(pkt)) => {
+            unsafe { out.write(pkt) };
+            PARSED_IP
+        }
+        Ok(L3::Other) => PARSED_OTHER,
+        Err(_) => PARSED_TRUNCATED,
+    }
+}
+
 fn process(ctx: &XdpContext) -> u32 {
-    let pkt = match parse_l3(ctx) {
-        Ok(L3::Ip(pkt)) => pkt,
-        Ok(L3::Other) => return pass(reason::PASS_NOT_VIP),
-        Err(_) => return drop(reason::DROP_MALFORMED),
-    };
+    // Not zero-initialised: BPF has no memset, LLVM would call a byte loop for it.
+    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
+    match parse(ctx, slot.as_mut_ptr()) {
+        PARSED_IP => {}
+        PARSED_OTHER => return pass(reason::PASS_NOT_VIP),
+        _ => return drop(reason::DROP_MALFORMED),
+    }
+    // SAFETY: `parse` wrote a whole Packet when it returned PARSED_IP.
+    let pkt = unsafe { slot.assume_init_ref() };
     if pkt.fragment {
         return if is_vip_addr(&pkt.dst) {
             drop(reason::DROP_FRAGMENT)
@@ -82,7 +104,7 @@ fn process(ctx: &XdpContext) -> u32 {
         };
     }
     if is_icmp(pkt.family, pkt.proto) {
-        return icmp::handle(ctx, &pkt);
+        return icmp::handle(ctx, pkt);
     }
     if pkt.unsupported || !has_ports(pkt.proto) {
         return if is_vip_addr(&pkt.dst) {
@@ -91,7 +113,7 @@ fn process(ctx: &XdpContext) -> u32 {
             pass(reason::PASS_NOT_VIP)
         };
     }
-    l4(ctx, &pkt)
+    l4(ctx, pkt)
 }
 
 /// TCP and UDP: ports, VIP lookup, then balance. A separate frame from `process` (see
@@ -110,6 +132,7 @@ fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
         port: dport,
         proto: pkt.proto,
         family: pkt.family,
+        _pad: [0; 4],
     };
     let Some(vip) = (unsafe { VIPS.get(&key) }) else {
         return pass(reason::PASS_NOT_VIP);
