@@ -15,6 +15,7 @@ pub mod maglev;
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_BY_ID: &str = "VIP_BY_ID";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     pub const CONN_TABLE: &str = "CONN_TABLE";
@@ -118,6 +119,17 @@ pub struct VipMeta {
     /// `VIP_F_*` bits.
     pub flags: u8,
     pub _pad: [u8; 2],
+}
+
+/// Value of [`map_names::VIP_BY_ID`] (array indexed by `vip_id`): a copy of a VIP's key and
+/// entry. Established flows find their VIP here, by the id in their connection-table entry,
+/// instead of through a second hash lookup; `key` must match the packet, so a deleted VIP
+/// (zeroed slot) or a reused id stops matching.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub meta: VipMeta,
 }
 
 /// Hash only the source and destination addresses (no ports): all of a client's flows go to
@@ -267,6 +279,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for VipAddrInfo {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
@@ -279,6 +292,7 @@ mod pod {
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 24);
     assert!(core::mem::size_of::<VipMeta>() == 16);
+    assert!(core::mem::size_of::<VipSlot>() == 40);
     assert!(core::mem::size_of::<BackendInfo>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 8);

@@ -674,3 +674,28 @@ fn flows_spread_over_backends_like_the_table() {
         .sum();
     assert_eq!(total, 3000);
 }
+
+#[test]
+fn removed_vip_stops_its_established_flows() {
+    require_bpf!();
+    let mut f = Fixture::new();
+    let bs = backends4();
+    let key = vip_key_v4(VIP4, 80, IPPROTO_TCP);
+    f.add_vip(key, 3, ForwardMode::L2Dsr, &bs, 251);
+    let pkt = tcp4(CLIENT4, 1111, VIP4, 80);
+    assert_action(f.lb(&pkt).action, XDP_TX, "flow established");
+    f.dp.remove_vip(&key).unwrap();
+    let r = f.lb(&pkt);
+    assert_action(r.action, XDP_PASS, "flow of a removed VIP");
+    assert_eq!(r.packet, pkt);
+    // The id reused by another VIP does not capture the old flow either.
+    let other = vip_key_v4(VIP4, 8080, IPPROTO_TCP);
+    f.add_vip(other, 3, ForwardMode::L2Dsr, &bs, 251);
+    assert_action(f.lb(&pkt).action, XDP_PASS, "old flow after id reuse");
+    // Re-adding the VIP serves the flow again.
+    f.add_vip(key, 4, ForwardMode::Ipip, &bs, 251);
+    let r = f.lb(&pkt);
+    assert_action(r.action, XDP_TX, "flow after re-add");
+    assert_eq!(&r.packet[12..14], &[0x08, 0x00]);
+    assert_eq!(r.packet[14 + 9], 4, "now encapsulated (IPIP mode)");
+}

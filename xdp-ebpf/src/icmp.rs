@@ -16,7 +16,7 @@ use crate::{
     parse::{
         addr4, load_addr6, ptr_at, ptr_at_mut, read_mac, store_addr6, write_mac, Packet, Truncated,
     },
-    pass,
+    pass, Lookup,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -180,7 +180,7 @@ fn too_big(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Truncated> {
         family: pkt.family,
         _pad: [0; 2],
     };
-    let action = balance(ctx, pkt, vip, &flow, false);
+    let action = balance(ctx, pkt, vip, &flow, Lookup::NoTrack);
     if action == xdp_action::XDP_TX || action == xdp_action::XDP_REDIRECT {
         count(reason::ICMP_PTB_FORWARDED);
     }
