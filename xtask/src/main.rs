@@ -13,13 +13,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod demo;
 
 /// Must match xdp-ebpf/rust-toolchain.toml.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-15";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2 for the network-namespace tests;
-/// redis-server for the shared rate-limit tests.
+/// redis-server for the shared rate-limit tests; ethtool, curl and nsenter for the demo.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -27,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "redis-server",
+    "ethtool",
+    "curl",
+    "util-linux",
 ];
 
 #[derive(Parser)]
@@ -50,6 +54,15 @@ enum Task {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The whole pipeline in network namespaces, with traffic and stats.
+    Demo {
+        /// Only remove what an earlier demo left.
+        #[arg(long)]
+        down: bool,
+        /// Keep the topology up after the traffic until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
     },
     /// Benchmarks; results go to bench-results/<what>.md.
     Bench {
@@ -76,6 +89,13 @@ fn main() -> Result<()> {
                 .current_dir(&root)
                 .args(["test", "--workspace"])
                 .args(args))
+        }
+        Task::Demo { down, keep } => {
+            if down {
+                return demo::down();
+            }
+            setup()?;
+            demo::run(&root, keep)
         }
         Task::Bench { what, repeat } => {
             setup()?;
