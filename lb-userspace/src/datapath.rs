@@ -166,6 +166,15 @@ impl Datapath {
         }
     }
 
+    /// The keys of all VIPs in the map (those a previous run left included).
+    pub fn vip_keys(&self) -> Result<Vec<VipKey>> {
+        let m: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        m.keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err(names::VIPS))
+    }
+
     /// Installs `table` for the VIP and makes it live atomically: the table goes into the
     /// VIP's idle ring slot, then the VIP entry switches to it. `meta.ring` and
     /// `meta.ring_size` are set here; the other fields are the caller's.

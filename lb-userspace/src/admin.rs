@@ -1,0 +1,155 @@
+//! The admin API on a Unix socket (mode 0600): JSON lines, one [`Request`] in, one
+//! [`Response`] out, as many as the client sends on one connection.
+//!
+//! The server hands each request to [`handle`], which runs it against [`Services`] under the
+//! shared lock on a blocking thread (changes may resolve MAC addresses, which waits on ARP).
+//! [`call`] is the client side, used by `lbctl` and the tests.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    api::{Request, Response},
+    services::Services,
+};
+
+/// Runs one request.
+pub fn handle(services: &Mutex<Services>, req: Request) -> Response {
+    let mut s = services.lock().unwrap_or_else(|p| p.into_inner());
+    let result: Result<serde_json::Value, String> = (|| {
+        let done = || Ok(serde_json::Value::Null);
+        let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
+        match req {
+            Request::VipAdd { vip } => s.add_vip(vip, true).map_err(|e| e.to_string()).and(done()),
+            Request::VipDel { vip } => s.del_vip(&vip).map_err(|e| e.to_string()).and(done()),
+            Request::VipList => json(serde_json::to_value(s.list_vips())),
+            Request::BackendAdd { vip, backend } => s
+                .add_backend(&vip, backend)
+                .map_err(|e| e.to_string())
+                .and(done()),
+            Request::BackendDel { vip, address } => s
+                .del_backend(&vip, address)
+                .map_err(|e| e.to_string())
+                .and(done()),
+            Request::BackendWeight {
+                vip,
+                address,
+                weight,
+            } => s
+                .set_weight(&vip, address, weight)
+                .map_err(|e| e.to_string())
+                .and(done()),
+            Request::BackendList { vip } => {
+                let list = s.list_backends(vip.as_ref()).map_err(|e| e.to_string())?;
+                json(serde_json::to_value(list))
+            }
+            Request::Stats | Request::Health => {
+                let stats = s.stats().map_err(|e| e.to_string())?;
+                json(serde_json::to_value(stats))
+            }
+        }
+    })();
+    match result {
+        Ok(data) => Response::Ok { data },
+        Err(message) => Response::Error { message },
+    }
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves connections until the task is dropped.
+pub async fn serve(listener: UnixListener, services: Arc<Mutex<Services>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, services.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, services: Arc<Mutex<Services>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = TokioBufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                tracing::debug!(?req, "admin request");
+                let services = services.clone();
+                tokio::task::spawn_blocking(move || handle(&services, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("request failed: {e}"),
+                    })
+            }
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_string(&response).unwrap_or_default();
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Client: sends one request and waits for its response.
+pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = StdUnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is lb-agent running?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context("sending the request")?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("reading the agent's reply")?;
+    serde_json::from_str(&reply).with_context(|| format!("bad reply from the agent: {reply:?}"))
+}
+
+/// Client: like [`call`], but an error response becomes `Err` and the payload is returned.
+pub fn call_ok(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    match call(socket, req)? {
+        Response::Ok { data } => Ok(data),
+        Response::Error { message } => Err(anyhow::anyhow!(message)),
+    }
+}

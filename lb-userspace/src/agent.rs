@@ -1,0 +1,166 @@
+//! The agent's lifetime: load the datapath, fill it from the configuration, attach, serve the
+//! admin API, metrics and health checks, and on shutdown detach (or stay attached).
+//!
+//! [`run`] is the whole agent as a library call, so the `lb-agent` binary and the end-to-end
+//! tests run the same code. It must run on a multi-threaded tokio runtime whose threads are in
+//! the network namespace of the interfaces it attaches to.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use common::LbConfig;
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinSet};
+
+use crate::{
+    admin,
+    attach::{self, Attachment},
+    config::Config,
+    datapath::Datapath,
+    health::HealthSpawner,
+    metrics,
+    services::{addr16, Services},
+};
+
+/// How the agent runs (the command line's part; the rest is [`Config`]).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Leave the program attached (and its link pinned) on shutdown.
+    pub keep_attached: bool,
+    /// Where bpffs is (mounted if needed); maps are pinned under `<root>/<pin_name>`.
+    pub bpffs_root: PathBuf,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            keep_attached: false,
+            bpffs_root: PathBuf::from("/sys/fs/bpf"),
+        }
+    }
+}
+
+fn lb_config(config: &Config) -> LbConfig {
+    let mut cfg = LbConfig::default();
+    if let Some(v4) = config.agent.ipip_src_v4 {
+        cfg.ipip_src_v4 = v4.octets();
+    }
+    if let Some(v6) = config.agent.ipip_src_v6 {
+        cfg.ipip_src_v6 = addr16(v6.into());
+    }
+    cfg
+}
+
+/// Forwards the XDP program's aya-log records to `log`, which tracing-subscriber picks up.
+async fn forward_program_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd and keeps it open while `AsyncFd` holds it.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    opts: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    attach::ensure_bpffs(&opts.bpffs_root)?;
+    let pin_dir = opts.bpffs_root.join(&config.agent.pin_name);
+    let mut dp = Datapath::load(&pin_dir)
+        .with_context(|| format!("loading the XDP datapath (maps in {})", pin_dir.display()))?;
+    dp.set_config(&lb_config(&config))?;
+    let mut tasks = JoinSet::new();
+    match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
+        Ok(logger) => {
+            tasks.spawn(forward_program_logs(logger));
+        }
+        Err(e) => tracing::debug!(error = %e, "the XDP program has no log records"),
+    }
+
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let spawner = HealthSpawner::new(tokio::runtime::Handle::current(), health_tx);
+    let mut services = Services::new(dp, config.agent.clone(), Some(spawner));
+    for vip in &config.vips {
+        let id = vip.id();
+        tokio::task::block_in_place(|| services.add_vip(vip.clone(), false))
+            .with_context(|| format!("setting up VIP {id}"))?;
+    }
+    services.remove_leftovers()?;
+
+    let mut attachments: Vec<Attachment> = Vec::new();
+    for iface in &config.agent.interfaces {
+        match attach::attach(
+            services.datapath_mut(),
+            common::prog_names::LB,
+            iface,
+            config.agent.xdp_mode,
+        ) {
+            Ok(a) => attachments.push(a),
+            Err(e) => {
+                for a in attachments {
+                    a.release(opts.keep_attached);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let services = Arc::new(Mutex::new(services));
+
+    let result = serve(&config, &services, &mut tasks, &mut health_rx, shutdown).await;
+    tasks.shutdown().await;
+    for a in attachments {
+        a.release(opts.keep_attached);
+    }
+    let _ = std::fs::remove_file(&config.agent.admin_socket);
+    tracing::info!("agent stopped");
+    result
+}
+
+async fn serve(
+    config: &Config,
+    services: &Arc<Mutex<Services>>,
+    tasks: &mut JoinSet<()>,
+    health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = admin::bind(&config.agent.admin_socket)?;
+    tasks.spawn(admin::serve(listener, services.clone()));
+    if let Some(addr) = config.agent.metrics_address {
+        let listener = metrics::bind(addr).await?;
+        tracing::info!(%addr, "serving metrics on /metrics");
+        tasks.spawn(metrics::serve(listener, services.clone()));
+    }
+    tracing::info!(
+        socket = %config.agent.admin_socket.display(),
+        vips = config.vips.len(),
+        interfaces = ?config.agent.interfaces,
+        "agent running"
+    );
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            Some(report) = health_rx.recv() => {
+                let services = services.clone();
+                let applied = tokio::task::spawn_blocking(move || {
+                    services.lock().unwrap_or_else(|p| p.into_inner()).health_report(report)
+                })
+                .await?;
+                if let Err(e) = applied {
+                    tracing::error!(error = %e, "applying a health change");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! The agent's configuration file (`lb.toml`): one serde tree, validated once at load.
+//!
+//! Field-level problems (an unknown key, a malformed address, a table size that is not a
+//! prime, a bad duration) are caught while deserializing, so `toml` reports them with the
+//! line and column of the offending value. Problems that involve several fields (a backend
+//! listed twice, IPIP without a source address) are checked afterwards by [`Config::validate`],
+//! which names the VIP or backend and the line of its `[[vip]]` / `[[vip.backend]]` header.
+//!
+//! The same [`VipSpec`] / [`BackendSpec`] types travel over the admin socket as JSON, so the
+//! CLI's `vip add` and `backend add` go through the same checks as the file.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or a field-level error; the message carries the line and column.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A cross-field check failed.
+    #[error("{where_}: {message}")]
+    Invalid { where_: String, message: String },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipSpec>,
+}
+
+/// `[agent]`: where the agent attaches and how it is reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Interfaces that receive VIP traffic; `xdp_lb` is attached to each.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Directory name under /sys/fs/bpf where maps and links are pinned.
+    #[serde(default = "default_pin_name")]
+    pub pin_name: String,
+    /// Unix socket of the admin API (mode 0600).
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Prometheus `/metrics` listener; off when absent.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// `native` (driver mode only), `auto` (native, else generic) or `generic`.
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    /// Outer source address of IPIP packets (required by IPv4 VIPs in `ipip` mode).
+    #[serde(default)]
+    pub ipip_src_v4: Option<Ipv4Addr>,
+    /// Outer source address of IP6IP6 packets (required by IPv6 VIPs in `ipip` mode).
+    #[serde(default)]
+    pub ipip_src_v6: Option<Ipv6Addr>,
+}
+
+fn default_pin_name() -> String {
+    "xdplb".into()
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/xdplb.sock")
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            pin_name: default_pin_name(),
+            admin_socket: default_admin_socket(),
+            metrics_address: None,
+            xdp_mode: XdpModeSetting::default(),
+            ipip_src_v4: None,
+            ipip_src_v6: None,
+        }
+    }
+}
+
+/// How `xdp_lb` is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Driver mode; fail if the driver cannot run XDP.
+    #[default]
+    Native,
+    /// Driver mode, falling back to generic (SKB) mode with a warning.
+    Auto,
+    /// Generic (SKB) mode.
+    Generic,
+}
+
+/// L4 protocol of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Self::Tcp => common::IPPROTO_TCP,
+            Self::Udp => common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// How packets reach a VIP's backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Direct server return: rewrite the destination MAC.
+    #[default]
+    Dsr,
+    /// IPIP / IP6IP6 encapsulation to the backend's address.
+    Ipip,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dsr => "dsr",
+            Self::Ipip => "ipip",
+        })
+    }
+}
+
+/// A Maglev table size: a prime no larger than [`common::RING_SIZE_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct TableSize(u32);
+
+impl TableSize {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for TableSize {
+    fn default() -> Self {
+        Self(common::RING_SIZE_DEFAULT)
+    }
+}
+
+impl TryFrom<u32> for TableSize {
+    type Error = String;
+    fn try_from(n: u32) -> Result<Self, String> {
+        if n > common::RING_SIZE_MAX {
+            return Err(format!(
+                "table_size {n} is larger than {}",
+                common::RING_SIZE_MAX
+            ));
+        }
+        if !common::maglev::is_prime(n) {
+            return Err(format!(
+                "table_size {n} is not a prime (Maglev needs a prime, e.g. 65537, 65521, 4099, 251)"
+            ));
+        }
+        Ok(Self(n))
+    }
+}
+
+impl From<TableSize> for u32 {
+    fn from(t: TableSize) -> u32 {
+        t.0
+    }
+}
+
+/// A duration written as `1s`, `500ms` or `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HumanDuration(pub Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s or m)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a number"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            _ => return Err(format!("duration {s:?}: unit must be ms, s or m")),
+        };
+        if d.is_zero() {
+            return Err(format!("duration {s:?} must be positive"));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl From<HumanDuration> for String {
+    fn from(d: HumanDuration) -> String {
+        format!("{}ms", d.0.as_millis())
+    }
+}
+
+/// A MAC address written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "invalid MAC address {s:?} (want aa:bb:cc:dd:ee:ff)"
+            ));
+        }
+        for (o, p) in out.iter_mut().zip(parts) {
+            *o = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("invalid MAC address {s:?} (want aa:bb:cc:dd:ee:ff)"))?;
+        }
+        Ok(Self(out))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// `[[vip]]`: a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSpec {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub table_size: TableSize,
+    /// Answer pings to the VIP address from XDP.
+    #[serde(default)]
+    pub echo_reply: bool,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSpec>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendSpec>,
+}
+
+impl VipSpec {
+    /// The VIP's identity: `address:port/protocol`.
+    pub fn id(&self) -> VipId {
+        VipId {
+            address: self.address,
+            port: self.port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// Names a VIP: `10.0.0.10:80/tcp` (`[2001:db8::1]:443/tcp` for IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VipId {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for VipId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.address, self.port),
+            self.protocol
+        )
+    }
+}
+
+impl FromStr for VipId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((a, p)) => (a, p),
+            None => (s, "tcp"),
+        };
+        let protocol = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(format!("VIP {s:?}: protocol must be tcp or udp")),
+        };
+        let sa: SocketAddr = addr.parse().map_err(|_| {
+            format!("invalid VIP {s:?} (want ADDRESS:PORT[/tcp|udp], e.g. 10.0.0.10:80/tcp)")
+        })?;
+        Ok(Self {
+            address: sa.ip(),
+            port: sa.port(),
+            protocol,
+        })
+    }
+}
+
+impl TryFrom<String> for VipId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<VipId> for String {
+    fn from(v: VipId) -> String {
+        v.to_string()
+    }
+}
+
+/// Kind of health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with `expect_status`.
+    Http,
+}
+
+/// `[vip.health_check]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Port to check; the VIP's port when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// HTTP path.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// HTTP status that means healthy.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    #[serde(default = "default_interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "default_threshold")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "default_threshold")]
+    pub fall: u32,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_status() -> u16 {
+    200
+}
+fn default_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_threshold() -> u32 {
+    2
+}
+
+/// `[[vip.backend]]`: a real server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// Next-hop MAC; resolved from the neighbour table when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Share of new flows relative to the VIP's other backends; 0 drains.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Egress interface; the route to the backend decides when absent.
+    #[serde(default)]
+    pub interface: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Most weight one backend may have (keeps Maglev's fill loop short).
+pub const MAX_WEIGHT: u32 = 1000;
+
+impl HealthCheckSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rise == 0 || self.fall == 0 {
+            return Err("health_check rise and fall must be at least 1".into());
+        }
+        if self.kind == CheckKind::Http && !self.path.starts_with('/') {
+            return Err(format!(
+                "health_check path {:?} must start with '/'",
+                self.path
+            ));
+        }
+        if !(100..=599).contains(&self.expect_status) {
+            return Err(format!(
+                "health_check expect_status {} is not an HTTP status",
+                self.expect_status
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BackendSpec {
+    /// Checks one backend against its VIP.
+    pub fn validate(&self, vip: &VipSpec) -> Result<(), String> {
+        if self.address.is_ipv4() != vip.address.is_ipv4() {
+            return Err(format!(
+                "backend {} and VIP {} are of different IP families",
+                self.address, vip.address
+            ));
+        }
+        if self.address.is_unspecified() || self.address.is_multicast() {
+            return Err(format!("backend address {} is not usable", self.address));
+        }
+        if self.weight > MAX_WEIGHT {
+            return Err(format!(
+                "backend {}: weight {} is larger than {MAX_WEIGHT}",
+                self.address, self.weight
+            ));
+        }
+        if let Some(i) = &self.interface {
+            if i.is_empty() || i.len() > 15 {
+                return Err(format!(
+                    "backend {}: invalid interface name {i:?}",
+                    self.address
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VipSpec {
+    /// Checks the VIP alone (not against other VIPs); `agent` supplies the IPIP sources.
+    pub fn validate(&self, agent: &AgentSection) -> Result<(), String> {
+        if self.port == 0 {
+            return Err("port must not be 0".into());
+        }
+        if self.address.is_unspecified() || self.address.is_multicast() {
+            return Err(format!("VIP address {} is not usable", self.address));
+        }
+        if self.mode == Mode::Ipip {
+            let missing = match self.address {
+                IpAddr::V4(_) => agent.ipip_src_v4.is_none().then_some("ipip_src_v4"),
+                IpAddr::V6(_) => agent.ipip_src_v6.is_none().then_some("ipip_src_v6"),
+            };
+            if let Some(field) = missing {
+                return Err(format!(
+                    "mode = \"ipip\" needs [agent] {field} (the outer source address)"
+                ));
+            }
+        }
+        if let Some(hc) = &self.health_check {
+            hc.validate()?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.backends {
+            b.validate(self)?;
+            if !seen.insert(b.address) {
+                return Err(format!("backend {} appears twice", b.address));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(text, path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks. `text` is the source, used to point at the VIP's line.
+    pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |where_: String, message: String| ConfigError::Invalid { where_, message };
+        let file = path.display();
+        if self.agent.pin_name.is_empty() || self.agent.pin_name.contains('/') {
+            return Err(invalid(
+                format!("{file}: [agent] pin_name"),
+                format!(
+                    "{:?} must be a non-empty name without '/'",
+                    self.agent.pin_name
+                ),
+            ));
+        }
+        if self.vips.len() > common::MAX_VIPS as usize {
+            return Err(invalid(
+                format!("{file}: [[vip]]"),
+                format!("{} VIPs; at most {}", self.vips.len(), common::MAX_VIPS),
+            ));
+        }
+        let headers = vip_header_lines(text);
+        let mut seen = std::collections::HashSet::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let line = headers
+                .get(i)
+                .map(|l| format!(", line {l}"))
+                .unwrap_or_default();
+            let where_ = format!("{file}: vip[{i}] {}{line}", vip.id());
+            vip.validate(&self.agent)
+                .map_err(|m| invalid(where_.clone(), m))?;
+            if !seen.insert(vip.id()) {
+                return Err(invalid(where_, "the same VIP appears twice".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Line numbers (1-based) of the `[[vip]]` headers, in order.
+fn vip_header_lines(text: &str) -> Vec<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.trim_start();
+            l.starts_with("[[") && l[2..].trim_start().starts_with("vip") && {
+                let rest = l[2..].trim_start()[3..].trim_start();
+                rest.starts_with("]]")
+            }
+        })
+        .map(|(n, _)| n + 1)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interfaces = ["eth0"]
+ipip_src_v4 = "10.0.0.2"
+metrics_address = "127.0.0.1:9100"
+
+[[vip]]
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+health_check = { type = "http", path = "/health" }
+
+[[vip.backend]]
+address = "10.0.1.1"
+mac = "02:00:00:00:01:01"
+
+[[vip.backend]]
+address = "10.0.1.2"
+weight = 3
+interface = "eth1"
+
+[[vip]]
+address = "10.0.0.100"
+port = 53
+protocol = "udp"
+mode = "ipip"
+table_size = 251
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("lb.toml"))
+    }
+
+    #[test]
+    fn parses_good_config_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.agent.pin_name, "xdplb");
+        assert_eq!(c.agent.admin_socket, PathBuf::from("/run/xdplb.sock"));
+        assert_eq!(c.agent.xdp_mode, XdpModeSetting::Native);
+        assert_eq!(c.vips.len(), 2);
+        let v = &c.vips[0];
+        assert_eq!(v.table_size.get(), 65537);
+        assert_eq!(v.mode, Mode::Dsr);
+        let hc = v.health_check.as_ref().unwrap();
+        assert_eq!(hc.interval.0, Duration::from_secs(1));
+        assert_eq!(hc.timeout.0, Duration::from_millis(500));
+        assert_eq!((hc.rise, hc.fall, hc.expect_status), (2, 2, 200));
+        assert_eq!(v.backends[0].weight, 1);
+        assert_eq!(v.backends[1].weight, 3);
+        assert_eq!(c.vips[1].table_size.get(), 251);
+        assert_eq!(c.vips[1].id().to_string(), "10.0.0.100:53/udp");
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let bad = GOOD.replace("weight = 3", "wieght = 3");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("wieght") && e.contains("line 19"), "{e}");
+    }
+
+    #[test]
+    fn non_prime_table_size_has_line() {
+        let bad = GOOD.replace("table_size = 251", "table_size = 250");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("not a prime") && e.contains("line 27"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_and_mac() {
+        let e = parse(&GOOD.replace("10.0.1.1", "10.0.1.300"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 14"), "{e}");
+        let e = parse(&GOOD.replace("02:00:00:00:01:01", "02:00"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAC") && e.contains("line 15"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_errors_name_the_vip_and_line() {
+        let dup = GOOD.replace("10.0.1.2", "10.0.1.1");
+        let e = parse(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("10.0.1.1 appears twice") && e.contains("line 7"),
+            "{e}"
+        );
+        let no_src = GOOD.replace("ipip_src_v4 = \"10.0.0.2\"", "");
+        let e = parse(&no_src).unwrap_err().to_string();
+        assert!(e.contains("ipip_src_v4") && e.contains("line 22"), "{e}");
+        let v6 = GOOD.replace("10.0.1.1\"", "2001:db8::1\"");
+        assert!(parse(&v6).unwrap_err().to_string().contains("families"));
+    }
+
+    #[test]
+    fn durations_and_vip_ids() {
+        let d = |s: &str| HumanDuration::try_from(s.to_string());
+        assert_eq!(d("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(d("2m").unwrap().0, Duration::from_secs(120));
+        assert!(d("5").is_err() && d("0s").is_err() && d("1h").is_err());
+        let v: VipId = "[2001:db8::1]:443/tcp".parse().unwrap();
+        assert_eq!(v.to_string(), "[2001:db8::1]:443/tcp");
+        assert_eq!(
+            "10.0.0.1:53/udp".parse::<VipId>().unwrap().protocol,
+            Protocol::Udp
+        );
+        assert!("10.0.0.1/tcp".parse::<VipId>().is_err());
+    }
+}

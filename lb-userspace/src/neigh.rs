@@ -1,0 +1,179 @@
+//! Finding how to reach a backend at layer 2: the egress interface (its index and MAC, the
+//! Ethernet source of forwarded frames) and the next hop's MAC (the Ethernet destination).
+//!
+//! The route to the backend comes from `ip -j route get` in the agent's network namespace;
+//! the next hop is the backend itself when it is on-link, else the route's gateway. Its MAC
+//! comes from the neighbour table (`ip -j neigh`); when the kernel does not know it yet, a
+//! UDP datagram to the next hop makes it send an ARP request / neighbour solicitation, and
+//! the lookup is retried for a short while.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::config::MacAddr;
+
+/// How long to wait for an ARP / ND answer.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a backend cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum NeighError {
+    #[error("interface {0:?} does not exist")]
+    NoInterface(String),
+    #[error("no route to backend {addr}: {message}")]
+    NoRoute { addr: IpAddr, message: String },
+    #[error("no MAC address for next hop {0} (ARP/ND got no answer; give `mac` explicitly)")]
+    Unresolved(IpAddr),
+    #[error("running `ip {args}`: {message}")]
+    Ip { args: String, message: String },
+}
+
+/// Layer-2 path to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub mac: [u8; 6],
+}
+
+fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
+    let err = |message: String| NeighError::Ip {
+        args: args.join(" "),
+        message,
+    };
+    let out = Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| err(e.to_string()))
+}
+
+/// An interface's index and MAC, in the calling thread's network namespace.
+pub fn interface(name: &str) -> Result<(u32, [u8; 6]), NeighError> {
+    let v = ip_json(&["link", "show", "dev", name])
+        .map_err(|_| NeighError::NoInterface(name.into()))?;
+    let link = v
+        .get(0)
+        .ok_or_else(|| NeighError::NoInterface(name.into()))?;
+    let ifindex = link["ifindex"]
+        .as_u64()
+        .ok_or_else(|| NeighError::NoInterface(name.into()))? as u32;
+    let mac = link["address"]
+        .as_str()
+        .and_then(|s| s.parse::<MacAddr>().ok())
+        .map(|m| m.0)
+        .unwrap_or_default();
+    Ok((ifindex, mac))
+}
+
+/// Egress interface name and next-hop address for `addr`.
+fn route(addr: IpAddr, via: Option<&str>) -> Result<(String, IpAddr), NeighError> {
+    let a = addr.to_string();
+    let mut args = vec!["route", "get", a.as_str()];
+    if let Some(dev) = via {
+        args.extend(["oif", dev]);
+    }
+    let v = ip_json(&args).map_err(|e| NeighError::NoRoute {
+        addr,
+        message: e.to_string(),
+    })?;
+    let r = v.get(0).ok_or_else(|| NeighError::NoRoute {
+        addr,
+        message: "empty answer".into(),
+    })?;
+    let dev = r["dev"].as_str().ok_or_else(|| NeighError::NoRoute {
+        addr,
+        message: "route has no device".into(),
+    })?;
+    let next_hop = r["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(addr);
+    Ok((dev.to_string(), next_hop))
+}
+
+fn neighbour_mac(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>, NeighError> {
+    let nh = next_hop.to_string();
+    let v = ip_json(&["neigh", "show", "to", &nh, "dev", dev])?;
+    let Some(entries) = v.as_array() else {
+        return Ok(None);
+    };
+    for e in entries {
+        let failed = e["state"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
+        });
+        if failed {
+            continue;
+        }
+        if let Some(mac) = e["lladdr"].as_str().and_then(|s| s.parse::<MacAddr>().ok()) {
+            return Ok(Some(mac.0));
+        }
+    }
+    Ok(None)
+}
+
+/// Makes the kernel resolve `next_hop`: any datagram to it triggers ARP / ND.
+fn probe(next_hop: IpAddr) {
+    let bind: SocketAddr = if next_hop.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    if let Ok(s) = UdpSocket::bind(bind) {
+        // Port 9 is "discard"; the answer (if any) does not matter.
+        let _ = s.send_to(b"xdplb-arp-probe", SocketAddr::new(next_hop, 9));
+    }
+}
+
+/// Resolves the layer-2 path to `addr`, optionally through interface `via`. `mac` overrides
+/// the neighbour lookup.
+pub fn resolve(
+    addr: IpAddr,
+    via: Option<&str>,
+    mac: Option<[u8; 6]>,
+) -> Result<NextHop, NeighError> {
+    if let Some(dev) = via {
+        interface(dev)?;
+    }
+    let (dev, next_hop) = route(addr, via)?;
+    let (ifindex, src_mac) = interface(&dev)?;
+    if let Some(mac) = mac {
+        return Ok(NextHop {
+            ifindex,
+            src_mac,
+            mac,
+        });
+    }
+    let deadline = Instant::now() + RESOLVE_TIMEOUT;
+    let mut probed_at: Option<Instant> = None;
+    loop {
+        if let Some(mac) = neighbour_mac(next_hop, &dev)? {
+            return Ok(NextHop {
+                ifindex,
+                src_mac,
+                mac,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(NeighError::Unresolved(next_hop));
+        }
+        if probed_at.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            probe(next_hop);
+            probed_at = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,583 @@
+//! The agent's model of its services: VIPs, their backends, ids and health, and the one place
+//! that turns that model into datapath state.
+//!
+//! Every change (from the config file, the admin API or a health check) goes through a method
+//! of [`Services`], which checks the request completely before it touches anything, so a bad
+//! request leaves the running state as it was. After a change only the VIP concerned gets a
+//! new Maglev table. The connection table is never flushed: a flow stays on its backend while
+//! that backend keeps `BACKEND_F_ALIVE`; taking a backend down clears the flag (after the new
+//! table is live) so its flows are re-picked, while a drained backend (weight 0) keeps it.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::IpAddr,
+};
+
+use common::{
+    maglev::{build_table, MaglevBackend},
+    BackendInfo, VipAddrInfo, VipKey, VipMeta, ADDR_F_ECHO_REPLY, AF_INET, AF_INET6,
+    BACKEND_F_ALIVE, MAX_BACKENDS, MAX_VIPS,
+};
+use tokio::task::AbortHandle;
+
+use crate::{
+    api::{BackendView, Counters, HealthState, StatsView, VipView},
+    config::{AgentSection, BackendSpec, MacAddr, VipId, VipSpec},
+    datapath::{Datapath, DatapathError},
+    health::{CheckTarget, HealthReport, HealthSpawner},
+    neigh::{self, NextHop},
+};
+
+/// Why a change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("unknown VIP {0}")]
+    UnknownVip(VipId),
+    #[error("VIP {0} already exists")]
+    DuplicateVip(VipId),
+    #[error("VIP {vip} has no backend {address}")]
+    UnknownBackend { vip: VipId, address: IpAddr },
+    #[error("VIP {vip} already has backend {address}")]
+    DuplicateBackend { vip: VipId, address: IpAddr },
+    #[error("invalid {what}: {message}")]
+    Invalid { what: String, message: String },
+    #[error("no free {0} id (limit reached)")]
+    Exhausted(&'static str),
+    #[error("backend {address}: {source}")]
+    Neighbour {
+        address: IpAddr,
+        #[source]
+        source: neigh::NeighError,
+    },
+    #[error("datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error("Maglev table for {vip}: {message}")]
+    Maglev { vip: VipId, message: String },
+}
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// A backend of one VIP.
+struct Backend {
+    spec: BackendSpec,
+    id: u32,
+    hop: NextHop,
+    health: HealthState,
+    /// Consecutive check results that disagree with `health`.
+    streak: u32,
+    last_error: Option<String>,
+    check: Option<AbortHandle>,
+}
+
+struct Vip {
+    spec: VipSpec,
+    key: VipKey,
+    id: u32,
+    backends: Vec<Backend>,
+}
+
+/// Smallest-free-first id allocator: the same config gives the same ids after a restart,
+/// which is what lets pinned connection-table entries keep pointing at the right backend.
+struct Ids {
+    used: BTreeSet<u32>,
+    limit: u32,
+    what: &'static str,
+}
+
+impl Ids {
+    fn new(limit: u32, what: &'static str) -> Self {
+        Self {
+            used: BTreeSet::new(),
+            limit,
+            what,
+        }
+    }
+
+    fn take(&mut self) -> Result<u32> {
+        let id = (0..self.limit)
+            .find(|i| !self.used.contains(i))
+            .ok_or(ServiceError::Exhausted(self.what))?;
+        self.used.insert(id);
+        Ok(id)
+    }
+
+    fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// All services and the datapath they are written to.
+pub struct Services {
+    dp: Datapath,
+    agent: AgentSection,
+    vips: Vec<Vip>,
+    vip_ids: Ids,
+    backend_ids: Ids,
+    health: Option<HealthSpawner>,
+}
+
+/// 16-byte wire form of an address.
+pub fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&v4.octets());
+            out
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn family(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    }
+}
+
+fn vip_key(id: &VipId) -> VipKey {
+    VipKey {
+        addr: addr16(id.address),
+        port: id.port.to_be(),
+        proto: id.protocol.ip_proto(),
+        family: family(id.address),
+    }
+}
+
+impl Services {
+    /// Wraps a loaded datapath. `health` spawns checkers (None: no health checks, for tools
+    /// and tests without a runtime).
+    pub fn new(dp: Datapath, agent: AgentSection, health: Option<HealthSpawner>) -> Self {
+        Self {
+            dp,
+            agent,
+            vips: Vec::new(),
+            vip_ids: Ids::new(MAX_VIPS, "VIP"),
+            backend_ids: Ids::new(MAX_BACKENDS, "backend"),
+            health,
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    fn vip_index(&self, id: &VipId) -> Result<usize> {
+        self.vips
+            .iter()
+            .position(|v| v.spec.id() == *id)
+            .ok_or(ServiceError::UnknownVip(*id))
+    }
+
+    fn resolve(&self, b: &BackendSpec) -> Result<NextHop> {
+        neigh::resolve(b.address, b.interface.as_deref(), b.mac.map(|m| m.0)).map_err(|source| {
+            ServiceError::Neighbour {
+                address: b.address,
+                source,
+            }
+        })
+    }
+
+    fn backend_info(b: &Backend) -> BackendInfo {
+        BackendInfo {
+            addr: addr16(b.spec.address),
+            mac: b.hop.mac,
+            src_mac: b.hop.src_mac,
+            ifindex: b.hop.ifindex,
+            family: family(b.spec.address),
+            flags: if b.health == HealthState::Up {
+                BACKEND_F_ALIVE
+            } else {
+                0
+            },
+            _pad: [0; 2],
+        }
+    }
+
+    fn write_backend(&mut self, b: &Backend) -> Result<()> {
+        if b.hop.ifindex != 0 {
+            self.dp.add_tx_port(b.hop.ifindex)?;
+        }
+        self.dp.set_backend(b.id, &Self::backend_info(b))?;
+        Ok(())
+    }
+
+    /// Builds and installs the VIP's Maglev table from its healthy, weighted backends.
+    fn install_table(&mut self, vi: usize) -> Result<()> {
+        let vip = &self.vips[vi];
+        let members: Vec<MaglevBackend> = vip
+            .backends
+            .iter()
+            .filter(|b| b.health == HealthState::Up)
+            .map(|b| MaglevBackend {
+                identity: addr16(b.spec.address),
+                weight: b.spec.weight,
+                id: b.id,
+            })
+            .collect();
+        let table =
+            build_table(&members, vip.spec.table_size.get()).map_err(|e| ServiceError::Maglev {
+                vip: vip.spec.id(),
+                message: e.to_string(),
+            })?;
+        let meta = VipMeta {
+            vip_id: vip.id,
+            mode: vip.spec.mode as u8,
+            ..VipMeta::default()
+        };
+        let key = vip.key;
+        self.dp.set_vip(&key, meta, &table)?;
+        Ok(())
+    }
+
+    /// Rewrites the VIP_ADDRS entry of `addr` from the VIPs that use it.
+    fn sync_vip_addr(&mut self, addr: IpAddr) -> Result<()> {
+        let on_addr: Vec<&Vip> = self
+            .vips
+            .iter()
+            .filter(|v| v.spec.address == addr)
+            .collect();
+        let a = addr16(addr);
+        if on_addr.is_empty() {
+            self.dp.remove_vip_addr(&a)?;
+        } else {
+            let echo = on_addr.iter().any(|v| v.spec.echo_reply);
+            let info = VipAddrInfo {
+                flags: if echo { ADDR_F_ECHO_REPLY } else { 0 },
+                refcount: on_addr.len() as u32,
+            };
+            self.dp.set_vip_addr(&a, &info)?;
+        }
+        Ok(())
+    }
+
+    fn start_check(&self, vip: &Vip, b: &mut Backend) {
+        if let (Some(spawner), Some(hc)) = (&self.health, &vip.spec.health_check) {
+            let target = CheckTarget {
+                vip: vip.spec.id(),
+                vip_id: vip.id,
+                backend_id: b.id,
+                address: b.spec.address,
+                port: hc.port.unwrap_or(vip.spec.port),
+                spec: hc.clone(),
+            };
+            b.check = Some(spawner.spawn(target));
+        }
+    }
+
+    fn new_backend(&mut self, spec: BackendSpec, hop: NextHop) -> Result<Backend> {
+        let id = self.backend_ids.take()?;
+        Ok(Backend {
+            spec,
+            id,
+            hop,
+            health: HealthState::Up,
+            streak: 0,
+            last_error: None,
+            check: None,
+        })
+    }
+
+    /// Adds a VIP with its backends. `fresh_counters`: zero the counters of the ids it gets
+    /// (a runtime add), not at start-up where the ids continue a previous run's.
+    pub fn add_vip(&mut self, mut spec: VipSpec, fresh_counters: bool) -> Result<()> {
+        let id = spec.id();
+        spec.validate(&self.agent)
+            .map_err(|message| ServiceError::Invalid {
+                what: format!("VIP {id}"),
+                message,
+            })?;
+        if self.vips.iter().any(|v| v.spec.id() == id) {
+            return Err(ServiceError::DuplicateVip(id));
+        }
+        if self.vips.len() >= MAX_VIPS as usize {
+            return Err(ServiceError::Exhausted("VIP"));
+        }
+        if self.backend_ids.used.len() + spec.backends.len() > MAX_BACKENDS as usize {
+            return Err(ServiceError::Exhausted("backend"));
+        }
+        // Everything that can fail without side effects first.
+        let hops = spec
+            .backends
+            .iter()
+            .map(|b| self.resolve(b))
+            .collect::<Result<Vec<_>>>()?;
+        let backend_specs = std::mem::take(&mut spec.backends);
+        let vip_id = self.vip_ids.take()?;
+        let mut backends = Vec::new();
+        for (b, hop) in backend_specs.into_iter().zip(hops) {
+            backends.push(self.new_backend(b, hop)?);
+        }
+        for b in &backends {
+            self.write_backend(b)?;
+            if fresh_counters {
+                self.dp.reset_stats(None, Some(b.id))?;
+            }
+        }
+        if fresh_counters {
+            self.dp.reset_stats(Some(vip_id), None)?;
+        }
+        self.vips.push(Vip {
+            key: vip_key(&id),
+            spec,
+            id: vip_id,
+            backends,
+        });
+        let vi = self.vips.len() - 1;
+        self.install_table(vi)?;
+        self.sync_vip_addr(id.address)?;
+        let mut backends = std::mem::take(&mut self.vips[vi].backends);
+        for b in &mut backends {
+            self.start_check(&self.vips[vi], b);
+        }
+        self.vips[vi].backends = backends;
+        tracing::info!(vip = %id, vip_id, backends = self.vips[vi].backends.len(), "VIP added");
+        Ok(())
+    }
+
+    /// Removes a VIP: new packets to it pass to the kernel; its backends' flows end.
+    pub fn del_vip(&mut self, id: &VipId) -> Result<()> {
+        let vi = self.vip_index(id)?;
+        let vip = self.vips.remove(vi);
+        self.dp.remove_vip(&vip.key)?;
+        self.sync_vip_addr(id.address)?;
+        for mut b in vip.backends {
+            self.retire_backend(&mut b)?;
+        }
+        self.vip_ids.release(vip.id);
+        tracing::info!(vip = %id, "VIP removed");
+        Ok(())
+    }
+
+    /// Stops a backend's checks, clears its ALIVE flag and frees its id.
+    fn retire_backend(&mut self, b: &mut Backend) -> Result<()> {
+        if let Some(h) = b.check.take() {
+            h.abort();
+        }
+        b.health = HealthState::Down;
+        self.dp.set_backend(b.id, &Self::backend_info(b))?;
+        self.backend_ids.release(b.id);
+        Ok(())
+    }
+
+    pub fn add_backend(&mut self, vip: &VipId, spec: BackendSpec) -> Result<()> {
+        let vi = self.vip_index(vip)?;
+        spec.validate(&self.vips[vi].spec)
+            .map_err(|message| ServiceError::Invalid {
+                what: format!("backend {}", spec.address),
+                message,
+            })?;
+        if self.vips[vi]
+            .backends
+            .iter()
+            .any(|b| b.spec.address == spec.address)
+        {
+            return Err(ServiceError::DuplicateBackend {
+                vip: *vip,
+                address: spec.address,
+            });
+        }
+        let hop = self.resolve(&spec)?;
+        let address = spec.address;
+        let mut b = self.new_backend(spec, hop)?;
+        self.write_backend(&b)?;
+        self.dp.reset_stats(None, Some(b.id))?;
+        self.start_check(&self.vips[vi], &mut b);
+        self.vips[vi].backends.push(b);
+        self.install_table(vi)?;
+        tracing::info!(vip = %vip, backend = %address, "backend added");
+        Ok(())
+    }
+
+    fn backend_index(&self, vi: usize, address: IpAddr) -> Result<usize> {
+        self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.spec.address == address)
+            .ok_or(ServiceError::UnknownBackend {
+                vip: self.vips[vi].spec.id(),
+                address,
+            })
+    }
+
+    /// Removes a backend: out of the table first, then its flows are re-picked.
+    pub fn del_backend(&mut self, vip: &VipId, address: IpAddr) -> Result<()> {
+        let vi = self.vip_index(vip)?;
+        let bi = self.backend_index(vi, address)?;
+        let mut b = self.vips[vi].backends.remove(bi);
+        self.install_table(vi)?;
+        self.retire_backend(&mut b)?;
+        tracing::info!(vip = %vip, backend = %address, "backend removed");
+        Ok(())
+    }
+
+    /// Changes a backend's weight; 0 drains it: no new flows, its established flows stay.
+    pub fn set_weight(&mut self, vip: &VipId, address: IpAddr, weight: u32) -> Result<()> {
+        let vi = self.vip_index(vip)?;
+        let bi = self.backend_index(vi, address)?;
+        let mut spec = self.vips[vi].backends[bi].spec.clone();
+        spec.weight = weight;
+        spec.validate(&self.vips[vi].spec)
+            .map_err(|message| ServiceError::Invalid {
+                what: format!("backend {address}"),
+                message,
+            })?;
+        self.vips[vi].backends[bi].spec.weight = weight;
+        self.install_table(vi)?;
+        tracing::info!(vip = %vip, backend = %address, weight, "backend weight set");
+        Ok(())
+    }
+
+    /// Applies one check result; flips the backend after `rise` / `fall` agreeing results.
+    pub fn health_report(&mut self, r: HealthReport) -> Result<()> {
+        let Some(vi) = self.vips.iter().position(|v| v.id == r.vip_id) else {
+            return Ok(());
+        };
+        let Some(hc) = self.vips[vi].spec.health_check.clone() else {
+            return Ok(());
+        };
+        let Some(bi) = self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.id == r.backend_id && b.spec.address == r.address)
+        else {
+            return Ok(());
+        };
+        let vip = self.vips[vi].spec.id();
+        let b = &mut self.vips[vi].backends[bi];
+        let agrees = (b.health == HealthState::Up) == r.result.is_ok();
+        if let Err(e) = &r.result {
+            b.last_error = Some(e.clone());
+        }
+        if agrees {
+            b.streak = 0;
+            return Ok(());
+        }
+        b.streak += 1;
+        let needed = if b.health == HealthState::Up {
+            hc.fall
+        } else {
+            hc.rise
+        };
+        if b.streak < needed {
+            return Ok(());
+        }
+        b.streak = 0;
+        let address = b.spec.address;
+        if b.health == HealthState::Up {
+            b.health = HealthState::Down;
+            let info = Self::backend_info(b);
+            let id = b.id;
+            tracing::warn!(vip = %vip, backend = %address, error = ?b.last_error, "backend down");
+            // New table first, then its flows re-pick from it.
+            self.install_table(vi)?;
+            self.dp.set_backend(id, &info)?;
+        } else {
+            b.health = HealthState::Up;
+            b.last_error = None;
+            let info = Self::backend_info(b);
+            let id = b.id;
+            tracing::info!(vip = %vip, backend = %address, "backend up");
+            self.dp.set_backend(id, &info)?;
+            self.install_table(vi)?;
+        }
+        Ok(())
+    }
+
+    /// Clears ALIVE on backend ids this agent does not use and removes VIPs it does not serve:
+    /// leftovers of a previous run with another configuration.
+    pub fn remove_leftovers(&mut self) -> Result<()> {
+        let keys: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
+        for key in self.dp.vip_keys()? {
+            if !keys.contains(&key) {
+                self.dp.remove_vip(&key)?;
+                tracing::info!(?key, "removed a VIP left by a previous run");
+            }
+        }
+        for id in 0..MAX_BACKENDS {
+            if self.backend_ids.used.contains(&id) {
+                continue;
+            }
+            let mut info = self.dp.backend(id)?;
+            if info.flags & BACKEND_F_ALIVE != 0 {
+                info.flags &= !BACKEND_F_ALIVE;
+                self.dp.set_backend(id, &info)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn backend_view(&self, vip: &Vip, b: &Backend) -> BackendView {
+        BackendView {
+            vip: vip.spec.id(),
+            address: b.spec.address,
+            id: b.id,
+            weight: b.spec.weight,
+            health: b.health,
+            last_error: if b.health == HealthState::Down {
+                b.last_error.clone()
+            } else {
+                None
+            },
+            mac: MacAddr(b.hop.mac).to_string(),
+            ifindex: b.hop.ifindex,
+            counters: self
+                .dp
+                .backend_stats(b.id)
+                .map(Counters::from)
+                .unwrap_or_default(),
+        }
+    }
+
+    fn vip_view(&self, v: &Vip) -> VipView {
+        VipView {
+            vip: v.spec.id(),
+            id: v.id,
+            mode: v.spec.mode,
+            table_size: v.spec.table_size.get(),
+            echo_reply: v.spec.echo_reply,
+            health_check: v.spec.health_check.clone(),
+            counters: self
+                .dp
+                .vip_stats(v.id)
+                .map(Counters::from)
+                .unwrap_or_default(),
+            backends: v.backends.iter().map(|b| self.backend_view(v, b)).collect(),
+        }
+    }
+
+    pub fn list_vips(&self) -> Vec<VipView> {
+        self.vips.iter().map(|v| self.vip_view(v)).collect()
+    }
+
+    pub fn list_backends(&self, vip: Option<&VipId>) -> Result<Vec<BackendView>> {
+        if let Some(id) = vip {
+            self.vip_index(id)?;
+        }
+        Ok(self
+            .vips
+            .iter()
+            .filter(|v| vip.is_none_or(|id| v.spec.id() == *id))
+            .flat_map(|v| v.backends.iter().map(|b| self.backend_view(v, b)))
+            .collect())
+    }
+
+    pub fn stats(&self) -> Result<StatsView> {
+        let global = self.dp.global_stats()?;
+        Ok(StatsView {
+            vips: self.list_vips(),
+            global: common::reason::NAMES
+                .iter()
+                .zip(global)
+                .filter(|(n, _)| **n != "unused")
+                .map(|(n, c)| (n.to_string(), c))
+                .collect(),
+            flows: self.dp.flow_count()?,
+        })
+    }
+}

@@ -1,0 +1,188 @@
+//! The e2e test network: a "switch" namespace with a Linux bridge, and a client, a load
+//! balancer and N backends, each in its own namespace with a veth (`eth0`) into the bridge.
+//!
+//! ```text
+//!   client 10.77.0.2 ──┐
+//!   lb     10.77.0.3 ──┤ br0 (switch ns)
+//!   b0..   10.77.0.1x ─┘
+//! ```
+//!
+//! The client routes the VIP (10.77.100.1, off-link) via the load balancer's address. DSR
+//! backends have the VIP on `lo` and answer the client directly; IPIP backends also run
+//! `xdp_decap` on `eth0`. The bridge-side peer of the load balancer's veth runs `xdp_pass`:
+//! a veth only receives XDP_TX frames when its peer has an XDP program. Links to the
+//! backends have a 1600-byte MTU so encapsulated 1500-byte packets fit.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+
+use crate::netns::{disable_tx_checksum, unique_name, Netns};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const LINK_MTU: &str = "1600";
+
+/// IP of backend `i`.
+pub fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, 11 + i as u8)
+}
+
+/// The helper programs (`xdp_pass`, `xdp_decap`) from the embedded object, loaded once per
+/// topology with small maps pinned in a throwaway directory.
+struct HelperPrograms {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl HelperPrograms {
+    fn load() -> Self {
+        let pin_dir = Path::new("/sys/fs/bpf").join(unique_name("helpers"));
+        std::fs::create_dir_all(&pin_dir).expect("creating the helper pin dir (is bpffs mounted?)");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(common::map_names::CONN_TABLE, 16)
+            .map_max_entries(common::map_names::RINGS, 16)
+            .load(lb_userspace::EBPF_OBJECT)
+            .expect("loading the XDP object");
+        for name in [common::prog_names::PASS, common::prog_names::DECAP] {
+            let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            p.load().expect("loading helper program");
+        }
+        Self { ebpf, pin_dir }
+    }
+
+    fn attach(&mut self, ns: &Netns, prog: &str, iface: &str) {
+        let p: &mut Xdp = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        let iface = std::ffi::CString::new(iface).unwrap();
+        ns.run(|| p.attach(iface.as_c_str(), XdpMode::Driver))
+            .unwrap_or_else(|e| panic!("attaching {prog} in {}: {e}", ns.name()));
+    }
+}
+
+impl Drop for HelperPrograms {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A namespace plugged into the switch.
+pub struct Host {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// The name of its veth's peer in the switch namespace.
+    pub port: String,
+}
+
+/// How backends receive the VIP's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendMode {
+    Dsr,
+    Ipip,
+}
+
+pub struct Topology {
+    // Field order is drop order: programs first, then hosts, the switch last.
+    /// Holds the `xdp_pass` / `xdp_decap` attachments for the topology's lifetime.
+    _helpers: HelperPrograms,
+    pub client: Host,
+    pub lb: Host,
+    pub backends: Vec<Host>,
+    pub switch: Netns,
+}
+
+impl Topology {
+    pub fn new(n_backends: usize, mode: BackendMode) -> Self {
+        let switch = Netns::new("sw");
+        switch.ip(&["link", "add", "br0", "mtu", LINK_MTU, "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut helpers = HelperPrograms::load();
+        let client = plug(&switch, "cl", CLIENT_IP, "1500");
+        client
+            .ns
+            .run(|| disable_tx_checksum("eth0"))
+            .expect("turning off tx checksum offload on the client");
+        client.ns.ip(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &LB_IP.to_string(),
+        ]);
+        let lb = plug(&switch, "lb", LB_IP, LINK_MTU);
+        helpers.attach(&switch, common::prog_names::PASS, &lb.port);
+        let backends: Vec<Host> = (0..n_backends)
+            .map(|i| {
+                let h = plug(&switch, &format!("b{i}"), backend_ip(i), LINK_MTU);
+                h.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+                h
+            })
+            .collect();
+        if mode == BackendMode::Ipip {
+            for b in &backends {
+                helpers.attach(&b.ns, common::prog_names::DECAP, "eth0");
+            }
+        }
+        Self {
+            _helpers: helpers,
+            client,
+            lb,
+            backends,
+            switch,
+        }
+    }
+
+    /// Prints interface counters and IP/TCP error counters of every namespace (to diagnose a
+    /// failed test).
+    pub fn dump(&self) {
+        let hosts = [&self.client, &self.lb].into_iter().chain(&self.backends);
+        for ns in std::iter::once(&self.switch).chain(hosts.map(|h| &h.ns)) {
+            let out = std::process::Command::new("ip")
+                .args(["-n", ns.name(), "-s", "link"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let snmp = ns
+                .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+                .unwrap_or_default();
+            let snmp: Vec<&str> = snmp
+                .lines()
+                .filter(|l| l.starts_with("Ip:") || l.starts_with("Tcp:"))
+                .collect();
+            eprintln!("== {}\n{out}{}", ns.name(), snmp.join("\n"));
+        }
+    }
+}
+
+/// A host namespace `tag` with `eth0` (address `ip/24`) whose peer joins the bridge.
+fn plug(switch: &Netns, tag: &str, ip: Ipv4Addr, mtu: &str) -> Host {
+    let ns = Netns::new(tag);
+    let port = format!("p-{tag}");
+    switch.ip(&[
+        "link",
+        "add",
+        &port,
+        "mtu",
+        LINK_MTU,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "mtu",
+        mtu,
+        "netns",
+        ns.name(),
+    ]);
+    switch.ip(&["link", "set", &port, "master", "br0", "up"]);
+    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    Host { ns, ip, port }
+}

@@ -1,0 +1,482 @@
+//! End-to-end tests of the L4 load balancer: real TCP connections from a client namespace
+//! through `xdp_lb` (attached by an in-process agent) to backend namespaces, in DSR and IPIP
+//! modes. See `integration_tests::topology` for the network.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::AgentHandle,
+    netns::{skip_reason, unique_name},
+    servers::{ask_once, Conn, NameServer},
+    topology::{backend_ip, BackendMode, Topology, LB_IP, VIP},
+};
+use lb_userspace::{
+    api::{HealthState, Request},
+    config::{BackendSpec, Config, VipId},
+};
+
+const PORT: u16 = 80;
+
+fn vip_addr() -> SocketAddr {
+    SocketAddr::from((VIP, PORT))
+}
+
+fn vip_id() -> VipId {
+    format!("{VIP}:{PORT}/tcp").parse().unwrap()
+}
+
+macro_rules! skip_unless_possible {
+    () => {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+/// A config for this test's topology: one VIP on port 80 with the first `n` backends.
+fn config(mode: BackendMode, n: usize, health: &str) -> Config {
+    let pin = unique_name("pin");
+    let socket = PathBuf::from(format!("/tmp/{pin}.sock"));
+    let mode = match mode {
+        BackendMode::Dsr => "dsr",
+        BackendMode::Ipip => "ipip",
+    };
+    let mut text = format!(
+        r#"
+[agent]
+interfaces = ["eth0"]
+pin_name = "{pin}"
+admin_socket = "{}"
+ipip_src_v4 = "{LB_IP}"
+
+[[vip]]
+address = "{VIP}"
+port = {PORT}
+protocol = "tcp"
+mode = "{mode}"
+health_check = {health}
+"#,
+        socket.display()
+    );
+    for i in 0..n {
+        text.push_str(&format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\n",
+            backend_ip(i)
+        ));
+    }
+    Config::parse(&text, "test.toml".as_ref()).expect("test config")
+}
+
+/// Removes the agent's pinned maps and links when the test ends.
+struct PinCleanup(PathBuf);
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pins(cfg: &Config) -> PinCleanup {
+    PinCleanup(PathBuf::from("/sys/fs/bpf").join(&cfg.agent.pin_name))
+}
+
+fn servers(topo: &Topology) -> Vec<NameServer> {
+    topo.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| NameServer::start(&b.ns, &format!("b{i}"), PORT))
+        .collect()
+}
+
+/// Opens `n` short connections from the client; counts answers per backend name.
+fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    topo.client.ns.run(|| {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let name = ask_once(vip_addr()).unwrap_or_else(|e| format!("error: {e}"));
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+fn assert_balanced(counts: &BTreeMap<String, usize>, backends: &[&str], n: usize) {
+    let mean = n as f64 / backends.len() as f64;
+    for b in backends {
+        let c = *counts.get(*b).unwrap_or(&0) as f64;
+        assert!(
+            (c - mean).abs() <= mean * 0.10,
+            "backend {b} got {c} of {n} connections (mean {mean}): {counts:?}"
+        );
+    }
+    let total: usize = backends.iter().map(|b| counts.get(*b).unwrap_or(&0)).sum();
+    assert_eq!(
+        total, n,
+        "some connections failed or hit others: {counts:?}"
+    );
+}
+
+/// Long-lived connections, at least `per_backend` on each of `names`.
+fn long_conns(topo: &Topology, names: &[&str], per_backend: usize) -> Vec<(String, Conn)> {
+    topo.client.ns.run(|| {
+        let mut conns: Vec<(String, Conn)> = Vec::new();
+        for _ in 0..500 {
+            let done = names
+                .iter()
+                .all(|n| conns.iter().filter(|(b, _)| b == n).count() >= per_backend);
+            if done {
+                return conns;
+            }
+            let mut c = Conn::connect(vip_addr()).expect("connect");
+            let name = c.ask().expect("ask");
+            conns.push((name, c));
+        }
+        panic!("could not get {per_backend} connections on each of {names:?}");
+    })
+}
+
+/// Every long connection still answers, from the backend it started on.
+fn assert_conns_keep_backend(conns: &mut [(String, Conn)], skip: &str) {
+    for (name, c) in conns.iter_mut().filter(|(n, _)| n != skip) {
+        // A payload of some size, to move bytes as well.
+        let payload = "x".repeat(3000);
+        let got = c
+            .ask_with(&payload)
+            .unwrap_or_else(|e| panic!("connection to {name} broke: {e}"));
+        assert_eq!(&got, name, "an established connection moved");
+    }
+}
+
+/// Waits until `n` consecutive new connections all succeed and avoid `dead`; returns when.
+fn wait_avoids(topo: &Topology, dead: &str, n: usize, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let counts = spread(topo, n);
+        if counts.keys().all(|k| k != dead && !k.starts_with("error")) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "new connections still reach {dead} or fail after {limit:?}: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_health(agent: &AgentHandle, addr: std::net::IpAddr, want: HealthState, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let b = agent.backends();
+        if b.iter().any(|b| b.address == addr && b.health == want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "backend {addr} not {want} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Balance across 3 backends, then a backend dies: new connections avoid it within 3 s,
+/// established connections to the others are untouched; it comes back when it recovers.
+fn balance_and_failover(mode: BackendMode, health: &str) {
+    let topo = Topology::new(3, mode);
+    let mut srv = servers(&topo);
+    let cfg = config(mode, 3, health);
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+
+    if let Err(e) = topo.client.ns.run(|| ask_once(vip_addr())) {
+        topo.dump();
+        panic!(
+            "first connection failed: {e}; datapath: {:?}",
+            agent.stats()
+        );
+    }
+    let n = 3000;
+    let counts = spread(&topo, n);
+    assert_balanced(&counts, &["b0", "b1", "b2"], n);
+    let stats = agent.stats();
+    assert!(stats.vips[0].counters.new_flows >= n as u64, "{stats:?}");
+
+    let mut conns = long_conns(&topo, &["b0", "b1", "b2"], 2);
+    srv[1].stop();
+    let took = wait_avoids(&topo, "b1", 60, Duration::from_secs(4));
+    assert!(
+        took <= Duration::from_secs(3),
+        "took {took:?} to avoid a dead backend"
+    );
+    assert_conns_keep_backend(&mut conns, "b1");
+    wait_health(
+        &agent,
+        backend_ip(1).into(),
+        HealthState::Down,
+        Duration::from_secs(1),
+    );
+
+    // Recovery: back in the table after `rise` good checks.
+    srv[1] = NameServer::start(&topo.backends[1].ns, "b1", PORT);
+    wait_health(
+        &agent,
+        backend_ip(1).into(),
+        HealthState::Up,
+        Duration::from_secs(5),
+    );
+    let counts = spread(&topo, 300);
+    assert!(counts.get("b1").copied().unwrap_or(0) > 50, "{counts:?}");
+    assert_conns_keep_backend(&mut conns, "b1");
+    agent.stop().unwrap();
+}
+
+#[test]
+fn e2e_dsr_balance_and_failover() {
+    skip_unless_possible!();
+    balance_and_failover(BackendMode::Dsr, r#"{ type = "http", path = "/health" }"#);
+}
+
+#[test]
+fn e2e_ipip_balance_and_failover() {
+    skip_unless_possible!();
+    balance_and_failover(BackendMode::Ipip, r#"{ type = "tcp" }"#);
+}
+
+/// Adding a backend moves no established connection; a drained backend keeps its
+/// connections and gets no new ones; established connections survive agent restarts (with
+/// the program left attached, and with a detach and re-attach).
+#[test]
+fn e2e_dsr_add_drain_and_restart() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 2, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), true);
+
+    let counts = spread(&topo, 300);
+    assert_balanced(&counts, &["b0", "b1"], 300);
+    let mut conns = long_conns(&topo, &["b0", "b1"], 3);
+
+    agent
+        .call(&Request::BackendAdd {
+            vip: vip_id(),
+            backend: BackendSpec {
+                address: backend_ip(2).into(),
+                mac: None,
+                weight: 1,
+                interface: None,
+            },
+        })
+        .unwrap();
+    let counts = spread(&topo, 600);
+    assert!(counts.get("b2").copied().unwrap_or(0) > 120, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 600, "{counts:?}");
+    assert!(!counts.keys().any(|k| k.starts_with("error")), "{counts:?}");
+    assert_conns_keep_backend(&mut conns, "");
+
+    agent
+        .call(&Request::BackendWeight {
+            vip: vip_id(),
+            address: backend_ip(0).into(),
+            weight: 0,
+        })
+        .unwrap();
+    let counts = spread(&topo, 300);
+    assert!(
+        !counts.contains_key("b0") && counts.values().sum::<usize>() == 300,
+        "{counts:?}"
+    );
+    assert!(!counts.keys().any(|k| k.starts_with("error")), "{counts:?}");
+    assert_conns_keep_backend(&mut conns, "");
+    let drained = agent.backends();
+    assert_eq!(drained[0].weight, 0);
+    assert!(drained[0].counters.packets > 0);
+
+    // Restart with the program left attached: the next agent takes over the link.
+    agent.stop().unwrap();
+    assert_conns_keep_backend(&mut conns, "");
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
+    assert_conns_keep_backend(&mut conns, "");
+    let counts = spread(&topo, 300);
+    assert_balanced(&counts, &["b0", "b1"], 300);
+
+    // Restart with a detach: the pinned connection table still holds the flows.
+    agent.stop().unwrap();
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    assert_conns_keep_backend(&mut conns, "");
+    let stats = agent.stats();
+    assert!(stats.global["conn_hit"] > 0, "{stats:?}");
+    agent.stop().unwrap();
+}
+
+/// Runtime changes through the admin API show in traffic; bad requests are refused with a
+/// message naming the problem and change nothing; metrics are served.
+#[test]
+fn e2e_admin_api_and_metrics() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let _srv8080: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| NameServer::start(&b.ns, &format!("b{i}-8080"), 8080))
+        .collect();
+    let mut cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    cfg.agent.metrics_address = Some("127.0.0.1:9100".parse().unwrap());
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+
+    // A second VIP on port 8080, built at runtime.
+    let vip2: VipId = format!("{VIP}:8080/tcp").parse().unwrap();
+    let spec: lb_userspace::config::VipSpec = serde_json::from_value(serde_json::json!({
+        "address": VIP.to_string(), "port": 8080, "protocol": "tcp", "table_size": 4099,
+        "health_check": { "type": "http", "path": "/" },
+    }))
+    .unwrap();
+    agent.call(&Request::VipAdd { vip: spec }).unwrap();
+    for i in [1, 2] {
+        agent
+            .call(&Request::BackendAdd {
+                vip: vip2,
+                backend: BackendSpec {
+                    address: backend_ip(i).into(),
+                    mac: None,
+                    weight: 1,
+                    interface: Some("eth0".into()),
+                },
+            })
+            .unwrap();
+    }
+    let counts = topo.client.ns.run(|| {
+        let mut c = BTreeMap::new();
+        for _ in 0..200 {
+            let name = ask_once(SocketAddr::from((VIP, 8080))).unwrap_or_else(|e| e.to_string());
+            *c.entry(name).or_insert(0) += 1;
+        }
+        c
+    });
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1-8080", "b2-8080"]);
+    assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
+
+    // Bad requests: refused, named, and nothing changes.
+    let before = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
+    let unknown: VipId = format!("{VIP}:81/tcp").parse().unwrap();
+    let bad = [
+        (
+            Request::BackendAdd {
+                vip: unknown,
+                backend: BackendSpec {
+                    address: backend_ip(1).into(),
+                    mac: None,
+                    weight: 1,
+                    interface: None,
+                },
+            },
+            "unknown VIP",
+        ),
+        (
+            Request::BackendAdd {
+                vip: vip2,
+                backend: BackendSpec {
+                    address: backend_ip(1).into(),
+                    mac: None,
+                    weight: 1,
+                    interface: None,
+                },
+            },
+            "already has backend 10.77.0.12",
+        ),
+        (
+            Request::BackendAdd {
+                vip: vip2,
+                backend: BackendSpec {
+                    address: backend_ip(0).into(),
+                    mac: None,
+                    weight: 1,
+                    interface: Some("nope0".into()),
+                },
+            },
+            "\"nope0\" does not exist",
+        ),
+        (
+            Request::BackendDel {
+                vip: vip2,
+                address: backend_ip(0).into(),
+            },
+            "has no backend 10.77.0.11",
+        ),
+        (Request::VipDel { vip: unknown }, "unknown VIP"),
+    ];
+    for (req, want) in bad {
+        let e = agent.call(&req).unwrap_err().to_string();
+        assert!(e.contains(want), "{req:?}: {e}");
+    }
+    for (raw, want) in [
+        (
+            r#"{"op":"backend_del","vip":"10.77.100.1:80/tcp","address":"10.77.0.300"}"#,
+            "invalid IP address",
+        ),
+        (
+            r#"{"op":"vip_add","vip":{"address":"10.77.100.2","port":80,"protocol":"tcp","table_size":1000}}"#,
+            "not a prime",
+        ),
+    ] {
+        let e = raw_call(&agent, raw);
+        assert!(e.contains(want), "{raw}: {e}");
+    }
+    let after = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
+    assert_eq!(before, after, "a refused request changed the state");
+
+    // Metrics.
+    let body = topo.lb.ns.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9100").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(
+            r#"xdplb_backend_new_flows_total{vip="10.77.100.1:8080/tcp",backend="10.77.0.12"}"#
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"xdplb_backend_up{vip="10.77.100.1:80/tcp",backend="10.77.0.11"} 1"#),
+        "{body}"
+    );
+
+    // Removing the VIP takes it out of the datapath.
+    agent.call(&Request::VipDel { vip: vip2 }).unwrap();
+    let stats = agent.stats();
+    assert_eq!(stats.vips.len(), 1);
+    let gone = topo
+        .client
+        .ns
+        .run(|| ask_once(SocketAddr::from((VIP, 8080))));
+    assert!(gone.is_err(), "VIP still answers after removal: {gone:?}");
+    agent.stop().unwrap();
+}
+
+/// Sends one raw JSON line to the admin socket; returns the error message of the reply.
+fn raw_call(agent: &AgentHandle, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    match serde_json::from_str(&reply).unwrap() {
+        lb_userspace::api::Response::Error { message } => message,
+        ok => panic!("{line} was accepted: {ok:?}"),
+    }
+}
