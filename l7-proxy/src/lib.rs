@@ -5,4 +5,5 @@
 //! match → request policies → upstream pick → forward → response policies → access log.
 //! Gateway policies plug into that chain through the [`policy::Policy`] trait.
 
+pub mod config;
 pub mod policy;
