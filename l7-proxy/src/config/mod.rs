@@ -35,7 +35,7 @@ pub enum ConfigError {
     },
     /// The TOML is malformed or does not match the schema; the message names line and key.
     #[error("{0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(Box<toml::de::Error>),
     /// The TOML is well formed but a value is not acceptable.
     #[error("line {line}: `{field}`: {message}")]
     Invalid {
@@ -420,7 +420,8 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text)?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
