@@ -10,3 +10,4 @@ pub mod config;
 // allocation on the short-circuit path. The policy module is owned by the policy work.
 #[allow(clippy::result_large_err)]
 pub mod policy;
+pub mod routing;
