@@ -8,6 +8,8 @@
 pub mod config;
 // `PolicyChain::run_request` returns a response in its `Err`; boxing it would only add an
 // allocation on the short-circuit path. The policy module is owned by the policy work.
+pub mod metrics;
 #[allow(clippy::result_large_err)]
 pub mod policy;
 pub mod routing;
+pub mod upstream;
