@@ -31,6 +31,7 @@ use hyper::body::Incoming;
 use crate::metrics::{Metrics, RouteLabels, RouteStatusLabels};
 use crate::policy::{PolicyChain, ProxyBody, RequestCtx};
 use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
+use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::state::{RuntimeState, Shared};
 
 /// What the proxy knows about the client connection a request came in on.
@@ -39,6 +40,8 @@ pub struct ConnInfo {
     /// The client (from the socket or the PROXY protocol header).
     pub client_addr: SocketAddr,
     pub tls: bool,
+    /// Raw-head framing verdicts of an HTTP/1 connection, one per request.
+    pub framing: Option<Arc<FramingVerdicts>>,
 }
 
 /// An empty body.
@@ -103,6 +106,11 @@ async fn run_phases(
     trace: &mut Trace,
 ) -> Response<ProxyBody> {
     // Phase: sanitize.
+    if req.version() <= Version::HTTP_11 {
+        if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
+            return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+        }
+    }
     if let Err(why) = headers::check_framing(req.headers()) {
         return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
     }

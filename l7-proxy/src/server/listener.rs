@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::framing_guard::FramingGuard;
 use super::idle::IdleTimeoutIo;
 use super::proxy_protocol;
 use crate::pipeline::{self, ConnInfo};
@@ -130,33 +131,27 @@ async fn serve_connection(
             }
         }
     }
-    let conn = ConnInfo {
-        client_addr,
-        tls: settings.tls.is_some(),
-    };
     let idle = Duration::from_millis(server.idle_timeout_ms);
     match &settings.tls {
         None => {
-            serve_http(
-                IdleTimeoutIo::new(stream, idle),
-                conn,
-                shared,
-                watcher,
-                handshake_timeout,
-            )
-            .await
+            let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(stream, idle));
+            let conn = ConnInfo {
+                client_addr,
+                tls: false,
+                framing: Some(framing),
+            };
+            serve_http(io, conn, shared, watcher, handshake_timeout).await
         }
         Some(acceptor) => {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    serve_http(
-                        IdleTimeoutIo::new(tls, idle),
-                        conn,
-                        shared,
-                        watcher,
-                        handshake_timeout,
-                    )
-                    .await
+                    let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(tls, idle));
+                    let conn = ConnInfo {
+                        client_addr,
+                        tls: true,
+                        framing: Some(framing),
+                    };
+                    serve_http(io, conn, shared, watcher, handshake_timeout).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -2,6 +2,7 @@
 //! admin listener.
 
 pub mod admin;
+pub mod framing_guard;
 pub mod idle;
 pub mod listener;
 pub mod proxy_protocol;
