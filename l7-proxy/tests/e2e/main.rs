@@ -5,3 +5,4 @@ mod balancing;
 mod routing;
 mod security;
 mod support;
+mod tls;
