@@ -2,6 +2,8 @@
 //! real upstream servers, and is driven by real clients (hyper, rustls) and raw sockets.
 
 mod balancing;
+mod config;
+mod reload;
 mod routing;
 mod security;
 mod support;
