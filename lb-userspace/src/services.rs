@@ -142,6 +142,7 @@ fn vip_key(id: &VipId) -> VipKey {
         port: id.port.to_be(),
         proto: id.protocol.ip_proto(),
         family: family(id.address),
+        _pad: [0; 4],
     }
 }
 
