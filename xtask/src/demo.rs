@@ -312,7 +312,7 @@ fn run_demo(root: &Path, bin: &Path, keep: bool) -> Result<()> {
         )
         .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        if out.status.success() && text.matches("\"healthy\"").count() >= 2 {
+        if out.status.success() && text.matches("\"health\": \"up\"").count() >= 2 {
             break;
         }
         if Instant::now() > deadline {
