@@ -45,6 +45,9 @@ enum Cmd {
         name: String,
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
+        /// Answer every request with this many bytes of text instead of JSON (benchmarks).
+        #[arg(long)]
+        fixed_body: Option<usize>,
     },
     /// Attach `xdp_pass` to IFACE and hold it until killed: a veth receives XDP_TX frames only
     /// when its peer runs an XDP program.
@@ -77,7 +80,11 @@ enum Cmd {
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Certs { dir, name } => certs(&dir, &name),
-        Cmd::Service { name, listen } => service(name, listen).await,
+        Cmd::Service {
+            name,
+            listen,
+            fixed_body,
+        } => service(name, listen, fixed_body).await,
         Cmd::XdpPass { iface } => xdp_pass(&iface).await,
         Cmd::Client {
             vip,
@@ -136,14 +143,16 @@ fn certs(dir: &std::path::Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn service(name: String, listen: Vec<SocketAddr>) -> Result<()> {
+async fn service(name: String, listen: Vec<SocketAddr>, fixed_body: Option<usize>) -> Result<()> {
     let name: Arc<str> = name.into();
+    let fixed: Option<Bytes> = fixed_body.map(|n| Bytes::from(vec![b'x'; n]));
     let mut tasks = Vec::new();
     for addr in listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let name = name.clone();
+        let fixed = fixed.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
