@@ -16,6 +16,8 @@
 
 pub mod forward;
 pub mod headers;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
 use crate::metrics::{Metrics, RouteLabels, RouteStatusLabels};
-use crate::policy::{PolicyChain, ProxyBody, RequestCtx};
+use crate::policy::{BoxError, PolicyChain, ProxyBody, RequestCtx};
 use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
 use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::state::{RuntimeState, Shared};
@@ -97,14 +99,18 @@ pub async fn handle(
     resp
 }
 
-async fn run_phases(
+async fn run_phases<B>(
     state: &RuntimeState,
     metrics: &Metrics,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     host: &str,
     trace: &mut Trace,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     // Phase: sanitize.
     if req.version() <= Version::HTTP_11 {
         if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
@@ -181,45 +187,13 @@ async fn run_phases(
             rewrite_path: rewrite,
             ..
         } => {
-            let mut req = req;
-            let target = rewrite_path(
-                req.uri().path(),
-                req.uri().query(),
-                strip_prefix.as_deref(),
-                rewrite.as_deref(),
-            );
-            match target.parse::<Uri>() {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(_) => {
-                    return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into())
-                }
-            }
-            if let Some(proto) = &upgrade {
-                req.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                req.headers_mut().insert(header::UPGRADE, proto.clone());
-            }
-            let Some(group) = state.groups.get(&ctx.upstream_group) else {
-                return text_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("unknown upstream group {}\n", ctx.upstream_group),
-                );
+            let target = Target {
+                group: &ctx.upstream_group,
+                strip_prefix: strip_prefix.as_deref(),
+                rewrite_path: rewrite.as_deref(),
+                upgrade: upgrade.zip(client_upgrade),
             };
-            let forwarded = forward::forward(
-                group,
-                req,
-                conn.client_addr.ip(),
-                &route.name,
-                metrics,
-                client_upgrade,
-            )
-            .await;
-            trace.upstream = forwarded.member;
-            let mut resp = forwarded.response;
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                headers::remove_hop_by_hop(resp.headers_mut());
-            }
-            resp
+            upstream_phase(state, metrics, conn, &route.name, req, target, trace).await
         }
     };
 
@@ -227,10 +201,69 @@ async fn run_phases(
     policies.run_response(resp, &mut ctx, policies.len()).await
 }
 
+/// Where and how a `forward` route sends the request.
+struct Target<'a> {
+    group: &'a str,
+    strip_prefix: Option<&'a str>,
+    rewrite_path: Option<&'a str>,
+    /// The `Upgrade` protocol and the client side of the upgrade, for upgrade requests.
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+}
+
+/// The upstream pick + forward phases: rewrite the path, find the group (a policy may have
+/// changed it), forward, and clean the response's hop-by-hop headers.
+async fn upstream_phase(
+    state: &RuntimeState,
+    metrics: &Metrics,
+    conn: &ConnInfo,
+    route: &str,
+    mut req: Request<ProxyBody>,
+    target: Target<'_>,
+    trace: &mut Trace,
+) -> Response<ProxyBody> {
+    let path = rewrite_path(
+        req.uri().path(),
+        req.uri().query(),
+        target.strip_prefix,
+        target.rewrite_path,
+    );
+    match path.parse::<Uri>() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()),
+    }
+    let client_upgrade = target.upgrade.map(|(proto, on_upgrade)| {
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, proto);
+        on_upgrade
+    });
+    let Some(group) = state.groups.get(target.group) else {
+        return text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unknown upstream group {}\n", target.group),
+        );
+    };
+    let forwarded = forward::forward(
+        group,
+        req,
+        conn.client_addr.ip(),
+        route,
+        metrics,
+        client_upgrade,
+    )
+    .await;
+    trace.upstream = forwarded.member;
+    let mut resp = forwarded.response;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        headers::remove_hop_by_hop(resp.headers_mut());
+    }
+    resp
+}
+
 /// The route match phase.
-fn route_match<'a>(
+fn route_match<'a, B>(
     state: &'a RuntimeState,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     host: &str,
 ) -> Option<&'a Arc<Route>> {
     state.routes.find(&RouteInput {
