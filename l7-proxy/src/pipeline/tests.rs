@@ -115,6 +115,7 @@ action = {{ forward = {{ group = "a" }} }}
     RuntimeState::build(
         &config,
         1,
+        None,
         &ClientCache::default(),
         &Arc::new(Metrics::new()),
     )

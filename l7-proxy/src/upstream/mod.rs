@@ -130,6 +130,20 @@ impl Member {
         self.publish_health(metrics);
     }
 
+    /// Takes over the health of the same member in the previous config generation, so a
+    /// reload neither revives a dead member nor forgets an ejection.
+    pub fn inherit_health(&self, previous: &Member) {
+        let relaxed = Ordering::Relaxed;
+        self.active_up
+            .store(previous.active_up.load(relaxed), relaxed);
+        self.ejected_until_ms
+            .store(previous.ejected_until_ms.load(relaxed), relaxed);
+        self.ejections
+            .store(previous.ejections.load(relaxed), relaxed);
+        self.consecutive_failures
+            .store(previous.consecutive_failures.load(relaxed), relaxed);
+    }
+
     pub fn publish_health(&self, metrics: &Metrics) {
         metrics
             .member_healthy
@@ -202,6 +216,15 @@ impl UpstreamGroup {
             ),
             name,
             members,
+        }
+    }
+
+    /// Members keep their health across a reload when group name and address are unchanged.
+    pub fn inherit_health(&self, previous: &UpstreamGroup) {
+        for member in &self.members {
+            if let Some(old) = previous.members.iter().find(|m| m.addr == member.addr) {
+                member.inherit_health(old);
+            }
         }
     }
 

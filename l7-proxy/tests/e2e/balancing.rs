@@ -146,12 +146,12 @@ async fn killed_upstream_is_ejected_and_gets_never_fail() {
         TestUpstream::start("k1").await,
         TestUpstream::start("k2").await,
     ];
-    let proxy = start_proxy(&one_group(
+    let toml = one_group(
         "round_robin",
         &members(&[&ups[0], &ups[1], &ups[2]]),
         "passive_health = { consecutive_failures = 1, ejection_ms = 60000 }",
-    ))
-    .await;
+    );
+    let proxy = start_proxy(&toml).await;
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     for _ in 0..9 {
@@ -175,6 +175,21 @@ async fn killed_upstream_is_ejected_and_gets_never_fail() {
         ups[1].addr
     );
     assert_eq!(metric(&metrics, &label), Some(0.0), "{metrics}");
+
+    // A reload keeps the ejection: the dead member is not tried again.
+    let config = l7_proxy::Config::from_toml_str(&toml).unwrap();
+    proxy.reload(config).await.unwrap();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    assert_eq!(metric(&metrics, &label), Some(0.0), "{metrics}");
+    let retries_before = metric(&metrics, "l7_upstream_retries_total{route=\"all\"}");
+    for _ in 0..10 {
+        assert_eq!(get(&c, addr, "h", "/").await.status, 200);
+    }
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    assert_eq!(
+        metric(&metrics, "l7_upstream_retries_total{route=\"all\"}"),
+        retries_before
+    );
     proxy.shutdown().await;
 }
 
