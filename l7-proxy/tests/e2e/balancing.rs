@@ -1,5 +1,9 @@
 //! Load balancing algorithms, health and retries through the running proxy.
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
 use crate::support::*;
 
 fn one_group(algorithm: &str, members: &str, extra: &str) -> String {
@@ -235,5 +239,58 @@ async fn keep_alive_pool_is_reused() {
     let reused = metric(&metrics, "l7_upstream_pool_reused_total").unwrap();
     assert!(reused >= 18.0, "{metrics}");
     assert!(metric(&metrics, "l7_requests_total{route=\"all\",status=\"200\"}").unwrap() >= 20.0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_failures_retry_idempotent_requests_only() {
+    let live = TestUpstream::start("live").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let members = format!(
+        "[{{ address = \"{dead}\" }}, {{ address = \"{}\" }}]",
+        live.addr
+    );
+    // No ejection, so every other request is first sent to the dead member.
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members,
+        "passive_health = { consecutive_failures = 0 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..6 {
+        assert_eq!(get(&c, addr, "h", "/").await.body, "live");
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let req = Request::post(format!("http://{addr}/"))
+            .header("host", "h")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        statuses.push(send(&c, req).await.status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 502, 502], "POST is never retried");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_is_a_504() {
+    let up = TestUpstream::start("slow").await;
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&up]),
+        "request_timeout_ms = 100",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get_with(&c, addr, "h", "/", &[("x-delay-ms", "1000")]).await;
+    assert_eq!(a.status, 504);
+    assert_eq!(get(&c, addr, "h", "/").await.body, "slow");
     proxy.shutdown().await;
 }
