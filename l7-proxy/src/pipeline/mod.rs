@@ -14,6 +14,7 @@
 //! The phase functions take the generation of config ([`RuntimeState`]) loaded when the
 //! request started, so a reload never changes the rules under a request in flight.
 
+pub mod access_log;
 pub mod forward;
 pub mod headers;
 #[cfg(test)]
@@ -30,11 +31,12 @@ use http_body::Body;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::metrics::{Metrics, RouteLabels, RouteStatusLabels};
+use crate::metrics::Metrics;
 use crate::policy::{BoxError, PolicyChain, ProxyBody, RequestCtx};
 use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
 use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::state::{RuntimeState, Shared};
+use access_log::{AccessRecord, LoggedBody};
 
 /// What the proxy knows about the client connection a request came in on.
 #[derive(Clone, Debug)]
@@ -86,17 +88,20 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&trace.request_id) {
         resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), v);
     }
-    access_log(
-        &shared.metrics,
-        &conn,
-        &method,
-        &host,
-        &path,
-        &resp,
-        &trace,
+    // Phase: access log (metrics now, the log line when the body is done).
+    let record = AccessRecord {
+        method,
+        host,
+        path,
+        status: resp.status().as_u16(),
+        route: trace.route.unwrap_or_else(|| "-".to_string()),
+        upstream: trace.upstream,
+        request_id: trace.request_id,
+        client: conn.client_addr,
         started,
-    );
-    resp
+    };
+    record.record_metrics(&shared.metrics);
+    resp.map(|body| LoggedBody::new(body, record).boxed())
 }
 
 async fn run_phases<B>(
@@ -294,50 +299,4 @@ fn request_host<B>(req: &Request<B>) -> String {
         raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h)
     };
     without_port.to_ascii_lowercase()
-}
-
-/// The access log phase: one structured line and the request metrics.
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    metrics: &Metrics,
-    conn: &ConnInfo,
-    method: &http::Method,
-    host: &str,
-    path: &str,
-    resp: &Response<ProxyBody>,
-    trace: &Trace,
-    started: Instant,
-) {
-    let elapsed = started.elapsed();
-    let route = trace.route.as_deref().unwrap_or("-");
-    let status = resp.status().as_u16();
-    let bytes = resp.body().size_hint().exact().map_or(-1, |b| b as i64);
-    let upstream = trace.upstream.map(|a| a.to_string());
-    tracing::info!(
-        target: "l7_proxy::access",
-        method = %method,
-        host,
-        path,
-        status,
-        bytes,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        upstream = upstream.as_deref().unwrap_or("-"),
-        request_id = %trace.request_id,
-        route,
-        client = %conn.client_addr,
-        "request"
-    );
-    metrics
-        .requests
-        .get_or_create(&RouteStatusLabels {
-            route: route.to_string(),
-            status,
-        })
-        .inc();
-    metrics
-        .latency
-        .get_or_create(&RouteLabels {
-            route: route.to_string(),
-        })
-        .observe(elapsed.as_secs_f64());
 }

@@ -216,3 +216,59 @@ action = {{ forward = {{ group = "ws" }} }}
     assert_eq!(up.last().headers["upgrade"], "websocket");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn access_log_has_one_structured_line_per_request() {
+    capture_logs();
+    let up = TestUpstream::start("logged").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "logged-route"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get_with(
+        &c,
+        addr,
+        "log.example.com",
+        "/some/path?q=1",
+        &[("x-request-id", "log-test-1")],
+    )
+    .await;
+    assert_eq!(a.body, "logged");
+    let mut entries = Vec::new();
+    for _ in 0..100 {
+        entries = access_log_for("log-test-1");
+        if !entries.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0];
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["host"], "log.example.com");
+    assert_eq!(e["path"], "/some/path");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["bytes"], 6);
+    assert_eq!(e["complete"], true);
+    assert_eq!(e["route"], "logged-route");
+    assert_eq!(e["upstream"], up.addr.to_string());
+    assert_eq!(
+        e["client"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.1")
+    );
+    assert!(e["duration_ms"].as_f64().unwrap() >= 0.0);
+    proxy.shutdown().await;
+}

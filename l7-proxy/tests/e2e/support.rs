@@ -414,3 +414,41 @@ pub async fn tls_get(stream: TlsStream, host: &str, path: &str) -> Result<Answer
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
+
+/// Captures the proxy's JSON logs for this test binary (installed once, shared by tests).
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("l7_proxy::access=info")
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+/// Access log entries (their `fields`) whose request id is `id`.
+pub fn access_log_for(id: &str) -> Vec<serde_json::Value> {
+    let logs = LOGS.lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["request_id"] == id)
+        .map(|v| v["fields"].clone())
+        .collect()
+}
