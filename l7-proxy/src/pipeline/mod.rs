@@ -133,12 +133,30 @@ where
     trace.request_id = headers::ensure_request_id(req.headers_mut());
     headers::remove_hop_by_hop(req.headers_mut());
     headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(authority) = req.uri().authority().cloned() {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
+    // The authority of an absolute-form (or HTTP/2) target is the host routing used; the
+    // upstream must see the same one.
+    if let Some(authority) = req.uri().authority().cloned() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    match headers::normalize_path(req.uri().path()) {
+        Ok(None) => {}
+        Ok(Some(path)) => {
+            let target = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = target.parse().ok();
+            match Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => {
+                    return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into())
+                }
             }
         }
+        Err(why) => return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n")),
     }
 
     // Phase: route match.

@@ -272,3 +272,74 @@ action = {{ forward = {{ group = "up" }} }}
     assert!(e["duration_ms"].as_f64().unwrap() >= 0.0);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn routing_and_upstream_see_the_same_path_and_host() {
+    let (api, b) = (
+        TestUpstream::start("api").await,
+        TestUpstream::start("b").await,
+    );
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "api"
+members = {}
+[[upstreams]]
+name = "b"
+members = {}
+[[routes]]
+name = "admin"
+match = {{ path = {{ prefix = "/admin" }} }}
+action = {{ fixed = {{ status = 403, body = "no" }} }}
+[[routes]]
+name = "api"
+match = {{ path = {{ prefix = "/api" }} }}
+action = {{ forward = {{ group = "api" }} }}
+[[routes]]
+name = "b"
+match = {{ host = "b.example.com" }}
+action = {{ forward = {{ group = "b" }} }}
+"#,
+        members(&[&api]),
+        members(&[&b])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let quiet = Duration::from_millis(300);
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/../admin/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/./v1/../users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(api.last().path_and_query, "/api/users");
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/%2e%2e/admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Absolute-form target: its authority is both the routing host and the upstream Host.
+    let answer = raw_exchange(
+        addr,
+        b"GET http://b.example.com/x HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(b.last().headers["host"], "b.example.com");
+    assert_eq!(api.hits(), 1);
+    proxy.shutdown().await;
+}
