@@ -244,6 +244,7 @@ impl UpstreamGroup {
             &self.members,
             |i| !tried.contains(&i) && self.members[i].is_available(),
             hash,
+            !tried.is_empty(),
         )
     }
 

@@ -198,12 +198,12 @@ async fn killed_upstream_is_ejected_and_gets_never_fail() {
 }
 
 #[tokio::test]
-async fn group_without_healthy_member_is_503() {
+async fn group_without_healthy_member_is_503_until_health_checks_bring_it_back() {
     let up = TestUpstream::start("down").await;
     let proxy = start_proxy(&one_group(
         "round_robin",
         &members(&[&up]),
-        "health_check = { path = \"/health\", interval_ms = 50, timeout_ms = 200, rise = 1, fall = 1 }",
+        "health_check = { path = \"/health\", interval_ms = 50, timeout_ms = 200, rise = 2, fall = 1 }",
     ))
     .await;
     let addr = proxy.listener_addr("web").unwrap();
@@ -221,6 +221,19 @@ async fn group_without_healthy_member_is_503() {
     }
     let a = last.expect("group goes 503 once its only member fails health checks");
     assert!(a.body.contains("no healthy upstream"), "{}", a.body);
+
+    // Back on the same port: health checks bring it back.
+    let revived = TestUpstream::start_on("revived", up.addr).await;
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if get(&c, addr, "h", "/").await.body == "revived" {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "member comes back after `rise` good checks");
+    assert!(revived.hits() > 1, "health checks reached it");
     proxy.shutdown().await;
 }
 

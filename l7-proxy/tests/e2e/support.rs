@@ -44,7 +44,12 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring a killed upstream back on its port).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
