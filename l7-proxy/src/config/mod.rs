@@ -4,7 +4,7 @@
 //! Text enters through [`Config::from_toml_str`] or [`Config::from_file`]. Parse errors come
 //! from `toml` and already name the line and the offending key (`unknown field`, wrong type).
 //! Semantic errors (a route that forwards to a group that does not exist, a regex that does not
-//! compile, a duplicate name) are found by [`Config::validate`] and reported as
+//! compile, a duplicate name) are found by `Config::validate` (run by both constructors) and reported as
 //! [`ConfigError::Invalid`] with the dotted field path and the line, using the spans that
 //! `toml::Spanned` keeps. Later stages (TLS certificate loading, policy building) use
 //! [`Config::line_of`] to report their errors the same way.

@@ -343,3 +343,49 @@ action = {{ forward = {{ group = "b" }} }}
     assert_eq!(api.hits(), 1);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn h2_prior_knowledge_on_a_plain_listener() {
+    let up = TestUpstream::start("h2c").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+match = {{ host = "h2.example.com" }}
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://h2.example.com/over/h2?x=1")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-upstream"], "h2c");
+    let seen = up.last();
+    assert_eq!(seen.path_and_query, "/over/h2?x=1");
+    assert_eq!(seen.headers["host"], "h2.example.com");
+    assert!(
+        !seen.headers.contains_key("te"),
+        "hop-by-hop TE is not forwarded"
+    );
+    proxy.shutdown().await;
+}
