@@ -307,7 +307,7 @@ pub enum HashOn {
 pub struct MemberConfig {
     /// `ip:port` of the member (plain HTTP/1.1).
     pub address: Spanned<String>,
-    /// Used by `weighted` and `consistent_hash`.
+    /// Used by `weighted` and `consistent_hash`; 1 to 1000.
     #[serde(default = "default_weight")]
     pub weight: u32,
 }

@@ -112,7 +112,7 @@ impl Member {
             let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(3);
             let backoff = passive.ejection_ms.saturating_mul(1 << n);
             self.ejected_until_ms
-                .store(now_ms() + backoff, Ordering::Relaxed);
+                .store(now_ms().saturating_add(backoff), Ordering::Relaxed);
             tracing::warn!(member = %self.addr, backoff_ms = backoff, "upstream member ejected");
             self.publish_health(metrics);
         }
