@@ -226,6 +226,24 @@ mod tests {
     }
 
     #[test]
+    fn normalize_never_panics_and_yields_clean_paths() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let parts = ["/", ".", "..", "%2e", "%2E", "a", "", "//", "%"];
+        for _ in 0..5000 {
+            let path: String = (0..rng.usize(0..12))
+                .map(|_| parts[rng.usize(..parts.len())])
+                .collect();
+            if let Ok(Some(clean)) = normalize_path(&path) {
+                assert!(clean.starts_with('/'), "{path} -> {clean}");
+                assert!(
+                    !clean.split('/').any(|s| s == "." || s == ".."),
+                    "{path} -> {clean}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn repeated_host_is_refused() {
         assert!(check_framing(&map(&[("host", "a"), ("host", "b")])).is_err());
     }

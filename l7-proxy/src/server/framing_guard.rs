@@ -366,4 +366,23 @@ GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
             Some(FramingVerdict::Reject("repeated Content-Length"))
         );
     }
+
+    #[test]
+    fn random_input_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let alphabet: &[u8] =
+            b"\r\n:; 0123456789abcdefGETPOSTHTTP/1.1Content-LengthTransfer-Encodingchunked\x00\xff";
+        for _ in 0..2000 {
+            let len = rng.usize(0..400);
+            let mut stream: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            if rng.bool() {
+                let mut prefixed = PIPELINE.to_vec();
+                prefixed.append(&mut stream);
+                stream = prefixed;
+            }
+            let _ = verdicts(&stream, rng.usize(1..50));
+        }
+    }
 }
