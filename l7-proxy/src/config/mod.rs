@@ -247,7 +247,7 @@ pub struct UpstreamGroupConfig {
     #[serde(default)]
     pub algorithm: Algorithm,
     /// Required with `consistent_hash`: `{ header = "x-user" }`, `{ cookie = "sid" }` or
-    /// `"client_ip"`.
+    /// `"client_ip"`. Requests without the header or cookie are spread at random.
     #[serde(default)]
     pub hash_on: Option<Spanned<HashOn>>,
     pub members: Spanned<Vec<MemberConfig>>,

@@ -92,7 +92,10 @@ impl Balancer {
                     }
                 }
             }
-            Self::ConsistentHash(ring) => ring.lookup(hash.unwrap_or(0), eligible),
+            // A request without the key has no affinity: spread it at random.
+            Self::ConsistentHash(ring) => {
+                ring.lookup(hash.unwrap_or_else(|| fastrand::u64(..)), eligible)
+            }
         }
     }
 }

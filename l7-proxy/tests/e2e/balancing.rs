@@ -307,3 +307,41 @@ async fn slow_upstream_is_a_504() {
     assert_eq!(get(&c, addr, "h", "/").await.body, "slow");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn consistent_hash_on_cookie_keeps_sessions_together() {
+    let ups = [
+        TestUpstream::start("s0").await,
+        TestUpstream::start("s1").await,
+        TestUpstream::start("s2").await,
+    ];
+    let proxy = start_proxy(&one_group(
+        "consistent_hash",
+        &members(&[&ups[0], &ups[1], &ups[2]]),
+        "hash_on = { cookie = \"session\" }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let mut owners = Vec::new();
+    for i in 0..60 {
+        let cookie = format!("theme=dark; session=s{i}");
+        let first = get_with(&c, addr, "h", "/", &[("cookie", &cookie)])
+            .await
+            .body;
+        for _ in 0..3 {
+            let again = get_with(&c, addr, "h", "/", &[("cookie", &cookie)])
+                .await
+                .body;
+            assert_eq!(again, first, "session s{i} moved");
+        }
+        owners.push(first);
+    }
+    let counts = tally(owners);
+    assert_eq!(
+        counts.len(),
+        3,
+        "sessions spread over all members: {counts:?}"
+    );
+    proxy.shutdown().await;
+}
