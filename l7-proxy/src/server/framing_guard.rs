@@ -273,8 +273,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             if !matches!(this.state, State::Stopped) {
-                let new = buf.filled()[before..].to_vec();
-                this.feed(&new);
+                this.feed(&buf.filled()[before..]);
             }
         }
         result
