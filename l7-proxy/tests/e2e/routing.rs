@@ -389,3 +389,59 @@ action = {{ forward = {{ group = "up" }} }}
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn request_bodies_arrive_intact_over_h1_and_h2() {
+    let up = TestUpstream::start("echo").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let big: String = (0..50_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+
+    let req = http::Request::post(format!("http://{addr}/echo"))
+        .header("host", "h")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    assert_eq!(send(&client(), req).await.body, big);
+
+    let chunked = raw_exchange(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert!(chunked.ends_with("hello world"), "{chunked}");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://h/echo/h2")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, big.as_bytes());
+    proxy.shutdown().await;
+}

@@ -31,7 +31,8 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
-/// An upstream HTTP/1.1 server that answers with its name (body and `x-upstream` header).
+/// An upstream HTTP/1.1 server that answers with its name (body and `x-upstream` header),
+/// or with the request body for paths under `/echo`.
 /// `x-want-status: 503` makes it answer with that status. Upgrade requests get `101` and an
 /// echo of whatever bytes follow.
 pub struct TestUpstream {
@@ -156,11 +157,17 @@ async fn handle(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let _ = req.into_body().collect().await;
+    let echo = req.uri().path().starts_with("/echo");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Ok(Response::builder()
         .status(status)
         .header("x-upstream", &name)
-        .body(Full::new(Bytes::from(name)))
+        .body(Full::new(if echo { body } else { Bytes::from(name) }))
         .unwrap())
 }
 
