@@ -87,7 +87,8 @@ impl Member {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a request in flight until the guard drops.
+    /// Counts a request in flight until the guard drops (the pipeline keeps it with the
+    /// response body).
     pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(self.clone())

@@ -345,3 +345,29 @@ async fn consistent_hash_on_cookie_keeps_sessions_together() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn least_request_avoids_the_busy_member() {
+    let (a, b) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    let proxy = start_proxy(&one_group("least_request", &members(&[&a, &b]), "")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let slow =
+        tokio::spawn(
+            async move { get_with(&client(), addr, "h", "/", &[("x-delay-ms", "600")]).await },
+        );
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let c = client();
+    let mut quick = Vec::new();
+    for _ in 0..10 {
+        quick.push(get(&c, addr, "h", "/").await.body);
+    }
+    let busy = slow.await.unwrap().body;
+    assert!(
+        quick.iter().all(|name| *name != busy),
+        "busy={busy} quick={quick:?}"
+    );
+    proxy.shutdown().await;
+}
