@@ -33,6 +33,34 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Public API
+//!
+//! - [`Config`] (with [`config::ServerConfig`], [`config::AdminConfig`],
+//!   [`config::ListenerConfig`], [`config::TlsConfig`], [`config::RouteConfig`],
+//!   [`config::UpstreamGroupConfig`], ...): `Config::from_toml_str` / `Config::from_file`
+//!   parse and validate; errors are [`ConfigError`] with field and line.
+//! - [`Proxy::start`] (in-memory config) and [`Proxy::start_from_file`] (reloadable from the
+//!   file) return a [`ProxyHandle`]: `listener_addr(name)`, `listener_addrs()`,
+//!   `admin_addr()`, `reload(config)`, `reload_from_file()`, `generation()`,
+//!   `metrics_text()`, `shutdown()`. Errors are [`ProxyError`].
+//!
+//! # Behaviour in brief
+//!
+//! - Routing precedence is documented in [`routing`]: exact host > wildcard host > any, then
+//!   exact path > longest prefix > regex > any, ties by config order. No match is a `404`.
+//! - Forwarded requests get `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `Forwarded`
+//!   (RFC 7239) and `X-Request-Id` (kept or generated, echoed on the response); hop-by-hop
+//!   headers are removed both ways; dot segments are normalised before routing.
+//! - A group with no available member answers `503`; an unreachable member `502` (after
+//!   retries for idempotent requests without a body, within the retry budget); a member too
+//!   slow to answer `504`.
+//! - Request smuggling: ambiguous framing (`Content-Length` with `Transfer-Encoding`,
+//!   repeated lengths, any encoding but a single `chunked`), invalid header bytes and
+//!   repeated `Host` get `400` and are never forwarded. Slow clients are cut off by the
+//!   header read timeout and the idle timeout.
+//! - Reload builds the whole new generation first; an invalid config changes nothing.
+//!   Requests in flight finish on the generation they started with.
+//!
 //! # Modules
 //!
 //! - [`config`]: the TOML schema and its validation;

@@ -59,7 +59,7 @@ impl Proxy {
     async fn start_inner(config: Config, path: Option<PathBuf>) -> Result<ProxyHandle, ProxyError> {
         let metrics = Arc::new(Metrics::new());
         let clients = ClientCache::default();
-        let state = RuntimeState::build(&config, 1, &clients, &metrics)?;
+        let state = RuntimeState::build(&config, 1, None, &clients, &metrics)?;
         let admin_listener = match &config.admin {
             Some(admin) => Some(bind(admin.address.get_ref()).await?),
             None => None,
@@ -186,9 +186,11 @@ impl ProxyInner {
 
     async fn apply(&self, config: Config) -> Result<u64, ProxyError> {
         let generation = self.generation.load(Ordering::Relaxed) + 1;
+        let previous = self.shared.state.load_full();
         let state = Arc::new(RuntimeState::build(
             &config,
             generation,
+            Some(&previous),
             &self.shared.clients,
             &self.shared.metrics,
         )?);

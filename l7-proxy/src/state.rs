@@ -48,9 +48,11 @@ pub struct Shared {
 
 impl RuntimeState {
     /// Compiles a validated config. Must run inside a tokio runtime (health checks spawn).
+    /// Members present in `previous` keep their health state.
     pub fn build(
         config: &Config,
         generation: u64,
+        previous: Option<&RuntimeState>,
         clients: &ClientCache,
         metrics: &Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
@@ -77,6 +79,12 @@ impl RuntimeState {
         let mut groups = HashMap::new();
         for g in &config.upstreams {
             let group = UpstreamGroup::build(g, clients, metrics);
+            if let Some(old) = previous.and_then(|p| p.groups.get(&group.name)) {
+                group.inherit_health(old);
+                for member in &group.members {
+                    member.publish_health(metrics);
+                }
+            }
             if let Some(hc) = &g.health_check {
                 health.spawn(&group, hc, metrics);
             }

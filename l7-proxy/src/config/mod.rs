@@ -4,7 +4,7 @@
 //! Text enters through [`Config::from_toml_str`] or [`Config::from_file`]. Parse errors come
 //! from `toml` and already name the line and the offending key (`unknown field`, wrong type).
 //! Semantic errors (a route that forwards to a group that does not exist, a regex that does not
-//! compile, a duplicate name) are found by [`Config::validate`] and reported as
+//! compile, a duplicate name) are found by `Config::validate` (run by both constructors) and reported as
 //! [`ConfigError::Invalid`] with the dotted field path and the line, using the spans that
 //! `toml::Spanned` keeps. Later stages (TLS certificate loading, policy building) use
 //! [`Config::line_of`] to report their errors the same way.
@@ -247,7 +247,7 @@ pub struct UpstreamGroupConfig {
     #[serde(default)]
     pub algorithm: Algorithm,
     /// Required with `consistent_hash`: `{ header = "x-user" }`, `{ cookie = "sid" }` or
-    /// `"client_ip"`.
+    /// `"client_ip"`. Requests without the header or cookie are spread at random.
     #[serde(default)]
     pub hash_on: Option<Spanned<HashOn>>,
     pub members: Spanned<Vec<MemberConfig>>,
@@ -307,7 +307,7 @@ pub enum HashOn {
 pub struct MemberConfig {
     /// `ip:port` of the member (plain HTTP/1.1).
     pub address: Spanned<String>,
-    /// Used by `weighted` and `consistent_hash`.
+    /// Used by `weighted` and `consistent_hash`; 1 to 1000.
     #[serde(default = "default_weight")]
     pub weight: u32,
 }

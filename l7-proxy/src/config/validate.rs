@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 
 use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig};
 
+/// Largest member weight (each unit is 160 points on the hash ring).
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl Config {
     /// Checks the parsed config; the first problem found is returned.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -81,8 +84,12 @@ impl Config {
                 if !seen.insert(addr) {
                     return Err(self.invalid(field, &m.address, "duplicate member address"));
                 }
-                if m.weight == 0 {
-                    return Err(self.invalid(field, &m.address, "weight must be at least 1"));
+                if !(1..=MAX_WEIGHT).contains(&m.weight) {
+                    return Err(self.invalid(
+                        format!("{at}.members[{j}].weight"),
+                        &m.address,
+                        format!("weight must be between 1 and {MAX_WEIGHT}"),
+                    ));
                 }
             }
             match (g.algorithm, &g.hash_on) {

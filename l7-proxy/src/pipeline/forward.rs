@@ -92,7 +92,7 @@ pub async fn forward(
         *upstream_req.version_mut() = Version::HTTP_11;
         *upstream_req.headers_mut() = parts.headers.clone();
 
-        let _in_flight = member.start_request();
+        let in_flight = member.start_request();
         metrics
             .upstream_requests
             .get_or_create(member.labels())
@@ -112,7 +112,14 @@ pub async fn forward(
                     }
                 }
                 return Forwarded {
-                    response: resp.map(|b| b.map_err(Into::into).boxed()),
+                    // The member counts as busy until the body is done (least_request).
+                    response: resp.map(|b| {
+                        b.map_err(move |e| {
+                            let _still_in_flight = &in_flight;
+                            e.into()
+                        })
+                        .boxed()
+                    }),
                     member: Some(member.addr),
                 };
             }

@@ -44,6 +44,9 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     if cl.len() > 1 {
         return Err("repeated Content-Length");
     }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err("repeated Host");
+    }
     if cl
         .first()
         .is_some_and(|v| v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
@@ -51,6 +54,44 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
         return Err("invalid Content-Length");
     }
     Ok(())
+}
+
+/// Removes `.` and `..` segments from a request path (RFC 3986 5.2.4), so that routing and
+/// the upstream see the same path: `/api/../admin` must not match a `/api` route and then
+/// reach `/admin`. Percent-encoded dot segments (`%2e%2e`) are refused, since upstreams
+/// disagree on whether to decode them. `Ok(None)` means the path is already normal.
+pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
+    if path == "*" {
+        return Ok(None);
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("request path must start with /");
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut changed = false;
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        if segment.len() >= 3 && segment.len() <= 6 {
+            let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+            if decoded.len() < segment.len() && (decoded == "." || decoded == "..") {
+                return Err("percent-encoded dot segment in path");
+            }
+        }
+        match *segment {
+            "." | ".." => {
+                changed = true;
+                if *segment == ".." {
+                    out.pop();
+                }
+                if last {
+                    out.push("");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(changed.then(|| format!("/{}", out.join("/"))))
 }
 
 /// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket), if any.
@@ -163,6 +204,48 @@ mod tests {
         assert!(check_framing(&map(&[("transfer-encoding", "chunked, identity")])).is_err());
         assert!(check_framing(&map(&[("content-length", "5"), ("content-length", "5")])).is_err());
         assert!(check_framing(&map(&[("content-length", "+5")])).is_err());
+    }
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(normalize_path("/a/b"), Ok(None));
+        assert_eq!(
+            normalize_path("/a/b/../c").unwrap().as_deref(),
+            Some("/a/c")
+        );
+        assert_eq!(normalize_path("/a/..").unwrap().as_deref(), Some("/"));
+        assert_eq!(normalize_path("/../../x").unwrap().as_deref(), Some("/x"));
+        assert_eq!(
+            normalize_path("/a/./b/.").unwrap().as_deref(),
+            Some("/a/b/")
+        );
+        assert_eq!(normalize_path("/a..b/.c"), Ok(None));
+        assert!(normalize_path("/api/%2e%2E/admin").is_err());
+        assert!(normalize_path("/api/.%2e").is_err());
+        assert!(normalize_path("x").is_err());
+    }
+
+    #[test]
+    fn normalize_never_panics_and_yields_clean_paths() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let parts = ["/", ".", "..", "%2e", "%2E", "a", "", "//", "%"];
+        for _ in 0..5000 {
+            let path: String = (0..rng.usize(0..12))
+                .map(|_| parts[rng.usize(..parts.len())])
+                .collect();
+            if let Ok(Some(clean)) = normalize_path(&path) {
+                assert!(clean.starts_with('/'), "{path} -> {clean}");
+                assert!(
+                    !clean.split('/').any(|s| s == "." || s == ".."),
+                    "{path} -> {clean}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_host_is_refused() {
+        assert!(check_framing(&map(&[("host", "a"), ("host", "b")])).is_err());
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! The phase functions take the generation of config ([`RuntimeState`]) loaded when the
 //! request started, so a reload never changes the rules under a request in flight.
 
+pub mod access_log;
 pub mod forward;
 pub mod headers;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,11 +31,12 @@ use http_body::Body;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::metrics::{Metrics, RouteLabels, RouteStatusLabels};
-use crate::policy::{PolicyChain, ProxyBody, RequestCtx};
+use crate::metrics::Metrics;
+use crate::policy::{BoxError, PolicyChain, ProxyBody, RequestCtx};
 use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
 use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::state::{RuntimeState, Shared};
+use access_log::{AccessRecord, LoggedBody};
 
 /// What the proxy knows about the client connection a request came in on.
 #[derive(Clone, Debug)]
@@ -84,51 +88,39 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&trace.request_id) {
         resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), v);
     }
-    access_log(
-        &shared.metrics,
-        &conn,
-        &method,
-        &host,
-        &path,
-        &resp,
-        &trace,
+    // Phase: access log (metrics now, the log line when the body is done).
+    let record = AccessRecord {
+        method,
+        host,
+        path,
+        status: resp.status().as_u16(),
+        route: trace.route.unwrap_or_else(|| "-".to_string()),
+        upstream: trace.upstream,
+        request_id: trace.request_id,
+        client: conn.client_addr,
         started,
-    );
-    resp
+    };
+    record.record_metrics(&shared.metrics);
+    resp.map(|body| LoggedBody::new(body, record).boxed())
 }
 
-async fn run_phases(
+async fn run_phases<B>(
     state: &RuntimeState,
     metrics: &Metrics,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     host: &str,
     trace: &mut Trace,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
     // Phase: sanitize.
-    if req.version() <= Version::HTTP_11 {
-        if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
-            return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
-        }
-    }
-    if let Err(why) = headers::check_framing(req.headers()) {
-        return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
-    }
-    let upgrade = match req.version() {
-        Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
-        _ => None,
+    let upgrade = match sanitize(&mut req, conn, host, trace) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return refusal,
     };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    trace.request_id = headers::ensure_request_id(req.headers_mut());
-    headers::remove_hop_by_hop(req.headers_mut());
-    headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(authority) = req.uri().authority().cloned() {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
-    }
 
     // Phase: route match.
     let Some(route) = route_match(state, &req, host) else {
@@ -181,45 +173,13 @@ async fn run_phases(
             rewrite_path: rewrite,
             ..
         } => {
-            let mut req = req;
-            let target = rewrite_path(
-                req.uri().path(),
-                req.uri().query(),
-                strip_prefix.as_deref(),
-                rewrite.as_deref(),
-            );
-            match target.parse::<Uri>() {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(_) => {
-                    return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into())
-                }
-            }
-            if let Some(proto) = &upgrade {
-                req.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                req.headers_mut().insert(header::UPGRADE, proto.clone());
-            }
-            let Some(group) = state.groups.get(&ctx.upstream_group) else {
-                return text_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("unknown upstream group {}\n", ctx.upstream_group),
-                );
+            let target = Target {
+                group: &ctx.upstream_group,
+                strip_prefix: strip_prefix.as_deref(),
+                rewrite_path: rewrite.as_deref(),
+                upgrade,
             };
-            let forwarded = forward::forward(
-                group,
-                req,
-                conn.client_addr.ip(),
-                &route.name,
-                metrics,
-                client_upgrade,
-            )
-            .await;
-            trace.upstream = forwarded.member;
-            let mut resp = forwarded.response;
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                headers::remove_hop_by_hop(resp.headers_mut());
-            }
-            resp
+            upstream_phase(state, metrics, conn, &route.name, req, target, trace).await
         }
     };
 
@@ -227,10 +187,115 @@ async fn run_phases(
     policies.run_response(resp, &mut ctx, policies.len()).await
 }
 
+/// The sanitize phase: refuses ambiguous framing and bad paths, sets the request id, removes
+/// hop-by-hop headers, adds the forwarding headers and aligns `Host` with the routing host.
+/// Returns the `Upgrade` protocol and the client side of the upgrade for upgrade requests.
+// The refusal is the response itself, returned once per refused request: not worth boxing.
+#[allow(clippy::result_large_err)]
+fn sanitize<B>(
+    req: &mut Request<B>,
+    conn: &ConnInfo,
+    host: &str,
+    trace: &mut Trace,
+) -> Result<Option<(HeaderValue, hyper::upgrade::OnUpgrade)>, Response<ProxyBody>> {
+    let bad_request =
+        |why: &str| text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+    if req.version() <= Version::HTTP_11 {
+        if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
+            return Err(bad_request(why));
+        }
+    }
+    headers::check_framing(req.headers()).map_err(bad_request)?;
+    let upgrade = match req.version() {
+        Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
+        _ => None,
+    };
+    let upgrade = upgrade.map(|proto| (proto, hyper::upgrade::on(&mut *req)));
+    trace.request_id = headers::ensure_request_id(req.headers_mut());
+    headers::remove_hop_by_hop(req.headers_mut());
+    headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
+    // The authority of an absolute-form (or HTTP/2) target is the host routing uses; the
+    // upstream must see the same one.
+    if let Some(authority) = req.uri().authority().cloned() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Some(path) = headers::normalize_path(req.uri().path()).map_err(bad_request)? {
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = target.parse().ok();
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad_request("request target"))?;
+    }
+    Ok(upgrade)
+}
+
+/// Where and how a `forward` route sends the request.
+struct Target<'a> {
+    group: &'a str,
+    strip_prefix: Option<&'a str>,
+    rewrite_path: Option<&'a str>,
+    /// The `Upgrade` protocol and the client side of the upgrade, for upgrade requests.
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+}
+
+/// The upstream pick + forward phases: rewrite the path, find the group (a policy may have
+/// changed it), forward, and clean the response's hop-by-hop headers.
+async fn upstream_phase(
+    state: &RuntimeState,
+    metrics: &Metrics,
+    conn: &ConnInfo,
+    route: &str,
+    mut req: Request<ProxyBody>,
+    target: Target<'_>,
+    trace: &mut Trace,
+) -> Response<ProxyBody> {
+    let path = rewrite_path(
+        req.uri().path(),
+        req.uri().query(),
+        target.strip_prefix,
+        target.rewrite_path,
+    );
+    match path.parse::<Uri>() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()),
+    }
+    let client_upgrade = target.upgrade.map(|(proto, on_upgrade)| {
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, proto);
+        on_upgrade
+    });
+    let Some(group) = state.groups.get(target.group) else {
+        return text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unknown upstream group {}\n", target.group),
+        );
+    };
+    let forwarded = forward::forward(
+        group,
+        req,
+        conn.client_addr.ip(),
+        route,
+        metrics,
+        client_upgrade,
+    )
+    .await;
+    trace.upstream = forwarded.member;
+    let mut resp = forwarded.response;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        headers::remove_hop_by_hop(resp.headers_mut());
+    }
+    resp
+}
+
 /// The route match phase.
-fn route_match<'a>(
+fn route_match<'a, B>(
     state: &'a RuntimeState,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     host: &str,
 ) -> Option<&'a Arc<Route>> {
     state.routes.find(&RouteInput {
@@ -261,50 +326,4 @@ fn request_host<B>(req: &Request<B>) -> String {
         raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h)
     };
     without_port.to_ascii_lowercase()
-}
-
-/// The access log phase: one structured line and the request metrics.
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    metrics: &Metrics,
-    conn: &ConnInfo,
-    method: &http::Method,
-    host: &str,
-    path: &str,
-    resp: &Response<ProxyBody>,
-    trace: &Trace,
-    started: Instant,
-) {
-    let elapsed = started.elapsed();
-    let route = trace.route.as_deref().unwrap_or("-");
-    let status = resp.status().as_u16();
-    let bytes = resp.body().size_hint().exact().map_or(-1, |b| b as i64);
-    let upstream = trace.upstream.map(|a| a.to_string());
-    tracing::info!(
-        target: "l7_proxy::access",
-        method = %method,
-        host,
-        path,
-        status,
-        bytes,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        upstream = upstream.as_deref().unwrap_or("-"),
-        request_id = %trace.request_id,
-        route,
-        client = %conn.client_addr,
-        "request"
-    );
-    metrics
-        .requests
-        .get_or_create(&RouteStatusLabels {
-            route: route.to_string(),
-            status,
-        })
-        .inc();
-    metrics
-        .latency
-        .get_or_create(&RouteLabels {
-            route: route.to_string(),
-        })
-        .observe(elapsed.as_secs_f64());
 }

@@ -249,6 +249,18 @@ impl RouteTable {
         self.routes.iter().find(|r| r.matches(input))
     }
 
+    /// Replaces a route's policy chain (tests inject policies the config cannot express).
+    #[cfg(test)]
+    pub(crate) fn set_policies(&mut self, route: &str, chain: PolicyChain) {
+        for r in &mut self.routes {
+            if r.name == route {
+                if let Some(r) = Arc::get_mut(r) {
+                    r.policies = chain.clone();
+                }
+            }
+        }
+    }
+
     /// Routes by name (for metrics and tests).
     pub fn by_name(&self) -> HashMap<&str, &Arc<Route>> {
         self.routes.iter().map(|r| (r.name.as_str(), r)).collect()

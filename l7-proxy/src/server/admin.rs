@@ -18,8 +18,13 @@ use crate::proxy::ProxyInner;
 /// Serves the admin API until the proxy is dropped or the task aborted.
 pub async fn serve(listener: TcpListener, proxy: Weak<ProxyInner>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let proxy = proxy.clone();
         tokio::spawn(async move {

@@ -273,8 +273,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             if !matches!(this.state, State::Stopped) {
-                let new = buf.filled()[before..].to_vec();
-                this.feed(&new);
+                this.feed(&buf.filled()[before..]);
             }
         }
         result
@@ -365,5 +364,24 @@ GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
             v[0],
             Some(FramingVerdict::Reject("repeated Content-Length"))
         );
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let alphabet: &[u8] =
+            b"\r\n:; 0123456789abcdefGETPOSTHTTP/1.1Content-LengthTransfer-Encodingchunked\x00\xff";
+        for _ in 0..2000 {
+            let len = rng.usize(0..400);
+            let mut stream: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            if rng.bool() {
+                let mut prefixed = PIPELINE.to_vec();
+                prefixed.append(&mut stream);
+                stream = prefixed;
+            }
+            let _ = verdicts(&stream, rng.usize(1..50));
+        }
     }
 }

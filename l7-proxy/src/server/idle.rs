@@ -29,7 +29,11 @@ impl<S> IdleTimeoutIo<S> {
     }
 
     fn touch(&mut self) {
-        let next = Instant::now() + self.timeout;
+        // A silly large timeout must not overflow the clock: treat it as "never".
+        let now = Instant::now();
+        let next = now
+            .checked_add(self.timeout)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
         self.deadline.as_mut().reset(next);
     }
 

@@ -104,4 +104,24 @@ mod tests {
         let mut input: &[u8] = b"PROXY TCP4 nonsense\r\n";
         assert!(read_header(&mut input).await.is_err());
     }
+
+    #[tokio::test]
+    async fn random_input_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n";
+        for _ in 0..3000 {
+            let mut bytes: Vec<u8> = if rng.bool() {
+                v1.to_vec()
+            } else {
+                V2_SIGNATURE.to_vec()
+            };
+            for _ in 0..rng.usize(0..40) {
+                let i = rng.usize(..bytes.len() + 1);
+                bytes.insert(i, rng.u8(..));
+            }
+            bytes.truncate(rng.usize(..bytes.len() + 1));
+            let mut input: &[u8] = &bytes;
+            let _ = read_header(&mut input).await;
+        }
+    }
 }

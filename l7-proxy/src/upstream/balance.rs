@@ -32,12 +32,14 @@ impl Balancer {
         }
     }
 
-    /// Picks a member; `hash` is the request's key for consistent hashing.
+    /// Picks a member; `hash` is the request's key for consistent hashing. A `retry` pick
+    /// does not advance the round-robin position, so retries do not skew the rotation.
     pub fn pick(
         &self,
         members: &[Arc<Member>],
         eligible: impl Fn(usize) -> bool,
         hash: Option<u64>,
+        retry: bool,
     ) -> Option<usize> {
         match self {
             Self::RoundRobin(next) => {
@@ -45,7 +47,11 @@ impl Balancer {
                 if candidates.is_empty() {
                     return None;
                 }
-                let n = next.fetch_add(1, Ordering::Relaxed);
+                let n = if retry {
+                    next.load(Ordering::Relaxed)
+                } else {
+                    next.fetch_add(1, Ordering::Relaxed)
+                };
                 Some(candidates[n % candidates.len()])
             }
             Self::Weighted(current) => {
@@ -86,7 +92,10 @@ impl Balancer {
                     }
                 }
             }
-            Self::ConsistentHash(ring) => ring.lookup(hash.unwrap_or(0), eligible),
+            // A request without the key has no affinity: spread it at random.
+            Self::ConsistentHash(ring) => {
+                ring.lookup(hash.unwrap_or_else(|| fastrand::u64(..)), eligible)
+            }
         }
     }
 }

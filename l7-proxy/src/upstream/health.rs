@@ -45,7 +45,7 @@ impl HealthTasks {
             self.0.push(tokio::spawn(async move {
                 let uri: Option<Uri> = format!("http://{}{}", member.addr, config.path).parse().ok();
                 let Some(uri) = uri else { return };
-                let mut ticker = tokio::time::interval(Duration::from_millis(config.interval_ms.max(10)));
+                let mut ticker = tokio::time::interval(Duration::from_millis(config.interval_ms.clamp(10, 86_400_000)));
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let (mut successes, mut failures) = (0u32, 0u32);
                 loop {

@@ -87,7 +87,8 @@ impl Member {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a request in flight until the guard drops.
+    /// Counts a request in flight until the guard drops (the pipeline keeps it with the
+    /// response body).
     pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(self.clone())
@@ -112,7 +113,7 @@ impl Member {
             let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(3);
             let backoff = passive.ejection_ms.saturating_mul(1 << n);
             self.ejected_until_ms
-                .store(now_ms() + backoff, Ordering::Relaxed);
+                .store(now_ms().saturating_add(backoff), Ordering::Relaxed);
             tracing::warn!(member = %self.addr, backoff_ms = backoff, "upstream member ejected");
             self.publish_health(metrics);
         }
@@ -128,6 +129,20 @@ impl Member {
             }
         }
         self.publish_health(metrics);
+    }
+
+    /// Takes over the health of the same member in the previous config generation, so a
+    /// reload neither revives a dead member nor forgets an ejection.
+    pub fn inherit_health(&self, previous: &Member) {
+        let relaxed = Ordering::Relaxed;
+        self.active_up
+            .store(previous.active_up.load(relaxed), relaxed);
+        self.ejected_until_ms
+            .store(previous.ejected_until_ms.load(relaxed), relaxed);
+        self.ejections
+            .store(previous.ejections.load(relaxed), relaxed);
+        self.consecutive_failures
+            .store(previous.consecutive_failures.load(relaxed), relaxed);
     }
 
     pub fn publish_health(&self, metrics: &Metrics) {
@@ -205,6 +220,15 @@ impl UpstreamGroup {
         }
     }
 
+    /// Members keep their health across a reload when group name and address are unchanged.
+    pub fn inherit_health(&self, previous: &UpstreamGroup) {
+        for member in &self.members {
+            if let Some(old) = previous.members.iter().find(|m| m.addr == member.addr) {
+                member.inherit_health(old);
+            }
+        }
+    }
+
     /// The consistent-hash key of a request, if the group hashes.
     pub fn request_hash(&self, headers: &HeaderMap, client_ip: IpAddr) -> Option<u64> {
         let key: Vec<u8> = match self.hash_on.as_ref()? {
@@ -221,6 +245,7 @@ impl UpstreamGroup {
             &self.members,
             |i| !tried.contains(&i) && self.members[i].is_available(),
             hash,
+            !tried.is_empty(),
         )
     }
 

@@ -204,3 +204,53 @@ async fn shutdown_drains_requests_in_flight() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn reload_changes_listener_settings_without_closing_it() {
+    let (a, b) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    let file = ConfigFile::new(&config_to(&a, &b, ""));
+    let proxy = l7_proxy::Proxy::start_from_file(&file.path).await.unwrap();
+    let addr = proxy.listener_addr("web").unwrap();
+    // A keep-alive connection opened before the reload...
+    let c = client();
+    assert_eq!(get(&c, addr, "h", "/").await.body, "a");
+
+    let with_pp = config_to(&a, &b, "").replace(
+        "name = \"web\"\naddress = \"127.0.0.1:0\"\n",
+        "name = \"web\"\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+    );
+    assert!(with_pp.contains("proxy_protocol = true"));
+    file.write(&with_pp);
+    proxy.reload_from_file().await.unwrap();
+    assert_eq!(proxy.listener_addr("web"), Some(addr));
+
+    // ...keeps working, while new connections must start with a PROXY header.
+    assert_eq!(get(&c, addr, "h", "/").await.body, "a");
+    let quiet = Duration::from_millis(300);
+    let plain = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(plain.is_empty(), "{plain}");
+    let with_header = raw_exchange(
+        addr,
+        b"PROXY TCP4 198.51.100.4 10.0.0.1 1234 80\r\nGET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(with_header.starts_with("HTTP/1.1 200"), "{with_header}");
+    assert_eq!(a.last().headers["x-forwarded-for"], "198.51.100.4");
+    let metrics = get(&c, proxy.admin_addr().unwrap(), "admin", "/metrics")
+        .await
+        .body;
+    assert!(
+        metrics.contains("l7_request_duration_seconds_bucket{"),
+        "{metrics}"
+    );
+    proxy.shutdown().await;
+}

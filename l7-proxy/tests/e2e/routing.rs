@@ -161,6 +161,16 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(seen["host"], "svc.example.com");
     assert!(!seen.contains_key("x-secret"));
 
+    let a = get(&c, addr, "svc.example.com", "/hop").await;
+    assert_eq!(a.upstream(), "up");
+    for name in ["x-private-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !a.headers.contains_key(name),
+            "{name} leaked: {:?}",
+            a.headers
+        );
+    }
+
     let a = get(&c, addr, "svc.example.com", "/").await;
     let generated = a.headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(generated.len(), 36, "uuid v4: {generated}");
@@ -214,5 +224,234 @@ action = {{ forward = {{ group = "ws" }} }}
         .unwrap();
     assert_eq!(&echoed, b"hello through the tunnel");
     assert_eq!(up.last().headers["upgrade"], "websocket");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn access_log_has_one_structured_line_per_request() {
+    capture_logs();
+    let up = TestUpstream::start("logged").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "logged-route"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get_with(
+        &c,
+        addr,
+        "log.example.com",
+        "/some/path?q=1",
+        &[("x-request-id", "log-test-1")],
+    )
+    .await;
+    assert_eq!(a.body, "logged");
+    let mut entries = Vec::new();
+    for _ in 0..100 {
+        entries = access_log_for("log-test-1");
+        if !entries.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0];
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["host"], "log.example.com");
+    assert_eq!(e["path"], "/some/path");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["bytes"], 6);
+    assert_eq!(e["complete"], true);
+    assert_eq!(e["route"], "logged-route");
+    assert_eq!(e["upstream"], up.addr.to_string());
+    assert_eq!(
+        e["client"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.1")
+    );
+    assert!(e["duration_ms"].as_f64().unwrap() >= 0.0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn routing_and_upstream_see_the_same_path_and_host() {
+    let (api, b) = (
+        TestUpstream::start("api").await,
+        TestUpstream::start("b").await,
+    );
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "api"
+members = {}
+[[upstreams]]
+name = "b"
+members = {}
+[[routes]]
+name = "admin"
+match = {{ path = {{ prefix = "/admin" }} }}
+action = {{ fixed = {{ status = 403, body = "no" }} }}
+[[routes]]
+name = "api"
+match = {{ path = {{ prefix = "/api" }} }}
+action = {{ forward = {{ group = "api" }} }}
+[[routes]]
+name = "b"
+match = {{ host = "b.example.com" }}
+action = {{ forward = {{ group = "b" }} }}
+"#,
+        members(&[&api]),
+        members(&[&b])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let quiet = Duration::from_millis(300);
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/../admin/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/./v1/../users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(api.last().path_and_query, "/api/users");
+    let answer = raw_exchange(
+        addr,
+        b"GET /api/%2e%2e/admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Absolute-form target: its authority is both the routing host and the upstream Host.
+    let answer = raw_exchange(
+        addr,
+        b"GET http://b.example.com/x HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n",
+        quiet,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(b.last().headers["host"], "b.example.com");
+    assert_eq!(api.hits(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_prior_knowledge_on_a_plain_listener() {
+    let up = TestUpstream::start("h2c").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+match = {{ host = "h2.example.com" }}
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://h2.example.com/over/h2?x=1")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-upstream"], "h2c");
+    let seen = up.last();
+    assert_eq!(seen.path_and_query, "/over/h2?x=1");
+    assert_eq!(seen.headers["host"], "h2.example.com");
+    assert!(
+        !seen.headers.contains_key("te"),
+        "hop-by-hop TE is not forwarded"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_bodies_arrive_intact_over_h1_and_h2() {
+    let up = TestUpstream::start("echo").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let big: String = (0..50_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+
+    let req = http::Request::post(format!("http://{addr}/echo"))
+        .header("host", "h")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    assert_eq!(send(&client(), req).await.body, big);
+
+    let chunked = raw_exchange(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert!(chunked.ends_with("hello world"), "{chunked}");
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://h/echo/h2")
+        .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, big.as_bytes());
     proxy.shutdown().await;
 }

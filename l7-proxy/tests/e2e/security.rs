@@ -47,6 +47,8 @@ async fn smuggling_attempts_get_400_and_never_reach_upstream() {
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Two Host headers: which one routes?
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         // Invalid bytes in header names and values
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad\x01Name: v\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad: a\x00b\r\n\r\n",

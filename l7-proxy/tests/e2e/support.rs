@@ -31,7 +31,8 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
-/// An upstream HTTP/1.1 server that answers with its name (body and `x-upstream` header).
+/// An upstream HTTP/1.1 server that answers with its name (body and `x-upstream` header),
+/// or with the request body for paths under `/echo`.
 /// `x-want-status: 503` makes it answer with that status. Upgrade requests get `101` and an
 /// echo of whatever bytes follow.
 pub struct TestUpstream {
@@ -44,7 +45,12 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring a killed upstream back on its port).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -151,11 +157,27 @@ async fn handle(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let _ = req.into_body().collect().await;
-    Ok(Response::builder()
+    let echo = req.uri().path().starts_with("/echo");
+    let hop = req.uri().path().starts_with("/hop");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut resp = Response::builder()
         .status(status)
-        .header("x-upstream", &name)
-        .body(Full::new(Bytes::from(name)))
+        .header("x-upstream", &name);
+    if hop {
+        // Connection-scoped headers the proxy must not pass on.
+        resp = resp
+            .header("connection", "x-private-hop")
+            .header("x-private-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic");
+    }
+    Ok(resp
+        .body(Full::new(if echo { body } else { Bytes::from(name) }))
         .unwrap())
 }
 
@@ -413,4 +435,42 @@ pub async fn tls_get(stream: TlsStream, host: &str, path: &str) -> Result<Answer
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// Captures the proxy's JSON logs for this test binary (installed once, shared by tests).
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("l7_proxy::access=info")
+            .with_writer(|| LogWriter)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+/// Access log entries (their `fields`) whose request id is `id`.
+pub fn access_log_for(id: &str) -> Vec<serde_json::Value> {
+    let logs = LOGS.lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["request_id"] == id)
+        .map(|v| v["fields"].clone())
+        .collect()
 }
