@@ -159,9 +159,17 @@ async fn service(name: String, listen: Vec<SocketAddr>, fixed_body: Option<usize
                     continue;
                 };
                 let name = name.clone();
+                let fixed = fixed.clone();
                 tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req| answer(name.clone(), addr, req));
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (name, fixed) = (name.clone(), fixed.clone());
+                        async move {
+                            match fixed {
+                                Some(body) => Ok(Response::new(Full::new(body))),
+                                None => answer(name, addr, req).await,
+                            }
+                        }
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;

@@ -52,7 +52,9 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
         let table = l7(root, &out_dir)?;
         let md = format!(
             "# L7 proxies\n\nCommand: `cargo xtask bench l7`, {} CPUs.\n\n{table}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
         );
         let path = out_dir.join("l7.md");
         std::fs::write(&path, &md)?;
@@ -271,21 +273,39 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    crate::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["build", "--release", "-q", "-p", "l7-proxy", "-p", "demo"]),
-    )?;
+    crate::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "l7-proxy",
+        "-p",
+        "demo",
+    ]))?;
     let bin = root.join("target/release");
     let dir = out_dir.join("l7-work");
     std::fs::create_dir_all(&dir)?;
-    crate::run(Command::new(bin.join("lbdemo")).arg("certs").arg("--dir").arg(&dir).args(["--name", "localhost"]))?;
+    crate::run(
+        Command::new(bin.join("lbdemo"))
+            .arg("certs")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--name", "localhost"]),
+    )?;
     write_configs(&dir)?;
     // The upstream runs on CPU 1 next to the load generator; each proxy gets CPU 0 alone.
     let mut upstream = Command::new("taskset")
         .args(["-c", "1"])
         .arg(bin.join("lbdemo"))
-        .args(["service", "--name", "up", "--listen", UPSTREAM, "--fixed-body", "1024"])
+        .args([
+            "service",
+            "--name",
+            "up",
+            "--listen",
+            UPSTREAM,
+            "--fixed-body",
+            "1024",
+        ])
         .spawn()?;
     wait_port(18080)?;
     let d = dir.display().to_string();
@@ -335,11 +355,26 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
                 .arg(format!("http://127.0.0.1:{}/", p.plain))
                 .output();
             let (rps, p50, p99) = wrk(&format!("http://127.0.0.1:{}/", p.plain), 32, false)?;
-            let keepalive = Sample { rps, p50_ms: p50, p99_ms: p99, peak_rss_kib: peak_rss_kib(child.id()) };
+            let keepalive = Sample {
+                rps,
+                p50_ms: p50,
+                p99_ms: p99,
+                peak_rss_kib: peak_rss_kib(child.id()),
+            };
             let (rps, p50, p99) = wrk(&format!("https://127.0.0.1:{}/", p.tls), 16, true)?;
-            let handshakes = Sample { rps, p50_ms: p50, p99_ms: p99, peak_rss_kib: peak_rss_kib(child.id()) };
+            let handshakes = Sample {
+                rps,
+                p50_ms: p50,
+                p99_ms: p99,
+                peak_rss_kib: peak_rss_kib(child.id()),
+            };
             let (rps, mean, max) = h2load(&format!("https://127.0.0.1:{}/", p.tls))?;
-            let h2 = Sample { rps, p50_ms: mean, p99_ms: max, peak_rss_kib: peak_rss_kib(child.id()) };
+            let h2 = Sample {
+                rps,
+                p50_ms: mean,
+                p99_ms: max,
+                peak_rss_kib: peak_rss_kib(child.id()),
+            };
             Ok([keepalive, handshakes, h2])
         })();
         let _ = child.kill();
@@ -352,7 +387,10 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
     let mut md = String::from(
         "| proxy | HTTP/1.1 keep-alive 1 KiB req/s | p50 / p99 ms | vs nginx | HTTPS new connection (handshakes/s) | p50 / p99 ms | vs nginx | HTTP/2 (TLS) req/s | mean / max ms | vs nginx | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    let nginx = rows.iter().find(|r| r.0 == "nginx").map(|r| [r.1[0].rps, r.1[1].rps, r.1[2].rps]);
+    let nginx = rows
+        .iter()
+        .find(|r| r.0 == "nginx")
+        .map(|r| [r.1[0].rps, r.1[1].rps, r.1[2].rps]);
     for (name, s) in &rows {
         let ratio = |i: usize| nginx.map(|n| s[i].rps / n[i]).unwrap_or(f64::NAN);
         md += &format!(
