@@ -140,7 +140,7 @@ http {{
         format!(
             r#"global
   nbthread 1
-  maxconn 20000
+  maxconn 4000
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
   mode http
