@@ -225,6 +225,13 @@ fn run_demo(root: &Path, bin: &Path, keep: bool) -> Result<()> {
     let mut procs = Procs(Vec::new());
     let lbdemo = bin.join("lbdemo");
     crate::run(Command::new(&lbdemo).args(["certs", "--dir", WORK]))?;
+    // The gateways verify the client's HS256 tokens with this key.
+    use base64::Engine as _;
+    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(JWT_SECRET);
+    write(
+        "jwks.json",
+        &format!(r#"{{"keys":[{{"kty":"oct","alg":"HS256","k":"{k}"}}]}}"#),
+    )?;
 
     step("starting the microservices in xdemo-svc");
     for (name, port) in [
