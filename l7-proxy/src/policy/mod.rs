@@ -8,6 +8,18 @@
 //! ([`Policy::on_response`]). State a policy needs between the two phases (a cache key, the
 //! negotiated encoding) travels in [`RequestCtx::extensions`].
 
+pub mod aggregate;
+pub mod api_key;
+pub mod basic_auth;
+pub mod cache;
+pub mod compress;
+pub mod jwt;
+pub mod rate_limit;
+pub mod respond;
+pub mod security;
+pub mod transform;
+pub mod version;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -83,6 +95,9 @@ impl PolicyChain {
 
     /// Runs request phases in order. On `Respond`, returns the response together with how many
     /// policies ran (their response phases must still run on it).
+    // The signature is the contract with the proxy core; the response is returned once per
+    // request, so its size on the stack does not matter.
+    #[allow(clippy::result_large_err)]
     pub async fn run_request(
         &self,
         mut req: Request<ProxyBody>,
@@ -120,7 +135,21 @@ impl PolicyChain {
 /// `type` (for example `{ type = "jwt", ... }`). Each variant's fields are that policy's schema.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PolicyConfig {}
+pub enum PolicyConfig {
+    Jwt(jwt::JwtConfig),
+    ApiKey(api_key::ApiKeyConfig),
+    BasicAuth(basic_auth::BasicAuthConfig),
+    RateLimit(rate_limit::RateLimitConfig),
+    Compress(compress::CompressConfig),
+    Cache(cache::CacheConfig),
+    Transform(transform::TransformConfig),
+    Aggregate(aggregate::AggregateConfig),
+    Version(version::VersionConfig),
+    IpFilter(security::IpFilterConfig),
+    BodyLimit(security::BodyLimitConfig),
+    Methods(security::MethodsConfig),
+    Cors(security::CorsConfig),
+}
 
 /// A policy config that cannot be turned into a policy (bad key file, invalid regex, ...).
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +164,25 @@ pub struct PolicyBuildError {
 pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildError> {
     let policies = configs
         .iter()
-        .map(|c| match *c {})
-        .collect::<Vec<Arc<dyn Policy>>>();
+        .map(build_policy)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(PolicyChain::new(policies))
+}
+
+fn build_policy(config: &PolicyConfig) -> Result<Arc<dyn Policy>, PolicyBuildError> {
+    Ok(match config.clone() {
+        PolicyConfig::Jwt(c) => Arc::new(jwt::JwtPolicy::build(c)?),
+        PolicyConfig::ApiKey(c) => Arc::new(api_key::ApiKeyPolicy::build(c)?),
+        PolicyConfig::BasicAuth(c) => Arc::new(basic_auth::BasicAuthPolicy::build(c)?),
+        PolicyConfig::RateLimit(c) => Arc::new(rate_limit::RateLimitPolicy::build(c)?),
+        PolicyConfig::Compress(c) => Arc::new(compress::CompressPolicy::build(c)?),
+        PolicyConfig::Cache(c) => Arc::new(cache::CachePolicy::build(c)?),
+        PolicyConfig::Transform(c) => Arc::new(transform::TransformPolicy::build(c)?),
+        PolicyConfig::Aggregate(c) => Arc::new(aggregate::AggregatePolicy::build(c)?),
+        PolicyConfig::Version(c) => Arc::new(version::VersionPolicy::build(c)?),
+        PolicyConfig::IpFilter(c) => Arc::new(security::IpFilterPolicy::build(c)?),
+        PolicyConfig::BodyLimit(c) => Arc::new(security::BodyLimitPolicy::build(c)?),
+        PolicyConfig::Methods(c) => Arc::new(security::MethodsPolicy::build(c)?),
+        PolicyConfig::Cors(c) => Arc::new(security::CorsPolicy::build(c)?),
+    })
 }
