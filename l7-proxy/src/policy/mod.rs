@@ -125,6 +125,28 @@ impl PolicyChain {
         resp
     }
 
+    /// Runs the whole chain around `forward`: request phases, then `forward` (the upstream call,
+    /// given the final request and `ctx.upstream_group`, which a policy may have changed) unless
+    /// a policy answered, then the response phases of the policies that ran.
+    pub async fn handle<F, Fut>(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        forward: F,
+    ) -> Response<ProxyBody>
+    where
+        F: FnOnce(Request<ProxyBody>, String) -> Fut,
+        Fut: std::future::Future<Output = Response<ProxyBody>>,
+    {
+        match self.run_request(req, ctx).await {
+            Ok(req) => {
+                let resp = forward(req, ctx.upstream_group.clone()).await;
+                self.run_response(resp, ctx, self.len()).await
+            }
+            Err((resp, ran)) => self.run_response(resp, ctx, ran).await,
+        }
+    }
+
     /// Number of policies (pass to [`Self::run_response`] after a forwarded request).
     pub fn len(&self) -> usize {
         self.policies.len()
