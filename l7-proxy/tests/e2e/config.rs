@@ -1,0 +1,138 @@
+//! Config errors as a user sees them, from the library and from the binary.
+
+use l7_proxy::{Config, ConfigError};
+
+#[test]
+fn malformed_config_errors_name_the_field_and_line() {
+    let unknown_field = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nport = 80\n";
+    let msg = Config::from_toml_str(unknown_field)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("line 4"), "{msg}");
+    assert!(msg.contains("unknown field `port`"), "{msg}");
+
+    let wrong_type = "[server]\nheader_read_timeout_ms = \"soon\"\n";
+    let msg = Config::from_toml_str(wrong_type).unwrap_err().to_string();
+    assert!(
+        msg.contains("line 2") && msg.contains("header_read_timeout_ms"),
+        "{msg}"
+    );
+
+    let bad_member =
+        "\n[[upstreams]]\nname = \"g\"\nmembers = [\n  { address = \"localhost\" },\n]\n";
+    match Config::from_toml_str(bad_member).unwrap_err() {
+        ConfigError::Invalid { field, line, .. } => {
+            assert_eq!(field, "upstreams[0].members[0].address");
+            assert_eq!(line, 5);
+        }
+        other => panic!("unexpected: {other}"),
+    }
+
+    let no_hash = "[[upstreams]]\nname = \"g\"\nalgorithm = \"consistent_hash\"\nmembers = [{ address = \"127.0.0.1:1\" }]\n";
+    let msg = Config::from_toml_str(no_hash).unwrap_err().to_string();
+    assert!(msg.contains("hash_on"), "{msg}");
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.toml");
+    let config = Config::from_file(path).unwrap();
+    assert!(!config.routes.is_empty() && !config.upstreams.is_empty());
+}
+
+#[test]
+fn binary_check_reports_the_line() {
+    let file = crate::support::ConfigFile::new(
+        "[[routes]]\nname = \"r\"\naction = { forward = { group = \"nope\" } }\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_l7-proxy"))
+        .args(["--check", "--config"])
+        .arg(&file.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("routes[0].action.forward.group"),
+        "{stderr}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `GET /` until the body is `want` (the binary needs a moment to start or reload).
+async fn wait_for_body(addr: std::net::SocketAddr, want: &str) {
+    let c = crate::support::client();
+    for _ in 0..200 {
+        let req = http::Request::get(format!("http://{addr}/"))
+            .header("host", "h")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), c.request(req)).await
+        {
+            use http_body_util::BodyExt;
+            if let Ok(body) = resp.into_body().collect().await {
+                if body.to_bytes() == want.as_bytes() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("never got {want:?} from {addr}");
+}
+
+#[tokio::test]
+async fn binary_reloads_on_sighup_and_exits_on_sigterm() {
+    use crate::support::{members, ConfigFile, TestUpstream};
+    let (a, b) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    let port = free_port();
+    let config = |target: &TestUpstream| {
+        format!(
+            "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[upstreams]]\nname = \"g\"\nmembers = {}\n\
+             [[routes]]\nname = \"all\"\naction = {{ forward = {{ group = \"g\" }} }}\n",
+            members(&[target])
+        )
+    };
+    let file = ConfigFile::new(&config(&a));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_l7-proxy"))
+        .arg("--config")
+        .arg(&file.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as libc::pid_t;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_body(addr, "a").await;
+
+    file.write(&config(&b));
+    // SAFETY: plain kill(2) on the child we spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    wait_for_body(addr, "b").await;
+
+    // An invalid file on SIGHUP is rejected; the process keeps serving.
+    file.write("this is not toml");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_for_body(addr, "b").await;
+
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
