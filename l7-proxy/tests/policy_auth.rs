@@ -358,3 +358,33 @@ async fn basic_auth_verifies_argon2_hashes() {
     }
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test]
+async fn jwks_url_is_fetched_once_and_reused() {
+    let jwks = std::fs::read_to_string(jwks_file()).unwrap();
+    let keys = upstream(move |_, _| {
+        let jwks = jwks.clone();
+        async move { reply(200, &[("content-type", "application/json")], jwks) }
+    })
+    .await;
+    let up = echo_upstream().await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 3600",
+        keys.addr
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    for (alg, kid) in [
+        (Algorithm::ES256, "es"),
+        (Algorithm::RS256, "rs"),
+        (Algorithm::HS256, "hs"),
+    ] {
+        let got = get(
+            gw,
+            "/",
+            &[("authorization", &bearer(&token(alg, kid, good_claims())))],
+        )
+        .await;
+        assert_eq!(got.status, 200, "{alg:?}");
+    }
+    assert_eq!(keys.hits(), 1, "keys are fetched once per refresh interval");
+}

@@ -119,6 +119,8 @@ struct Pending {
     revalidating: Option<Arc<Entry>>,
     /// The client's own conditional header, to answer 304 after revalidation.
     client_inm: Option<HeaderValue>,
+    /// The request carried `Authorization`.
+    authorized: bool,
     request_headers: HeaderMap,
 }
 
@@ -158,10 +160,16 @@ impl CachePolicy {
         vary_key_with(base, &names, headers)
     }
 
-    /// Freshness lifetime of a response, `None` when it must not be stored.
-    fn ttl(&self, headers: &HeaderMap) -> Option<(Duration, bool)> {
+    /// Freshness lifetime of a response, `None` when it must not be stored. A response to a
+    /// request with `Authorization` is stored only when it says `public`, `s-maxage` or
+    /// `must-revalidate` (RFC 9111 section 3.5).
+    fn ttl(&self, headers: &HeaderMap, authorized: bool) -> Option<(Duration, bool)> {
         let cc = directives(headers);
         if cc.iter().any(|(d, _)| d == "no-store" || d == "private") {
+            return None;
+        }
+        let shareable = ["public", "s-maxage", "must-revalidate"];
+        if authorized && !cc.iter().any(|(d, _)| shareable.contains(&d.as_str())) {
             return None;
         }
         let secs = |name: &str| {
@@ -351,6 +359,7 @@ impl Policy for CachePolicy {
             leader,
             revalidating,
             client_inm,
+            authorized: req.headers().contains_key(header::AUTHORIZATION),
             request_headers: req.headers().clone(),
         });
         RequestOutcome::Continue(req)
@@ -380,7 +389,7 @@ impl Policy for CachePolicy {
         if resp.status() != StatusCode::OK {
             return miss(resp);
         }
-        let Some((ttl, must_revalidate)) = self.ttl(resp.headers()) else {
+        let Some((ttl, must_revalidate)) = self.ttl(resp.headers(), pending.authorized) else {
             return miss(resp);
         };
         let vary_names: Vec<HeaderName> = resp
@@ -467,17 +476,18 @@ mod tests {
     #[test]
     fn ttl_honours_cache_control() {
         let p = policy();
+        let ttl = |cc: &str| p.ttl(&headers(cc), false);
+        assert_eq!(ttl("max-age=60"), Some((Duration::from_secs(60), false)));
         assert_eq!(
-            p.ttl(&headers("max-age=60")),
-            Some((Duration::from_secs(60), false))
-        );
-        assert_eq!(
-            p.ttl(&headers("max-age=60, s-maxage=5")),
+            ttl("max-age=60, s-maxage=5"),
             Some((Duration::from_secs(5), false))
         );
-        assert_eq!(p.ttl(&headers("no-store, max-age=60")), None);
-        assert_eq!(p.ttl(&headers("private, max-age=60")), None);
-        assert_eq!(p.ttl(&HeaderMap::new()), None);
+        assert_eq!(ttl("no-store, max-age=60"), None);
+        assert_eq!(ttl("private, max-age=60"), None);
+        assert_eq!(p.ttl(&HeaderMap::new(), false), None);
+        // Authorized requests need an explicit permission to share.
+        assert_eq!(p.ttl(&headers("max-age=60"), true), None);
+        assert!(p.ttl(&headers("public, max-age=60"), true).is_some());
     }
 
     #[test]

@@ -97,9 +97,13 @@ struct VerifyKey {
 }
 
 struct KeySet {
-    keys: Vec<VerifyKey>,
-    loaded_at: Instant,
+    keys: Vec<Arc<VerifyKey>>,
+    /// When `jwks_url` is due to be fetched again.
+    next_refresh: Instant,
 }
+
+/// Wait between attempts to fetch a JWKS URL that failed.
+const JWKS_RETRY: Duration = Duration::from_secs(10);
 
 pub struct JwtPolicy {
     config: JwtConfig,
@@ -146,7 +150,8 @@ impl JwtPolicy {
             config,
             keys: RwLock::new(Arc::new(KeySet {
                 keys,
-                loaded_at: Instant::now(),
+                // A file's keys are final; a URL is fetched on first use.
+                next_refresh: Instant::now(),
             })),
             forward,
             refreshing: tokio::sync::Mutex::new(()),
@@ -157,39 +162,47 @@ impl JwtPolicy {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Returns the current keys, fetching them from `jwks_url` when none are loaded yet or they
-    /// are older than the refresh interval. A failed refresh keeps the old keys.
+    /// Returns the current keys, fetching them from `jwks_url` when they are due: on first use,
+    /// every `jwks_refresh_secs` after a success, and at most every [`JWKS_RETRY`] after a
+    /// failure (the previous keys stay in use). While one request refreshes, others keep using
+    /// the keys they have instead of waiting, unless there are none yet.
     async fn current_keys(&self) -> Arc<KeySet> {
         let keys = self.key_set();
         let Some(url) = &self.config.jwks_url else {
             return keys;
         };
-        let stale = keys.keys.is_empty()
-            || keys.loaded_at.elapsed() >= Duration::from_secs(self.config.jwks_refresh_secs);
-        if !stale {
+        if Instant::now() < keys.next_refresh {
             return keys;
         }
-        let _one_fetch = self.refreshing.lock().await;
+        let _one_fetch = if keys.keys.is_empty() {
+            self.refreshing.lock().await
+        } else {
+            match self.refreshing.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return keys,
+            }
+        };
         let keys = self.key_set();
-        if !keys.keys.is_empty()
-            && keys.loaded_at.elapsed() < Duration::from_secs(self.config.jwks_refresh_secs)
-        {
+        if Instant::now() < keys.next_refresh {
             return keys; // another request refreshed while we waited
         }
-        match fetch_jwks(url).await {
-            Ok(fresh) => {
-                let set = Arc::new(KeySet {
-                    keys: fresh,
-                    loaded_at: Instant::now(),
-                });
-                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = set.clone();
-                set
-            }
+        let refresh = Duration::from_secs(self.config.jwks_refresh_secs);
+        let set = match fetch_jwks(url).await {
+            Ok(fresh) => KeySet {
+                keys: fresh,
+                next_refresh: Instant::now() + refresh,
+            },
             Err(e) => {
-                tracing::warn!(url, error = %e, "jwt: JWKS refresh failed; keeping previous keys");
-                keys
+                tracing::warn!(url, error = %e, "jwt: JWKS fetch failed; keeping previous keys");
+                KeySet {
+                    keys: keys.keys.clone(),
+                    next_refresh: Instant::now() + refresh.min(JWKS_RETRY),
+                }
             }
-        }
+        };
+        let set = Arc::new(set);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = set.clone();
+        set
     }
 
     async fn verify(&self, token: &str) -> Result<Value, AuthError> {
@@ -265,9 +278,12 @@ fn granted_scopes(claims: &Value) -> HashSet<&str> {
     out
 }
 
-fn parse_jwks(text: &str) -> Result<Vec<VerifyKey>, String> {
+fn parse_jwks(text: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
     let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
-    set.keys.iter().map(verify_key).collect()
+    set.keys
+        .iter()
+        .map(|k| verify_key(k).map(Arc::new))
+        .collect()
 }
 
 fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
@@ -296,7 +312,7 @@ fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
     })
 }
 
-async fn fetch_jwks(url: &str) -> Result<Vec<VerifyKey>, String> {
+async fn fetch_jwks(url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let uri: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
     let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
