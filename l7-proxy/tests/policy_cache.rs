@@ -69,6 +69,11 @@ async fn cache_gateway() -> (Upstream, SocketAddr, Arc<AtomicUsize>) {
                         )
                     }
                 }
+                "/cookie" => reply(
+                    200,
+                    &[("cache-control", "max-age=60"), ("set-cookie", "sid=1")],
+                    format!("cookie {n}"),
+                ),
                 "/big" => reply(200, &[("cache-control", "max-age=60")], vec![b'x'; 10_000]),
                 "/slow" => {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -124,9 +129,9 @@ async fn entries_expire_after_max_age() {
 }
 
 #[tokio::test]
-async fn no_store_and_private_responses_are_not_stored() {
+async fn no_store_private_cookie_and_oversized_responses_are_not_stored() {
     let (up, gw, _) = cache_gateway().await;
-    for path in ["/nostore", "/private", "/big"] {
+    for path in ["/nostore", "/private", "/cookie", "/big"] {
         let a = get(gw, path, &[]).await;
         let b = get(gw, path, &[]).await;
         assert_eq!(b.header("x-cache"), Some("MISS"), "{path}");
@@ -140,7 +145,7 @@ async fn no_store_and_private_responses_are_not_stored() {
             assert_ne!(text(&a), text(&b), "{path}");
         }
     }
-    assert_eq!(up.hits(), 6);
+    assert_eq!(up.hits(), 8);
 }
 
 #[tokio::test]

@@ -29,6 +29,14 @@ async fn compress_gateway() -> (Upstream, SocketAddr) {
         let body = text_body();
         match parts.uri.path() {
             "/small" => reply(200, &[("content-type", "text/plain")], "tiny"),
+            "/range" => reply(
+                206,
+                &[
+                    ("content-type", "text/plain"),
+                    ("content-range", "bytes 0-999/5000"),
+                ],
+                vec![b'a'; 1000],
+            ),
             "/png" => reply(200, &[("content-type", "image/png")], body),
             "/encoded" => reply(
                 200,
@@ -118,7 +126,7 @@ async fn negotiation_uses_q_values_and_server_preference() {
 }
 
 #[tokio::test]
-async fn small_binary_and_encoded_responses_are_untouched() {
+async fn small_binary_partial_and_encoded_responses_are_untouched() {
     let (_up, gw) = compress_gateway().await;
     let ae = [("accept-encoding", "gzip, br")];
     let small = get(gw, "/small", &ae).await;
@@ -127,6 +135,9 @@ async fn small_binary_and_encoded_responses_are_untouched() {
     let png = get(gw, "/png", &ae).await;
     assert_eq!(png.header("content-encoding"), None);
     assert_eq!(png.body, text_body());
+    let range = get(gw, "/range", &ae).await;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.header("content-encoding"), None);
     let encoded = get(gw, "/encoded", &ae).await;
     assert_eq!(encoded.header("content-encoding"), Some("gzip"));
     assert_eq!(&encoded.body[..], b"pretend-gzip");

@@ -13,6 +13,8 @@
 //! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
 //! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
 //! is stored in a bounded moka cache (weighed by body size) and sent with `X-Cache: MISS`.
+//! Responses that set cookies, say `Vary: *`, or answer a request with `Authorization` without
+//! `public` / `s-maxage` / `must-revalidate` are not stored.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -407,7 +409,9 @@ impl Policy for CachePolicy {
         });
         let too_big = content_length(resp.headers())
             .is_some_and(|len| len > self.config.max_body_bytes as u64);
-        if vary_star || too_big {
+        // A cookie is meant for one client; storing it would hand it to everyone.
+        let sets_cookie = resp.headers().contains_key(header::SET_COOKIE);
+        if vary_star || too_big || sets_cookie {
             return miss(resp);
         }
         let (mut parts, body) = resp.into_parts();

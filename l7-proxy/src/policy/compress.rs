@@ -114,9 +114,12 @@ impl CompressPolicy {
 
     fn compressible(&self, resp: &Response<ProxyBody>) -> bool {
         let status = resp.status();
+        // A range names bytes of the identity encoding; re-encoding it would corrupt it.
         if status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
+            || status == StatusCode::PARTIAL_CONTENT
             || status.is_informational()
+            || resp.headers().contains_key(header::CONTENT_RANGE)
         {
             return false;
         }
@@ -235,6 +238,7 @@ impl Policy for CompressPolicy {
         }
         let (mut parts, body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::ACCEPT_RANGES);
         parts.headers.insert(
             header::CONTENT_ENCODING,
             HeaderValue::from_static(neg.encoding.token()),

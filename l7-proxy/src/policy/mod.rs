@@ -7,6 +7,27 @@
 //! Responses then pass back through the same policies in reverse order
 //! ([`Policy::on_response`]). State a policy needs between the two phases (a cache key, the
 //! negotiated encoding) travels in [`RequestCtx::extensions`].
+//!
+//! # Policy types
+//!
+//! A route's `policies = [...]` entries, by `type` (each module documents its fields):
+//!
+//! | `type`       | module          | answers itself with                       |
+//! |--------------|-----------------|-------------------------------------------|
+//! | `jwt`        | [`jwt`]         | 401 / 403 (`WWW-Authenticate: Bearer`)    |
+//! | `api_key`    | [`api_key`]     | 401                                       |
+//! | `basic_auth` | [`basic_auth`]  | 401 (`WWW-Authenticate: Basic`)           |
+//! | `rate_limit` | [`rate_limit`]  | 429 (`Retry-After`), 503 if Redis is down and `fail_closed` |
+//! | `ip_filter`, `body_limit`, `methods`, `cors` | [`security`] | 403, 413, 405, 204 preflight |
+//! | `version`    | [`version`]     | 400 for an unknown requested version      |
+//! | `transform`  | [`transform`]   | 413 when a JSON body to edit is too large |
+//! | `cache`      | [`cache`]       | cached responses, 304                     |
+//! | `compress`   | [`compress`]    | never                                     |
+//! | `aggregate`  | [`aggregate`]   | always: the combined JSON                 |
+//!
+//! Order matters: put filters and authentication first, then rate limiting (it can key on the
+//! JWT subject or API key id found by an earlier policy), then `compress` before `cache` so
+//! cache hits are compressed on their way out too.
 
 pub mod aggregate;
 pub mod api_key;
@@ -95,9 +116,6 @@ impl PolicyChain {
 
     /// Runs request phases in order. On `Respond`, returns the response together with how many
     /// policies ran (their response phases must still run on it).
-    // The signature is the contract with the proxy core; the response is returned once per
-    // request, so its size on the stack does not matter.
-    #[allow(clippy::result_large_err)]
     pub async fn run_request(
         &self,
         mut req: Request<ProxyBody>,
