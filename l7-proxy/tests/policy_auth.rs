@@ -388,3 +388,39 @@ async fn jwks_url_is_fetched_once_and_reused() {
     }
     assert_eq!(keys.hits(), 1, "keys are fetched once per refresh interval");
 }
+
+#[tokio::test]
+async fn jwks_url_refresh_picks_up_rotated_keys() {
+    use std::sync::{Arc, Mutex};
+    let full_jwks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(jwks_file()).unwrap()).unwrap();
+    let only_hs = json!({ "keys": [full_jwks["keys"][0].clone()] });
+    let served = Arc::new(Mutex::new(only_hs.to_string()));
+    let current = served.clone();
+    let keys = upstream(move |_, _| {
+        let jwks = current.lock().unwrap().clone();
+        async move { reply(200, &[("content-type", "application/json")], jwks) }
+    })
+    .await;
+    let up = echo_upstream().await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 1",
+        keys.addr
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+    assert_eq!(
+        get(gw, "/", &[("authorization", &rs)]).await.status,
+        401,
+        "rs not published yet"
+    );
+
+    *served.lock().unwrap() = full_jwks.to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        get(gw, "/", &[("authorization", &rs)]).await.status,
+        200,
+        "rotated key picked up"
+    );
+    assert_eq!(keys.hits(), 2);
+}

@@ -220,6 +220,29 @@ async fn transform_edits_headers_path_and_json_bodies() {
     assert_eq!(up.hits(), 1);
 }
 
+/// POSTs `chunks` with chunked transfer encoding (no Content-Length).
+async fn send_chunked(addr: std::net::SocketAddr, chunks: Vec<&'static str>) -> Got {
+    use http_body_util::{BodyExt, StreamBody};
+    let frames =
+        futures_util::stream::iter(chunks.into_iter().map(|c| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(c)))
+        }));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let req = http::Request::post(format!("http://{addr}/"))
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Got {
+        status,
+        headers,
+        body,
+    }
+}
+
 #[tokio::test]
 async fn security_filters_answer_403_413_405_and_cors() {
     let up = echo("app").await;
@@ -244,6 +267,19 @@ async fn security_filters_answer_403_413_405_and_cors() {
     );
     let ok = send(limited, "POST", "/", &[], "12345").await;
     assert_eq!(ok.json()["body_len"], 5);
+    let hits = up.hits();
+    assert_eq!(
+        send_chunked(limited, vec!["123456", "789012"]).await.status,
+        413
+    );
+    assert_eq!(
+        up.hits(),
+        hits,
+        "an oversized chunked body never reaches the upstream"
+    );
+    let ok = send_chunked(limited, vec!["1234", "5678"]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["body_len"], 8);
 
     let methods = gw_for("[[policies]]\ntype = \"methods\"\nallow = [\"GET\", \"head\"]").await;
     let got = send(methods, "DELETE", "/", &[], "").await;

@@ -5,17 +5,18 @@
 //! are matched as IPv4), the request method, `Content-Length` and body, and `Origin` /
 //! `Access-Control-Request-*` headers.
 //!
-//! Data out: a denied address answers 403, an oversized body 413 (when `Content-Length` says
-//! so; a body without one is cut off with a stream error once it passes the limit), a method
-//! not listed 405 with `Allow`. CORS answers preflights itself with 204 and adds
+//! Data out: a denied address answers 403, an oversized body 413 (from `Content-Length`, or,
+//! for a body without one, after reading at most `max_bytes` of it: such bodies are buffered up
+//! to the limit, never beyond), a method not listed 405 with `Allow`. CORS answers preflights itself with 204 and adds
 //! `Access-Control-Allow-Origin` (and friends) to responses for allowed origins.
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::respond::{append_token, content_length, empty, error_response};
+use super::respond::{
+    append_token, content_length, empty, error_response, full, read_limited, ReadError,
+};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 fn build_err(policy: &str, message: String) -> PolicyBuildError {
@@ -107,8 +108,25 @@ impl Policy for BodyLimitPolicy {
                 "request body too large",
             ));
         }
-        let req = req.map(|body| Limited::new(body, self.max_bytes).boxed());
-        RequestOutcome::Continue(req)
+        if content_length(req.headers()).is_some() {
+            // Declared length within the limit; hyper enforces that the body matches it.
+            return RequestOutcome::Continue(req);
+        }
+        let (parts, body) = req.into_parts();
+        match read_limited(body, self.max_bytes).await {
+            Ok(bytes) => RequestOutcome::Continue(Request::from_parts(parts, full(bytes))),
+            Err(ReadError::TooLarge { .. }) => RequestOutcome::Respond(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            )),
+            Err(ReadError::Body(e)) => {
+                tracing::debug!(error = %e, "body_limit: request body failed");
+                RequestOutcome::Respond(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "request body could not be read",
+                ))
+            }
+        }
     }
 }
 
