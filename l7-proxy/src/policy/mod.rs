@@ -7,6 +7,39 @@
 //! Responses then pass back through the same policies in reverse order
 //! ([`Policy::on_response`]). State a policy needs between the two phases (a cache key, the
 //! negotiated encoding) travels in [`RequestCtx::extensions`].
+//!
+//! # Policy types
+//!
+//! A route's `policies = [...]` entries, by `type` (each module documents its fields):
+//!
+//! | `type`       | module          | answers itself with                       |
+//! |--------------|-----------------|-------------------------------------------|
+//! | `jwt`        | [`jwt`]         | 401 / 403 (`WWW-Authenticate: Bearer`)    |
+//! | `api_key`    | [`api_key`]     | 401                                       |
+//! | `basic_auth` | [`basic_auth`]  | 401 (`WWW-Authenticate: Basic`)           |
+//! | `rate_limit` | [`rate_limit`]  | 429 (`Retry-After`), 503 if Redis is down and `fail_closed` |
+//! | `ip_filter`, `body_limit`, `methods`, `cors` | [`security`] | 403, 413, 405, 204 preflight |
+//! | `version`    | [`version`]     | 400 for an unknown requested version      |
+//! | `transform`  | [`transform`]   | 413 when a JSON body to edit is too large |
+//! | `cache`      | [`cache`]       | cached responses, 304                     |
+//! | `compress`   | [`compress`]    | never                                     |
+//! | `aggregate`  | [`aggregate`]   | always: the combined JSON                 |
+//!
+//! Order matters: put filters and authentication first, then rate limiting (it can key on the
+//! JWT subject or API key id found by an earlier policy), then `compress` before `cache` so
+//! cache hits are compressed on their way out too.
+
+pub mod aggregate;
+pub mod api_key;
+pub mod basic_auth;
+pub mod cache;
+pub mod compress;
+pub mod jwt;
+pub mod rate_limit;
+pub mod respond;
+pub mod security;
+pub mod transform;
+pub mod version;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,6 +144,28 @@ impl PolicyChain {
         resp
     }
 
+    /// Runs the whole chain around `forward`: request phases, then `forward` (the upstream call,
+    /// given the final request and `ctx.upstream_group`, which a policy may have changed) unless
+    /// a policy answered, then the response phases of the policies that ran.
+    pub async fn handle<F, Fut>(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        forward: F,
+    ) -> Response<ProxyBody>
+    where
+        F: FnOnce(Request<ProxyBody>, String) -> Fut,
+        Fut: std::future::Future<Output = Response<ProxyBody>>,
+    {
+        match self.run_request(req, ctx).await {
+            Ok(req) => {
+                let resp = forward(req, ctx.upstream_group.clone()).await;
+                self.run_response(resp, ctx, self.len()).await
+            }
+            Err((resp, ran)) => self.run_response(resp, ctx, ran).await,
+        }
+    }
+
     /// Number of policies (pass to [`Self::run_response`] after a forwarded request).
     pub fn len(&self) -> usize {
         self.policies.len()
@@ -121,7 +176,21 @@ impl PolicyChain {
 /// `type` (for example `{ type = "jwt", ... }`). Each variant's fields are that policy's schema.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PolicyConfig {}
+pub enum PolicyConfig {
+    Jwt(jwt::JwtConfig),
+    ApiKey(api_key::ApiKeyConfig),
+    BasicAuth(basic_auth::BasicAuthConfig),
+    RateLimit(rate_limit::RateLimitConfig),
+    Compress(compress::CompressConfig),
+    Cache(cache::CacheConfig),
+    Transform(transform::TransformConfig),
+    Aggregate(aggregate::AggregateConfig),
+    Version(version::VersionConfig),
+    IpFilter(security::IpFilterConfig),
+    BodyLimit(security::BodyLimitConfig),
+    Methods(security::MethodsConfig),
+    Cors(security::CorsConfig),
+}
 
 /// A policy config that cannot be turned into a policy (bad key file, invalid regex, ...).
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +205,25 @@ pub struct PolicyBuildError {
 pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildError> {
     let policies = configs
         .iter()
-        .map(|c| match *c {})
-        .collect::<Vec<Arc<dyn Policy>>>();
+        .map(build_policy)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(PolicyChain::new(policies))
+}
+
+fn build_policy(config: &PolicyConfig) -> Result<Arc<dyn Policy>, PolicyBuildError> {
+    Ok(match config.clone() {
+        PolicyConfig::Jwt(c) => Arc::new(jwt::JwtPolicy::build(c)?),
+        PolicyConfig::ApiKey(c) => Arc::new(api_key::ApiKeyPolicy::build(c)?),
+        PolicyConfig::BasicAuth(c) => Arc::new(basic_auth::BasicAuthPolicy::build(c)?),
+        PolicyConfig::RateLimit(c) => Arc::new(rate_limit::RateLimitPolicy::build(c)?),
+        PolicyConfig::Compress(c) => Arc::new(compress::CompressPolicy::build(c)?),
+        PolicyConfig::Cache(c) => Arc::new(cache::CachePolicy::build(c)?),
+        PolicyConfig::Transform(c) => Arc::new(transform::TransformPolicy::build(c)?),
+        PolicyConfig::Aggregate(c) => Arc::new(aggregate::AggregatePolicy::build(c)?),
+        PolicyConfig::Version(c) => Arc::new(version::VersionPolicy::build(c)?),
+        PolicyConfig::IpFilter(c) => Arc::new(security::IpFilterPolicy::build(c)?),
+        PolicyConfig::BodyLimit(c) => Arc::new(security::BodyLimitPolicy::build(c)?),
+        PolicyConfig::Methods(c) => Arc::new(security::MethodsPolicy::build(c)?),
+        PolicyConfig::Cors(c) => Arc::new(security::CorsPolicy::build(c)?),
+    })
 }

@@ -1,0 +1,221 @@
+//! Aggregation: answers a request by calling several upstream URLs concurrently and combining
+//! their JSON bodies into one object.
+//!
+//! Data in: the client request supplies only the headers listed in `forward_headers` (for
+//! example `authorization`) and, when `forward_query` is set, its query string, appended to
+//! each call's URL. Each call is a GET with its own timeout; a call fails on connection error,
+//! timeout, non-2xx status, a body over `max_body_bytes` or a body that is not JSON.
+//!
+//! Data out: this policy always answers (the route's upstream is never called):
+//! `{ "<key>": <body>, ... }`. With `on_error = "fail"` any failure answers 502 naming the
+//! failed calls; with `"partial"` failed keys are `null`, listed in `X-Aggregate-Errors` and
+//! described under `_errors`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::respond::json_response;
+use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+
+/// `{ type = "aggregate", calls = [{ key = "user", url = "http://10.0.0.5/user", timeout_ms = 500 }] }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    pub calls: Vec<AggregateCall>,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    #[serde(default)]
+    pub forward_query: bool,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCall {
+    pub key: String,
+    /// `http://` URL.
+    pub url: String,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Partial,
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_timeout_ms() -> u64 {
+    2_000
+}
+
+pub struct AggregatePolicy {
+    config: AggregateConfig,
+    urls: Vec<Uri>,
+    forward_headers: Vec<HeaderName>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl AggregatePolicy {
+    pub fn build(config: AggregateConfig) -> Result<Self, PolicyBuildError> {
+        let err = |message: String| PolicyBuildError {
+            policy: "aggregate".into(),
+            message,
+        };
+        if config.calls.is_empty() {
+            return Err(err("calls must not be empty".into()));
+        }
+        let urls = config
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let uri: Uri = c
+                    .url
+                    .parse()
+                    .map_err(|e| err(format!("calls[{i}].url: {e}")))?;
+                if uri.scheme_str() != Some("http") {
+                    return Err(err(format!("calls[{i}].url: only http:// is supported")));
+                }
+                Ok(uri)
+            })
+            .collect::<Result<_, _>>()?;
+        let forward_headers = config
+            .forward_headers
+            .iter()
+            .map(|h| {
+                HeaderName::try_from(h.as_str()).map_err(|e| err(format!("forward_headers: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Self {
+            config,
+            urls,
+            forward_headers,
+            client,
+        })
+    }
+
+    async fn call(
+        &self,
+        i: usize,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Value, String> {
+        let call = &self.config.calls[i];
+        let uri = match query.filter(|_| self.config.forward_query) {
+            Some(q) => {
+                let sep = if self.urls[i].query().is_some() {
+                    '&'
+                } else {
+                    '?'
+                };
+                format!("{}{sep}{q}", self.urls[i])
+                    .parse()
+                    .map_err(|e| format!("url: {e}"))?
+            }
+            None => self.urls[i].clone(),
+        };
+        let mut req = Request::get(uri)
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        for name in &self.forward_headers {
+            for v in headers.get_all(name) {
+                req.headers_mut().append(name.clone(), v.clone());
+            }
+        }
+        let fetch = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status().as_u16()));
+            }
+            let body = Limited::new(resp.into_body(), self.config.max_body_bytes)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice::<Value>(&body).map_err(|e| format!("invalid JSON: {e}"))
+        };
+        tokio::time::timeout(Duration::from_millis(call.timeout_ms), fetch)
+            .await
+            .map_err(|_| format!("timed out after {} ms", call.timeout_ms))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Policy for AggregatePolicy {
+    fn name(&self) -> &'static str {
+        "aggregate"
+    }
+
+    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+        let query = req.uri().query();
+        let results =
+            join_all((0..self.urls.len()).map(|i| self.call(i, req.headers(), query))).await;
+        let mut combined = Map::new();
+        let mut errors = Map::new();
+        for (call, result) in self.config.calls.iter().zip(results) {
+            match result {
+                Ok(v) => {
+                    combined.insert(call.key.clone(), v);
+                }
+                Err(e) => {
+                    tracing::debug!(request_id = %ctx.request_id, key = call.key, error = %e, "aggregate: call failed");
+                    combined.insert(call.key.clone(), Value::Null);
+                    errors.insert(call.key.clone(), Value::String(e));
+                }
+            }
+        }
+        if errors.is_empty() {
+            return RequestOutcome::Respond(json_response(
+                StatusCode::OK,
+                &Value::Object(combined),
+            ));
+        }
+        let failed = errors.keys().cloned().collect::<Vec<_>>().join(",");
+        let mut resp = if self.config.on_error == OnError::Fail {
+            json_response(
+                StatusCode::BAD_GATEWAY,
+                &serde_json::json!({ "error": "aggregate call failed", "failed": errors }),
+            )
+        } else {
+            combined.insert("_errors".into(), Value::Object(errors));
+            json_response(StatusCode::OK, &Value::Object(combined))
+        };
+        if let Ok(v) = HeaderValue::try_from(failed) {
+            resp.headers_mut().insert("x-aggregate-errors", v);
+        }
+        RequestOutcome::Respond(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_https_and_empty_calls() {
+        let cfg: AggregateConfig = toml::from_str("calls = []").unwrap();
+        assert!(AggregatePolicy::build(cfg).is_err());
+        let cfg: AggregateConfig =
+            toml::from_str("calls = [{ key = \"a\", url = \"https://x/\" }]").unwrap();
+        assert!(AggregatePolicy::build(cfg).is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! API key authentication.
+//!
+//! Data in: a key presented in a request header (default `x-api-key`) or, when `query_param` is
+//! set, in the query string. The config holds only SHA-256 hex digests of valid keys, each with
+//! an id; the presented key is hashed and looked up, so the config never contains a secret and
+//! the lookup does not compare secrets byte by byte.
+//!
+//! Data out: an unknown or missing key answers 401 and never reaches the upstream. A valid key
+//! puts [`ApiKeyId`] into [`RequestCtx::extensions`] (the rate limiter can key on it), sets
+//! `id_header` (if configured) to the key's id, and removes the key itself from the header
+//! before forwarding.
+
+use std::collections::HashMap;
+
+use http::{HeaderName, HeaderValue, Request, StatusCode};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::respond::error_response;
+use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+
+/// `{ type = "api_key", keys = [{ id = "team-a", sha256 = "<hex>" }] }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Also accept the key from this query parameter.
+    #[serde(default)]
+    pub query_param: Option<String>,
+    /// Header that receives the matched key's id on the forwarded request.
+    #[serde(default)]
+    pub id_header: Option<String>,
+    pub keys: Vec<ApiKeyEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub id: String,
+    /// Lowercase or uppercase hex SHA-256 of the key.
+    pub sha256: String,
+}
+
+fn default_header() -> String {
+    "x-api-key".into()
+}
+
+/// Id of the API key that authenticated the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyId(pub String);
+
+pub struct ApiKeyPolicy {
+    header: HeaderName,
+    query_param: Option<String>,
+    id_header: Option<HeaderName>,
+    ids_by_hash: HashMap<[u8; 32], String>,
+}
+
+impl ApiKeyPolicy {
+    pub fn build(config: ApiKeyConfig) -> Result<Self, PolicyBuildError> {
+        let err = |message: String| PolicyBuildError {
+            policy: "api_key".into(),
+            message,
+        };
+        let header = HeaderName::try_from(config.header.as_str())
+            .map_err(|e| err(format!("header: {e}")))?;
+        let id_header = config
+            .id_header
+            .as_deref()
+            .map(HeaderName::try_from)
+            .transpose()
+            .map_err(|e| err(format!("id_header: {e}")))?;
+        let mut ids_by_hash = HashMap::new();
+        for (i, entry) in config.keys.iter().enumerate() {
+            let digest: [u8; 32] = hex::decode(entry.sha256.trim())
+                .ok()
+                .and_then(|d| d.try_into().ok())
+                .ok_or_else(|| err(format!("keys[{i}].sha256: not 64 hex characters")))?;
+            ids_by_hash.insert(digest, entry.id.clone());
+        }
+        Ok(Self {
+            header,
+            query_param: config.query_param,
+            id_header,
+            ids_by_hash,
+        })
+    }
+
+    fn presented_key(&self, req: &Request<ProxyBody>) -> Option<String> {
+        if let Some(v) = req.headers().get(&self.header) {
+            return v.to_str().ok().map(|s| s.trim().to_string());
+        }
+        let param = self.query_param.as_deref()?;
+        req.uri().query()?.split('&').find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            (name == param).then(|| percent_decode(value))
+        })
+    }
+}
+
+/// Minimal `%XX` / `+` decoding for a query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Hex SHA-256 of a key, as the config stores it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[async_trait::async_trait]
+impl Policy for ApiKeyPolicy {
+    fn name(&self) -> &'static str {
+        "api_key"
+    }
+
+    async fn on_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> RequestOutcome {
+        let Some(key) = self.presented_key(&req).filter(|k| !k.is_empty()) else {
+            return RequestOutcome::Respond(error_response(
+                StatusCode::UNAUTHORIZED,
+                "missing API key",
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let Some(id) = self.ids_by_hash.get(&digest) else {
+            tracing::debug!(request_id = %ctx.request_id, "api_key: unknown key");
+            return RequestOutcome::Respond(error_response(
+                StatusCode::UNAUTHORIZED,
+                "invalid API key",
+            ));
+        };
+        req.headers_mut().remove(&self.header);
+        if let Some(name) = &self.id_header {
+            req.headers_mut().remove(name);
+            if let Ok(v) = HeaderValue::try_from(id.as_str()) {
+                req.headers_mut().insert(name.clone(), v);
+            }
+        }
+        ctx.extensions.insert(ApiKeyId(id.clone()));
+        RequestOutcome::Continue(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn rejects_bad_digest() {
+        let cfg: ApiKeyConfig = toml::from_str("keys = [{ id = \"a\", sha256 = \"zz\" }]").unwrap();
+        assert!(ApiKeyPolicy::build(cfg).is_err());
+    }
+}

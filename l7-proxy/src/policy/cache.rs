@@ -1,0 +1,503 @@
+//! In-memory response cache with request coalescing.
+//!
+//! Data in: GET and HEAD requests. The cache key is method + host + path + query, plus the
+//! values of the request headers the stored response named in `Vary`. A request with
+//! `Cache-Control: no-store` bypasses the cache; `no-cache` forces revalidation.
+//!
+//! A fresh entry answers directly (`X-Cache: HIT`, `Age`), as 304 when the request's
+//! `If-None-Match` matches its `ETag`. A stale entry with an `ETag` is revalidated: the request
+//! goes upstream with `If-None-Match`, and a 304 refreshes the entry and answers from it.
+//! Concurrent misses for one key are coalesced: the first goes upstream, the others wait for
+//! its result and answer from it (or go upstream themselves when it was not cacheable).
+//!
+//! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
+//! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
+//! is stored in a bounded moka cache (weighed by body size) and sent with `X-Cache: MISS`.
+//! Responses that set cookies, say `Vary: *`, or answer a request with `Authorization` without
+//! `public` / `s-maxage` / `must-revalidate` are not stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use moka::future::Cache;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::respond::{content_length, full, read_limited, ReadError};
+use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+
+/// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Total body bytes kept.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Larger responses are passed through uncached.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Freshness of responses without max-age / s-maxage; 0 = do not cache those.
+    #[serde(default)]
+    pub default_ttl_secs: u64,
+    /// Upper bound on any entry's lifetime.
+    #[serde(default = "default_max_ttl_secs")]
+    pub max_ttl_secs: u64,
+    /// How long a coalesced request waits for the first one before going upstream itself.
+    #[serde(default = "default_wait_ms")]
+    pub coalesce_wait_ms: u64,
+}
+
+fn default_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_ttl_secs() -> u64 {
+    86_400
+}
+fn default_wait_ms() -> u64 {
+    10_000
+}
+
+/// One stored response.
+#[derive(Debug)]
+struct Entry {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    /// When the response was stored or last revalidated.
+    stored_at: Mutex<Instant>,
+    ttl: Duration,
+    /// Response said `no-cache`: serve only after revalidation.
+    must_revalidate: bool,
+}
+
+impl Entry {
+    fn age(&self) -> Duration {
+        self.stored_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+
+    fn fresh(&self) -> bool {
+        !self.must_revalidate && self.age() < self.ttl
+    }
+
+    fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(header::ETAG)
+    }
+}
+
+type Waiters = watch::Receiver<Option<Arc<Entry>>>;
+
+/// Held by the request that went upstream for a key; dropping it releases the waiters.
+struct Leader {
+    key: String,
+    tx: watch::Sender<Option<Arc<Entry>>>,
+    inflight: Arc<Mutex<HashMap<String, Waiters>>>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Request-phase state for the response phase.
+#[derive(Clone)]
+struct Pending {
+    base_key: String,
+    vary_key: String,
+    leader: Option<Arc<Leader>>,
+    /// Stale entry being revalidated with `If-None-Match`.
+    revalidating: Option<Arc<Entry>>,
+    /// The client's own conditional header, to answer 304 after revalidation.
+    client_inm: Option<HeaderValue>,
+    /// The request carried `Authorization`.
+    authorized: bool,
+    request_headers: HeaderMap,
+}
+
+pub struct CachePolicy {
+    config: CacheConfig,
+    entries: Cache<String, Arc<Entry>>,
+    /// Base key → header names the stored response varies on.
+    vary: Cache<String, Arc<Vec<HeaderName>>>,
+    inflight: Arc<Mutex<HashMap<String, Waiters>>>,
+}
+
+impl CachePolicy {
+    pub fn build(config: CacheConfig) -> Result<Self, PolicyBuildError> {
+        let entries = Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|k: &String, e: &Arc<Entry>| {
+                (k.len() + e.body.len() + 256)
+                    .try_into()
+                    .unwrap_or(u32::MAX)
+            })
+            .time_to_live(Duration::from_secs(config.max_ttl_secs.max(1)))
+            .build();
+        let vary = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(Duration::from_secs(config.max_ttl_secs.max(1)))
+            .build();
+        Ok(Self {
+            config,
+            entries,
+            vary,
+            inflight: Arc::default(),
+        })
+    }
+
+    async fn vary_key(&self, base: &str, headers: &HeaderMap) -> String {
+        let names = self.vary.get(base).await.unwrap_or_default();
+        vary_key_with(base, &names, headers)
+    }
+
+    /// Freshness lifetime of a response, `None` when it must not be stored. A response to a
+    /// request with `Authorization` is stored only when it says `public`, `s-maxage` or
+    /// `must-revalidate` (RFC 9111 section 3.5).
+    fn ttl(&self, headers: &HeaderMap, authorized: bool) -> Option<(Duration, bool)> {
+        let cc = directives(headers);
+        if cc.iter().any(|(d, _)| d == "no-store" || d == "private") {
+            return None;
+        }
+        let shareable = ["public", "s-maxage", "must-revalidate"];
+        if authorized && !cc.iter().any(|(d, _)| shareable.contains(&d.as_str())) {
+            return None;
+        }
+        let secs = |name: &str| {
+            cc.iter()
+                .find(|(d, _)| d == name)
+                .and_then(|(_, v)| v.as_deref()?.parse::<u64>().ok())
+        };
+        let no_cache = cc.iter().any(|(d, _)| d == "no-cache");
+        let ttl = secs("s-maxage")
+            .or_else(|| secs("max-age"))
+            .unwrap_or(self.config.default_ttl_secs)
+            .min(self.config.max_ttl_secs);
+        (ttl > 0 || (no_cache && headers.contains_key(header::ETAG)))
+            .then_some((Duration::from_secs(ttl), no_cache))
+    }
+}
+
+fn vary_key_with(base: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
+    let mut key = base.to_string();
+    for name in names {
+        key.push('\n');
+        key.push_str(name.as_str());
+        key.push('=');
+        for v in headers.get_all(name) {
+            key.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            key.push(',');
+        }
+    }
+    key
+}
+
+/// `Cache-Control` directives, lowercased, with optional values.
+fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| {
+            let d = d.trim();
+            if d.is_empty() {
+                return None;
+            }
+            Some(match d.split_once('=') {
+                Some((n, v)) => (
+                    n.trim().to_ascii_lowercase(),
+                    Some(v.trim().trim_matches('"').to_string()),
+                ),
+                None => (d.to_ascii_lowercase(), None),
+            })
+        })
+        .collect()
+}
+
+fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
+    let Ok(inm) = if_none_match.to_str() else {
+        return false;
+    };
+    let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let Ok(etag) = etag.to_str() else {
+        return false;
+    };
+    inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag))
+}
+
+/// A response built from `entry` for a client that sent `if_none_match`.
+fn serve(entry: &Entry, if_none_match: Option<&HeaderValue>, head: bool) -> Response<ProxyBody> {
+    let not_modified = match (if_none_match, entry.etag()) {
+        (Some(inm), Some(etag)) => etag_matches(inm, etag),
+        _ => false,
+    };
+    let mut resp = if not_modified || head {
+        Response::new(super::respond::empty())
+    } else {
+        Response::new(full(entry.body.clone()))
+    };
+    *resp.headers_mut() = entry.headers.clone();
+    if not_modified {
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    } else {
+        *resp.status_mut() = entry.status;
+    }
+    resp.headers_mut()
+        .insert("x-cache", HeaderValue::from_static("HIT"));
+    resp.headers_mut()
+        .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    resp
+}
+
+fn miss(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert("x-cache", HeaderValue::from_static("MISS"));
+    resp
+}
+
+/// Headers that describe a connection, not the stored response.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+];
+
+#[async_trait::async_trait]
+impl Policy for CachePolicy {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    async fn on_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> RequestOutcome {
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            return RequestOutcome::Continue(req);
+        }
+        let req_cc = directives(req.headers());
+        if req_cc.iter().any(|(d, _)| d == "no-store") {
+            return RequestOutcome::Continue(req);
+        }
+        let force_revalidate = req_cc.iter().any(|(d, _)| d == "no-cache");
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(req.uri().host())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let base_key = format!("{method} {host}{path_and_query}");
+        let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
+        let head = method == Method::HEAD;
+
+        let mut vary_key = self.vary_key(&base_key, req.headers()).await;
+        let mut cached = self.entries.get(&vary_key).await;
+        let mut leader = None;
+        if cached.is_none() {
+            // Coalesce: the first miss leads, later ones wait for its result.
+            let waiting = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                match inflight.get(&vary_key) {
+                    Some(rx) => Some(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(vary_key.clone(), rx);
+                        leader = Some(Arc::new(Leader {
+                            key: vary_key.clone(),
+                            tx,
+                            inflight: self.inflight.clone(),
+                        }));
+                        None
+                    }
+                }
+            };
+            if let Some(mut rx) = waiting {
+                let wait = Duration::from_millis(self.config.coalesce_wait_ms);
+                let _ = tokio::time::timeout(wait, rx.changed()).await;
+                let result = rx.borrow().clone();
+                if let Some(entry) = result {
+                    return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
+                }
+                // The leader's response was not stored; recompute with what is known now.
+                vary_key = self.vary_key(&base_key, req.headers()).await;
+                cached = self.entries.get(&vary_key).await;
+            }
+        }
+        let mut revalidating = None;
+        if let Some(entry) = cached {
+            if entry.fresh() && !force_revalidate {
+                return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
+            }
+            if let Some(etag) = entry.etag() {
+                req.headers_mut()
+                    .insert(header::IF_NONE_MATCH, etag.clone());
+                revalidating = Some(entry);
+            }
+        }
+        ctx.extensions.insert(Pending {
+            base_key,
+            vary_key,
+            leader,
+            revalidating,
+            client_inm,
+            authorized: req.headers().contains_key(header::AUTHORIZATION),
+            request_headers: req.headers().clone(),
+        });
+        RequestOutcome::Continue(req)
+    }
+
+    async fn on_response(
+        &self,
+        resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Response<ProxyBody> {
+        let Some(pending) = ctx.extensions.remove::<Pending>() else {
+            return resp;
+        };
+        let head = pending.base_key.starts_with("HEAD ");
+        if let Some(entry) = &pending.revalidating {
+            if resp.status() == StatusCode::NOT_MODIFIED {
+                *entry.stored_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                if let Some(l) = &pending.leader {
+                    let _ = l.tx.send(Some(entry.clone()));
+                }
+                let mut out = serve(entry, pending.client_inm.as_ref(), head);
+                out.headers_mut()
+                    .insert("x-cache", HeaderValue::from_static("REVALIDATED"));
+                return out;
+            }
+        }
+        if resp.status() != StatusCode::OK {
+            return miss(resp);
+        }
+        let Some((ttl, must_revalidate)) = self.ttl(resp.headers(), pending.authorized) else {
+            return miss(resp);
+        };
+        let vary_names: Vec<HeaderName> = resp
+            .headers()
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+            .collect();
+        let vary_star = resp.headers().get_all(header::VARY).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii() == b"*")
+        });
+        let too_big = content_length(resp.headers())
+            .is_some_and(|len| len > self.config.max_body_bytes as u64);
+        // A cookie is meant for one client; storing it would hand it to everyone.
+        let sets_cookie = resp.headers().contains_key(header::SET_COOKIE);
+        if vary_star || too_big || sets_cookie {
+            return miss(resp);
+        }
+        let (mut parts, body) = resp.into_parts();
+        let body = match read_limited(body, self.config.max_body_bytes).await {
+            Ok(body) => body,
+            Err(ReadError::TooLarge { body }) => return miss(Response::from_parts(parts, body)),
+            Err(ReadError::Body(e)) => {
+                tracing::debug!(error = %e, "cache: upstream body failed");
+                return miss(Response::from_parts(
+                    parts,
+                    super::respond::error_response(StatusCode::BAD_GATEWAY, "upstream body failed")
+                        .into_body(),
+                ));
+            }
+        };
+        let mut headers = parts.headers.clone();
+        for h in HOP_BY_HOP {
+            headers.remove(h);
+        }
+        if !head {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let entry = Arc::new(Entry {
+            status: parts.status,
+            headers,
+            body: body.clone(),
+            stored_at: Mutex::new(Instant::now()),
+            ttl,
+            must_revalidate,
+        });
+        let key = vary_key_with(&pending.base_key, &vary_names, &pending.request_headers);
+        self.vary
+            .insert(pending.base_key.clone(), Arc::new(vary_names))
+            .await;
+        self.entries.insert(key.clone(), entry.clone()).await;
+        // Waiters share our key only if they share our Vary'd header values.
+        if let Some(l) = &pending.leader {
+            if key == pending.vary_key {
+                let _ = l.tx.send(Some(entry));
+            }
+        }
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        if !head {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        miss(Response::from_parts(parts, full(body)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CachePolicy {
+        CachePolicy::build(toml::from_str("").unwrap()).unwrap()
+    }
+
+    fn headers(cc: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CACHE_CONTROL, HeaderValue::try_from(cc).unwrap());
+        h
+    }
+
+    #[test]
+    fn ttl_honours_cache_control() {
+        let p = policy();
+        let ttl = |cc: &str| p.ttl(&headers(cc), false);
+        assert_eq!(ttl("max-age=60"), Some((Duration::from_secs(60), false)));
+        assert_eq!(
+            ttl("max-age=60, s-maxage=5"),
+            Some((Duration::from_secs(5), false))
+        );
+        assert_eq!(ttl("no-store, max-age=60"), None);
+        assert_eq!(ttl("private, max-age=60"), None);
+        assert_eq!(p.ttl(&HeaderMap::new(), false), None);
+        // Authorized requests need an explicit permission to share.
+        assert_eq!(p.ttl(&headers("max-age=60"), true), None);
+        assert!(p.ttl(&headers("public, max-age=60"), true).is_some());
+    }
+
+    #[test]
+    fn etags_compare_weakly() {
+        let a = HeaderValue::from_static("\"x\", W/\"abc\"");
+        assert!(etag_matches(&a, &HeaderValue::from_static("\"abc\"")));
+        assert!(!etag_matches(&a, &HeaderValue::from_static("\"abd\"")));
+    }
+}

@@ -1,0 +1,441 @@
+//! JWT bearer-token validation.
+//!
+//! Data in: the `Authorization: Bearer <token>` header of a request, and signing keys from a
+//! JWKS document (a file read at build time, or a URL fetched on first use and refreshed every
+//! `jwks_refresh_secs`). HS256 keys are JWKS `oct` keys; RS256 `RSA` keys; ES256 `EC` P-256 keys.
+//!
+//! The token must be signed by a known key with an allowed algorithm, and pass `exp`, `nbf`
+//! (with `leeway_secs`), `iss` and `aud` checks, carry every `required_claims` entry and every
+//! `required_scopes` scope (from `scope`, space separated, or `scp`). Failures answer 401 with
+//! `WWW-Authenticate: Bearer error="invalid_token"`; a missing scope answers 403 with
+//! `error="insufficient_scope"`. No failure reaches the upstream.
+//!
+//! Data out: the verified claims go into [`RequestCtx::extensions`] as [`JwtClaims`] (the rate
+//! limiter keys on `sub` from there), and claims listed in `forward_claims` are copied into
+//! request headers; client-sent copies of those headers are removed first so they cannot be
+//! spoofed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::respond::error_response;
+use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+
+/// `{ type = "jwt", ... }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Path of a JWKS JSON document.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// `http://` URL of a JWKS document, fetched lazily and refreshed periodically.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_refresh_secs")]
+    pub jwks_refresh_secs: u64,
+    /// Accepted signing algorithms.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// Accepted issuers (`iss`); empty accepts any.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Accepted audiences (`aud`); empty disables the check.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// Claims that must be present.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Scopes that must all be granted.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Claim name → request header that receives its value.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+}
+
+fn default_refresh_secs() -> u64 {
+    300
+}
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::HS256, Algorithm::RS256, Algorithm::ES256]
+}
+fn default_leeway_secs() -> u64 {
+    30
+}
+
+/// Verified claims of the request's token.
+#[derive(Debug, Clone)]
+pub struct JwtClaims(pub Arc<Value>);
+
+impl JwtClaims {
+    /// The `sub` claim, when it is a string.
+    pub fn subject(&self) -> Option<&str> {
+        self.0.get("sub").and_then(Value::as_str)
+    }
+}
+
+/// One usable key of a JWKS.
+struct VerifyKey {
+    kid: Option<String>,
+    /// Algorithms this key may verify.
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+struct KeySet {
+    keys: Vec<Arc<VerifyKey>>,
+    /// When `jwks_url` is due to be fetched again.
+    next_refresh: Instant,
+}
+
+/// Wait between attempts to fetch a JWKS URL that failed.
+const JWKS_RETRY: Duration = Duration::from_secs(10);
+
+pub struct JwtPolicy {
+    config: JwtConfig,
+    keys: RwLock<Arc<KeySet>>,
+    forward: Vec<(String, HeaderName)>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+enum AuthError {
+    Invalid(String),
+    Scope(String),
+}
+
+impl JwtPolicy {
+    pub fn build(config: JwtConfig) -> Result<Self, PolicyBuildError> {
+        let err = |message: String| PolicyBuildError {
+            policy: "jwt".into(),
+            message,
+        };
+        if config.jwks_file.is_none() && config.jwks_url.is_none() {
+            return Err(err("one of jwks_file or jwks_url is required".into()));
+        }
+        if config.algorithms.is_empty() {
+            return Err(err("algorithms must not be empty".into()));
+        }
+        let keys = match &config.jwks_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("jwks_file {}: {e}", path.display())))?;
+                parse_jwks(&text).map_err(|e| err(format!("jwks_file {}: {e}", path.display())))?
+            }
+            None => Vec::new(),
+        };
+        let forward = config
+            .forward_claims
+            .iter()
+            .map(|(claim, h)| {
+                HeaderName::try_from(h.as_str())
+                    .map(|name| (claim.clone(), name))
+                    .map_err(|e| err(format!("forward_claims.{claim}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            config,
+            keys: RwLock::new(Arc::new(KeySet {
+                keys,
+                // A file's keys are final; a URL is fetched on first use.
+                next_refresh: Instant::now(),
+            })),
+            forward,
+            refreshing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn key_set(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Returns the current keys, fetching them from `jwks_url` when they are due: on first use,
+    /// every `jwks_refresh_secs` after a success, and at most every [`JWKS_RETRY`] after a
+    /// failure (the previous keys stay in use). While one request refreshes, others keep using
+    /// the keys they have instead of waiting, unless there are none yet.
+    async fn current_keys(&self) -> Arc<KeySet> {
+        let keys = self.key_set();
+        let Some(url) = &self.config.jwks_url else {
+            return keys;
+        };
+        if Instant::now() < keys.next_refresh {
+            return keys;
+        }
+        let _one_fetch = if keys.keys.is_empty() {
+            self.refreshing.lock().await
+        } else {
+            match self.refreshing.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return keys,
+            }
+        };
+        let keys = self.key_set();
+        if Instant::now() < keys.next_refresh {
+            return keys; // another request refreshed while we waited
+        }
+        let refresh = Duration::from_secs(self.config.jwks_refresh_secs);
+        let set = match fetch_jwks(url).await {
+            Ok(fresh) => KeySet {
+                keys: fresh,
+                next_refresh: Instant::now() + refresh,
+            },
+            Err(e) => {
+                tracing::warn!(url, error = %e, "jwt: JWKS fetch failed; keeping previous keys");
+                KeySet {
+                    keys: keys.keys.clone(),
+                    next_refresh: Instant::now() + refresh.min(JWKS_RETRY),
+                }
+            }
+        };
+        let set = Arc::new(set);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = set.clone();
+        set
+    }
+
+    async fn verify(&self, token: &str) -> Result<Value, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("malformed token: {e}")))?;
+        if !self.config.algorithms.contains(&header.alg) {
+            return Err(AuthError::Invalid(format!(
+                "algorithm {:?} not accepted",
+                header.alg
+            )));
+        }
+        let keys = self.current_keys().await;
+        let candidates = keys.keys.iter().filter(|k| {
+            k.algorithms.contains(&header.alg)
+                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+        });
+        let validation = self.validation(header.alg);
+        let mut last_error = String::from("no key matches the token");
+        for key in candidates {
+            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+                Ok(data) => return self.check_claims(data.claims),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(AuthError::Invalid(last_error))
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.config.leeway_secs;
+        v.validate_nbf = true;
+        let mut required: HashSet<String> = HashSet::from(["exp".to_string()]);
+        if self.config.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.config.audiences);
+            required.insert("aud".into());
+        }
+        if !self.config.issuers.is_empty() {
+            v.set_issuer(&self.config.issuers);
+            required.insert("iss".into());
+        }
+        v.required_spec_claims = required;
+        v
+    }
+
+    fn check_claims(&self, claims: Value) -> Result<Value, AuthError> {
+        for name in &self.config.required_claims {
+            if claims.get(name).is_none_or(Value::is_null) {
+                return Err(AuthError::Invalid(format!("missing claim {name}")));
+            }
+        }
+        let granted = granted_scopes(&claims);
+        for scope in &self.config.required_scopes {
+            if !granted.contains(scope.as_str()) {
+                return Err(AuthError::Scope(scope.clone()));
+            }
+        }
+        Ok(claims)
+    }
+}
+
+/// Scopes from `scope` (space separated string) and `scp` (string or array).
+fn granted_scopes(claims: &Value) -> HashSet<&str> {
+    let mut out = HashSet::new();
+    for name in ["scope", "scp"] {
+        match claims.get(name) {
+            Some(Value::String(s)) => out.extend(s.split_whitespace()),
+            Some(Value::Array(items)) => out.extend(items.iter().filter_map(Value::as_str)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn parse_jwks(text: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
+    set.keys
+        .iter()
+        .map(|k| verify_key(k).map(Arc::new))
+        .collect()
+}
+
+fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
+    let key =
+        DecodingKey::from_jwk(jwk).map_err(|e| format!("key {:?}: {e}", jwk.common.key_id))?;
+    let by_type = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+        AlgorithmParameters::EllipticCurve(_) => vec![Algorithm::ES256, Algorithm::ES384],
+        AlgorithmParameters::OctetKey(_) => {
+            vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]
+        }
+        AlgorithmParameters::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+    };
+    // A key that names its algorithm verifies only that one.
+    let algorithms = match jwk.common.key_algorithm {
+        Some(ka) => match ka.to_string().parse::<Algorithm>() {
+            Ok(alg) => vec![alg],
+            Err(_) => return Err(format!("key {:?}: unsupported alg", jwk.common.key_id)),
+        },
+        None => by_type,
+    };
+    Ok(VerifyKey {
+        kid: jwk.common.key_id.clone(),
+        algorithms,
+        key,
+    })
+}
+
+async fn fetch_jwks(url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    parse_jwks(std::str::from_utf8(&body).map_err(|e| e.to_string())?)
+}
+
+fn bearer_token(req: &Request<ProxyBody>) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn challenge(status: StatusCode, error: &str, description: &str) -> Response<ProxyBody> {
+    let mut resp = error_response(status, description);
+    let description = description.replace(['"', '\\'], "'");
+    let value = format!("Bearer error=\"{error}\", error_description=\"{description}\"");
+    if let Ok(v) = HeaderValue::try_from(value) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+fn claim_header_value(v: &Value) -> Option<HeaderValue> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    HeaderValue::try_from(text).ok()
+}
+
+#[async_trait::async_trait]
+impl Policy for JwtPolicy {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+
+    async fn on_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> RequestOutcome {
+        let Some(token) = bearer_token(&req) else {
+            let mut resp = error_response(StatusCode::UNAUTHORIZED, "missing bearer token");
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return RequestOutcome::Respond(resp);
+        };
+        let claims = match self.verify(token).await {
+            Ok(claims) => claims,
+            Err(AuthError::Invalid(why)) => {
+                tracing::debug!(request_id = %ctx.request_id, %why, "jwt: rejected");
+                return RequestOutcome::Respond(challenge(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    &why,
+                ));
+            }
+            Err(AuthError::Scope(scope)) => {
+                let mut resp = challenge(
+                    StatusCode::FORBIDDEN,
+                    "insufficient_scope",
+                    &format!("scope {scope} required"),
+                );
+                let v = format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                    self.config.required_scopes.join(" ")
+                );
+                if let Ok(v) = HeaderValue::try_from(v) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                return RequestOutcome::Respond(resp);
+            }
+        };
+        for (claim, name) in &self.forward {
+            req.headers_mut().remove(name);
+            if let Some(v) = claims.get(claim).and_then(claim_header_value) {
+                req.headers_mut().insert(name.clone(), v);
+            }
+        }
+        ctx.extensions.insert(JwtClaims(Arc::new(claims)));
+        RequestOutcome::Continue(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_from_scope_and_scp() {
+        let claims = serde_json::json!({"scope": "read write", "scp": ["admin"]});
+        let s = granted_scopes(&claims);
+        assert!(s.contains("read") && s.contains("write") && s.contains("admin"));
+    }
+
+    #[test]
+    fn oct_key_verifies_only_hmac() {
+        let jwks = r#"{"keys":[{"kty":"oct","kid":"k1","k":"c2VjcmV0"}]}"#;
+        let keys = parse_jwks(jwks).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].algorithms.contains(&Algorithm::HS256));
+        assert!(!keys[0].algorithms.contains(&Algorithm::RS256));
+    }
+
+    #[test]
+    fn config_requires_a_key_source() {
+        let cfg: JwtConfig = toml::from_str("").unwrap();
+        assert!(JwtPolicy::build(cfg).is_err());
+    }
+}

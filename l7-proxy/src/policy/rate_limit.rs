@@ -1,0 +1,403 @@
+//! Rate limiting with GCRA (the generic cell rate algorithm, a token bucket stored as one
+//! timestamp per key).
+//!
+//! Data in: each request is mapped to a key (`client_ip`, `jwt_sub` from
+//! [`super::jwt::JwtClaims`], `api_key` from [`super::api_key::ApiKeyId`], or `header:<name>`).
+//! A key may send `burst` requests at once and then one every `period_secs / requests`. The
+//! state lives in process memory, or in Redis when `redis_url` is set so several proxy
+//! instances share one bucket: a Lua script runs the same algorithm atomically with Redis's
+//! clock. When Redis is unreachable, `on_redis_error` decides between letting the request
+//! through (`fail_open`) and answering 503 (`fail_closed`).
+//!
+//! Data out: a limited request answers 429 with `Retry-After`; an admitted one carries
+//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` on its response.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use super::api_key::ApiKeyId;
+use super::jwt::JwtClaims;
+use super::respond::error_response;
+use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+
+/// `{ type = "rate_limit", requests = 100, period_secs = 60, key = "client_ip" }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests admitted per period on average.
+    pub requests: u64,
+    #[serde(default = "default_period_secs")]
+    pub period_secs: u64,
+    /// Requests admitted back to back; defaults to `requests`.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// `client_ip`, `jwt_sub`, `api_key` or `header:<name>`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// `redis://host:port/db`: share buckets through Redis.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Prefix of Redis keys; give each limit its own.
+    #[serde(default = "default_prefix")]
+    pub redis_prefix: String,
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    #[serde(default)]
+    pub on_redis_error: RedisErrorMode,
+}
+
+fn default_period_secs() -> u64 {
+    60
+}
+fn default_key() -> String {
+    "client_ip".into()
+}
+fn default_prefix() -> String {
+    "l7rl".into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisErrorMode {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+/// What a request is limited by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeySource {
+    ClientIp,
+    JwtSubject,
+    ApiKey,
+    Header(HeaderName),
+}
+
+impl KeySource {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "client_ip" => Ok(Self::ClientIp),
+            "jwt_sub" => Ok(Self::JwtSubject),
+            "api_key" => Ok(Self::ApiKey),
+            other => match other.strip_prefix("header:") {
+                Some(h) => HeaderName::try_from(h)
+                    .map(Self::Header)
+                    .map_err(|e| format!("key: {e}")),
+                None => Err(format!(
+                    "key: expected client_ip, jwt_sub, api_key or header:<name>, got {other:?}"
+                )),
+            },
+        }
+    }
+
+    /// The bucket key of a request; `None` when the request lacks it (those are limited
+    /// together under one shared key rather than let through).
+    fn extract(&self, req: &Request<ProxyBody>, ctx: &RequestCtx) -> Option<String> {
+        match self {
+            Self::ClientIp => Some(ctx.client_addr.ip().to_canonical().to_string()),
+            Self::JwtSubject => ctx
+                .extensions
+                .get::<JwtClaims>()
+                .and_then(|c| c.subject().map(str::to_string)),
+            Self::ApiKey => ctx.extensions.get::<ApiKeyId>().map(|k| k.0.clone()),
+            Self::Header(h) => req
+                .headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+}
+
+/// GCRA parameters in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Gcra {
+    /// Time one request "costs".
+    pub emission_ms: u64,
+    pub burst: u64,
+}
+
+/// Result of one GCRA step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+    /// Milliseconds until a request would be admitted (0 when allowed).
+    pub retry_after_ms: u64,
+}
+
+impl Gcra {
+    /// One request at `now` against the stored theoretical arrival time. Returns the decision
+    /// and the new TAT to store (unchanged when denied). The Lua script mirrors this.
+    pub fn step(&self, tat: Option<u64>, now: u64) -> (Decision, Option<u64>) {
+        let tat = tat.unwrap_or(now).max(now);
+        let new_tat = tat + self.emission_ms;
+        let window = self.burst * self.emission_ms;
+        let allow_at = new_tat.saturating_sub(window);
+        if allow_at > now {
+            let d = Decision {
+                allowed: false,
+                remaining: 0,
+                reset_ms: tat - now,
+                retry_after_ms: allow_at - now,
+            };
+            return (d, None);
+        }
+        let d = Decision {
+            allowed: true,
+            remaining: (now + window - new_tat) / self.emission_ms,
+            reset_ms: new_tat - now,
+            retry_after_ms: 0,
+        };
+        (d, Some(new_tat))
+    }
+}
+
+/// Same algorithm as [`Gcra::step`], atomically in Redis with the server's clock so instances
+/// with skewed clocks agree. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+const GCRA_LUA: &str = r#"
+local emission = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + emission
+local window = burst * emission
+local allow_at = new_tat - window
+if allow_at > now then
+  return {0, 0, tat - now, allow_at - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return {1, math.floor((now + window - new_tat) / emission), new_tat - now, 0}
+"#;
+
+/// In-process buckets: key → TAT in ms since `epoch`.
+struct LocalBuckets {
+    epoch: Instant,
+    tats: Mutex<HashMap<String, u64>>,
+}
+
+const LOCAL_PRUNE_AT: usize = 100_000;
+
+impl LocalBuckets {
+    fn check(&self, gcra: Gcra, key: &str) -> Decision {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
+        if tats.len() >= LOCAL_PRUNE_AT {
+            // A TAT in the past means a full bucket, the same as no entry.
+            tats.retain(|_, tat| *tat > now);
+        }
+        let (decision, new_tat) = gcra.step(tats.get(key).copied(), now);
+        if let Some(t) = new_tat {
+            tats.insert(key.to_string(), t);
+        }
+        decision
+    }
+}
+
+struct RedisBuckets {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisBuckets {
+    async fn check(&self, gcra: Gcra, key: &str) -> Result<Decision, String> {
+        let run = async {
+            let conn = self
+                .conn
+                .get_or_try_init(|| ConnectionManager::new(self.client.clone()))
+                .await?;
+            let mut conn = conn.clone();
+            let r: Vec<i64> = self
+                .script
+                .key(format!("{}:{key}", self.prefix))
+                .arg(gcra.emission_ms)
+                .arg(gcra.burst)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>(r)
+        };
+        let r = tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let [allowed, remaining, reset_ms, retry_after_ms] = r[..] else {
+            return Err(format!("unexpected script reply {r:?}"));
+        };
+        Ok(Decision {
+            allowed: allowed == 1,
+            remaining: remaining.max(0) as u64,
+            reset_ms: reset_ms.max(0) as u64,
+            retry_after_ms: retry_after_ms.max(0) as u64,
+        })
+    }
+}
+
+enum Store {
+    Local(LocalBuckets),
+    Redis(Box<RedisBuckets>),
+}
+
+pub struct RateLimitPolicy {
+    gcra: Gcra,
+    key: KeySource,
+    store: Store,
+    on_redis_error: RedisErrorMode,
+}
+
+/// The decision of an admitted request, for its response headers.
+#[derive(Debug, Clone, Copy)]
+struct Admitted(Decision);
+
+impl RateLimitPolicy {
+    pub fn build(config: RateLimitConfig) -> Result<Self, PolicyBuildError> {
+        let err = |message: String| PolicyBuildError {
+            policy: "rate_limit".into(),
+            message,
+        };
+        if config.requests == 0 || config.period_secs == 0 {
+            return Err(err("requests and period_secs must be positive".into()));
+        }
+        let burst = config.burst.unwrap_or(config.requests);
+        if burst == 0 {
+            return Err(err("burst must be positive".into()));
+        }
+        let emission_ms = (config.period_secs * 1000 / config.requests).max(1);
+        let key = KeySource::parse(&config.key).map_err(err)?;
+        let store = match &config.redis_url {
+            Some(url) => Store::Redis(Box::new(RedisBuckets {
+                client: redis::Client::open(url.as_str())
+                    .map_err(|e| err(format!("redis_url: {e}")))?,
+                conn: OnceCell::new(),
+                script: redis::Script::new(GCRA_LUA),
+                prefix: config.redis_prefix.clone(),
+                timeout: Duration::from_millis(config.redis_timeout_ms),
+            })),
+            None => Store::Local(LocalBuckets {
+                epoch: Instant::now(),
+                tats: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok(Self {
+            gcra: Gcra { emission_ms, burst },
+            key,
+            store,
+            on_redis_error: config.on_redis_error,
+        })
+    }
+
+    fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
+        let secs = |ms: u64| HeaderValue::from(ms.div_ceil(1000));
+        headers.insert("ratelimit-limit", HeaderValue::from(self.gcra.burst));
+        headers.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+        headers.insert("ratelimit-reset", secs(d.reset_ms));
+    }
+}
+
+#[async_trait::async_trait]
+impl Policy for RateLimitPolicy {
+    fn name(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+        let key = self
+            .key
+            .extract(&req, ctx)
+            .unwrap_or_else(|| "-".to_string());
+        let decision = match &self.store {
+            Store::Local(local) => local.check(self.gcra, &key),
+            Store::Redis(redis) => match redis.check(self.gcra, &key).await {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");
+                    if self.on_redis_error == RedisErrorMode::FailClosed {
+                        return RequestOutcome::Respond(error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "rate limiter unavailable",
+                        ));
+                    }
+                    return RequestOutcome::Continue(req);
+                }
+            },
+        };
+        if !decision.allowed {
+            let mut resp: Response<ProxyBody> =
+                error_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            self.set_headers(resp.headers_mut(), &decision);
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(decision.retry_after_ms.div_ceil(1000).max(1)),
+            );
+            return RequestOutcome::Respond(resp);
+        }
+        ctx.extensions.insert(Admitted(decision));
+        RequestOutcome::Continue(req)
+    }
+
+    async fn on_response(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Response<ProxyBody> {
+        if let Some(Admitted(d)) = ctx.extensions.get::<Admitted>() {
+            self.set_headers(resp.headers_mut(), d);
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_admits_burst_then_refills() {
+        let g = Gcra {
+            emission_ms: 1000,
+            burst: 3,
+        };
+        let mut tat = None;
+        let mut remaining = vec![];
+        for _ in 0..3 {
+            let (d, t) = g.step(tat, 0);
+            assert!(d.allowed);
+            remaining.push(d.remaining);
+            tat = t;
+        }
+        assert_eq!(remaining, [2, 1, 0]);
+        let (d, t) = g.step(tat, 0);
+        assert!(!d.allowed);
+        assert_eq!(t, None);
+        assert_eq!(d.retry_after_ms, 1000);
+        // One emission interval later one request fits again.
+        let (d, _) = g.step(tat, 1000);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+    }
+
+    #[test]
+    fn key_sources_parse() {
+        assert_eq!(KeySource::parse("jwt_sub"), Ok(KeySource::JwtSubject));
+        assert!(matches!(
+            KeySource::parse("header:x-user"),
+            Ok(KeySource::Header(_))
+        ));
+        assert!(KeySource::parse("cookie").is_err());
+    }
+}

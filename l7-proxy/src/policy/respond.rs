@@ -1,0 +1,96 @@
+//! Helpers shared by the policies: building bodies and short error responses, and reading a
+//! body under a size limit without losing what was read when the limit is passed.
+//!
+//! Policies that answer a request themselves (401, 413, 429, ...) build their responses here so
+//! every gateway error has the same shape: a small JSON object `{"error": "..."}`.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
+
+use super::{BoxError, ProxyBody};
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A JSON response with `value` as body.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A gateway error response: `{"error": message}` with `status`.
+pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    json_response(status, &serde_json::json!({ "error": message }))
+}
+
+/// Outcome of [`read_limited`] when the whole body did not fit.
+pub enum ReadError {
+    /// The body is longer than the limit. `body` replays what was read followed by the rest, so
+    /// the caller can still pass it on unchanged.
+    TooLarge { body: ProxyBody },
+    /// The body stream failed.
+    Body(BoxError),
+}
+
+/// Reads `body` completely if it holds at most `limit` bytes.
+pub async fn read_limited(body: ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
+    let mut stream = BodyStream::new(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(ReadError::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are dropped from buffered bodies
+        };
+        buf.extend_from_slice(&data);
+        if buf.len() > limit {
+            let prefix = futures_util::stream::once(async move { Ok(Frame::data(buf.freeze())) });
+            let replay = StreamBody::new(prefix.chain(stream));
+            return Err(ReadError::TooLarge {
+                body: BodyExt::boxed(replay),
+            });
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// The `Content-Length` of a message, when present and valid.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Appends `value` to a comma-separated header (`Vary`), unless already listed.
+pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, value: &'static str) {
+    let present = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(value));
+    if !present {
+        headers.append(name, HeaderValue::from_static(value));
+    }
+}

@@ -1,0 +1,208 @@
+//! Response cache over real HTTP: HIT/MISS, expiry, Vary, 304 answers and upstream
+//! revalidation, Cache-Control rules, size limit, and coalescing of concurrent misses
+//! (counted at the upstream).
+
+mod policy_harness;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use policy_harness::*;
+
+const CACHE: &str = "[[policies]]\ntype = \"cache\"\nmax_body_bytes = 4096";
+
+/// Upstream whose answer depends on the path; bodies carry a serial number so a cached body is
+/// recognisable.
+async fn cache_gateway() -> (Upstream, SocketAddr, Arc<AtomicUsize>) {
+    let serial = Arc::new(AtomicUsize::new(0));
+    let not_modified = Arc::new(AtomicUsize::new(0));
+    let (s, nm) = (serial.clone(), not_modified.clone());
+    let up = upstream(move |parts, _| {
+        let n = s.fetch_add(1, Ordering::SeqCst) + 1;
+        let nm = nm.clone();
+        async move {
+            let h = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            match parts.uri.path() {
+                "/fresh" => reply(
+                    200,
+                    &[("cache-control", "max-age=60")],
+                    format!("fresh {n}"),
+                ),
+                "/short" => reply(200, &[("cache-control", "max-age=1")], format!("short {n}")),
+                "/nostore" => reply(
+                    200,
+                    &[("cache-control", "no-store")],
+                    format!("nostore {n}"),
+                ),
+                "/private" => reply(
+                    200,
+                    &[("cache-control", "private, max-age=60")],
+                    format!("private {n}"),
+                ),
+                "/lang" => reply(
+                    200,
+                    &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+                    format!("{} {n}", h("accept-language")),
+                ),
+                "/etag" => {
+                    if h("if-none-match") == "\"v1\"" {
+                        nm.fetch_add(1, Ordering::SeqCst);
+                        reply(
+                            304,
+                            &[("etag", "\"v1\""), ("cache-control", "max-age=1")],
+                            "",
+                        )
+                    } else {
+                        reply(
+                            200,
+                            &[("etag", "\"v1\""), ("cache-control", "max-age=1")],
+                            format!("etag {n}"),
+                        )
+                    }
+                }
+                "/cookie" => reply(
+                    200,
+                    &[("cache-control", "max-age=60"), ("set-cookie", "sid=1")],
+                    format!("cookie {n}"),
+                ),
+                "/big" => reply(200, &[("cache-control", "max-age=60")], vec![b'x'; 10_000]),
+                "/slow" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    reply(200, &[("cache-control", "max-age=60")], format!("slow {n}"))
+                }
+                _ => reply(404, &[], "no"),
+            }
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    (up, gw, not_modified)
+}
+
+fn text(got: &Got) -> String {
+    String::from_utf8_lossy(&got.body).into_owned()
+}
+
+#[tokio::test]
+async fn miss_then_hit_with_age() {
+    let (up, gw, _) = cache_gateway().await;
+    let first = get(gw, "/fresh", &[]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let second = get(gw, "/fresh", &[]).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert!(second.header("age").is_some());
+    assert_eq!(text(&second), text(&first));
+    // Another query string is another key.
+    assert_eq!(
+        get(gw, "/fresh?x=1", &[]).await.header("x-cache"),
+        Some("MISS")
+    );
+    // POST bypasses the cache.
+    let post = send(gw, "POST", "/fresh", &[], "body").await;
+    assert_eq!(post.header("x-cache"), None);
+    // A request with no-store bypasses it too.
+    let bypass = get(gw, "/fresh", &[("cache-control", "no-store")]).await;
+    assert_eq!(bypass.header("x-cache"), None);
+    assert_eq!(up.hits(), 4);
+}
+
+#[tokio::test]
+async fn entries_expire_after_max_age() {
+    let (up, gw, _) = cache_gateway().await;
+    assert_eq!(get(gw, "/short", &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(get(gw, "/short", &[]).await.header("x-cache"), Some("HIT"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = get(gw, "/short", &[]).await;
+    assert_eq!(after.header("x-cache"), Some("MISS"));
+    assert_eq!(text(&after), "short 2");
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn no_store_private_cookie_and_oversized_responses_are_not_stored() {
+    let (up, gw, _) = cache_gateway().await;
+    for path in ["/nostore", "/private", "/cookie", "/big"] {
+        let a = get(gw, path, &[]).await;
+        let b = get(gw, path, &[]).await;
+        assert_eq!(b.header("x-cache"), Some("MISS"), "{path}");
+        if path == "/big" {
+            assert_eq!(
+                b.body.len(),
+                10_000,
+                "an oversized body passes through whole"
+            );
+        } else {
+            assert_ne!(text(&a), text(&b), "{path}");
+        }
+    }
+    assert_eq!(up.hits(), 8);
+}
+
+#[tokio::test]
+async fn vary_keeps_one_entry_per_header_value() {
+    let (up, gw, _) = cache_gateway().await;
+    let lang = |l: &'static str| async move { get(gw, "/lang", &[("accept-language", l)]).await };
+    assert_eq!(lang("en").await.header("x-cache"), Some("MISS"));
+    assert_eq!(lang("fr").await.header("x-cache"), Some("MISS"));
+    let en = lang("en").await;
+    let fr = lang("fr").await;
+    assert_eq!(en.header("x-cache"), Some("HIT"));
+    assert_eq!(fr.header("x-cache"), Some("HIT"));
+    assert!(text(&en).starts_with("en "));
+    assert!(text(&fr).starts_with("fr "));
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn etag_answers_304_and_stale_entries_revalidate() {
+    let (up, gw, not_modified) = cache_gateway().await;
+    let first = get(gw, "/etag", &[]).await;
+    assert_eq!(text(&first), "etag 1");
+    // Fresh entry, matching validator: 304 straight from the cache.
+    let cond = get(gw, "/etag", &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(cond.status, 304);
+    assert_eq!(cond.header("x-cache"), Some("HIT"));
+    assert_eq!(cond.header("etag"), Some("\"v1\""));
+    assert!(cond.body.is_empty());
+    assert_eq!(up.hits(), 1);
+
+    // Stale: the gateway revalidates with If-None-Match and serves the stored body on 304.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let revalidated = get(gw, "/etag", &[]).await;
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(revalidated.header("x-cache"), Some("REVALIDATED"));
+    assert_eq!(text(&revalidated), "etag 1");
+    assert_eq!(not_modified.load(Ordering::SeqCst), 1);
+    // The refreshed entry is fresh again.
+    assert_eq!(get(gw, "/etag", &[]).await.header("x-cache"), Some("HIT"));
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_misses_reach_the_upstream_once() {
+    let (up, gw, _) = cache_gateway().await;
+    let requests = (0..10).map(|_| tokio::spawn(async move { get(gw, "/slow", &[]).await }));
+    let mut bodies = Vec::new();
+    let mut misses = 0;
+    for r in requests {
+        let got = r.await.unwrap();
+        assert_eq!(got.status, 200);
+        if got.header("x-cache") == Some("MISS") {
+            misses += 1;
+        }
+        bodies.push(text(&got));
+    }
+    assert_eq!(up.hits(), 1, "coalesced into one upstream request");
+    assert_eq!(misses, 1);
+    assert!(bodies.iter().all(|b| b == "slow 1"), "{bodies:?}");
+}
