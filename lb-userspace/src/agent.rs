@@ -32,6 +32,34 @@ pub struct AgentOptions {
     pub keep_attached: bool,
     /// Where bpffs is (mounted if needed); maps are pinned under `<root>/<pin_name>`.
     pub bpffs_root: PathBuf,
+    /// Where `xdplb-<pin_name>.lock` keeps a second agent on the same maps from starting.
+    pub lock_dir: PathBuf,
+}
+
+/// An exclusive `flock` held for the agent's lifetime: two agents on one pin directory would
+/// fight over the maps, the links and the admin socket.
+struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    fn acquire(dir: &std::path::Path, pin_name: &str) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(format!("xdplb-{pin_name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!(
+                "another lb-agent is running with pin_name {pin_name:?} (it holds {})",
+                path.display()
+            );
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 impl Default for AgentOptions {
@@ -39,6 +67,7 @@ impl Default for AgentOptions {
         Self {
             keep_attached: false,
             bpffs_root: PathBuf::from("/sys/fs/bpf"),
+            lock_dir: PathBuf::from("/run"),
         }
     }
 }
@@ -75,6 +104,7 @@ pub async fn run(
     opts: AgentOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let _lock = InstanceLock::acquire(&opts.lock_dir, &config.agent.pin_name)?;
     attach::ensure_bpffs(&opts.bpffs_root)?;
     let pin_dir = opts.bpffs_root.join(&config.agent.pin_name);
     let mut dp = Datapath::load(&pin_dir)
@@ -98,6 +128,13 @@ pub async fn run(
     }
     services.remove_leftovers()?;
 
+    // Bind before attaching: a port in use must fail the start, not leave XDP half set up.
+    let admin_listener = admin::bind(&config.agent.admin_socket)?;
+    let metrics_listener = match config.agent.metrics_address {
+        Some(addr) => Some((addr, metrics::bind(addr).await?)),
+        None => None,
+    };
+
     let mut attachments: Vec<Attachment> = Vec::new();
     for iface in &config.agent.interfaces {
         match attach::attach(
@@ -111,33 +148,14 @@ pub async fn run(
                 for a in attachments {
                     a.release(opts.keep_attached);
                 }
+                let _ = std::fs::remove_file(&config.agent.admin_socket);
                 return Err(e);
             }
         }
     }
     let services = Arc::new(Mutex::new(services));
-
-    let result = serve(&config, &services, &mut tasks, &mut health_rx, shutdown).await;
-    tasks.shutdown().await;
-    for a in attachments {
-        a.release(opts.keep_attached);
-    }
-    let _ = std::fs::remove_file(&config.agent.admin_socket);
-    tracing::info!("agent stopped");
-    result
-}
-
-async fn serve(
-    config: &Config,
-    services: &Arc<Mutex<Services>>,
-    tasks: &mut JoinSet<()>,
-    health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let listener = admin::bind(&config.agent.admin_socket)?;
-    tasks.spawn(admin::serve(listener, services.clone()));
-    if let Some(addr) = config.agent.metrics_address {
-        let listener = metrics::bind(addr).await?;
+    tasks.spawn(admin::serve(admin_listener, services.clone()));
+    if let Some((addr, listener)) = metrics_listener {
         tracing::info!(%addr, "serving metrics on /metrics");
         tasks.spawn(metrics::serve(listener, services.clone()));
     }
@@ -147,6 +165,23 @@ async fn serve(
         interfaces = ?config.agent.interfaces,
         "agent running"
     );
+
+    let result = apply_health_until(&services, &mut health_rx, shutdown).await;
+    tasks.shutdown().await;
+    for a in attachments {
+        a.release(opts.keep_attached);
+    }
+    let _ = std::fs::remove_file(&config.agent.admin_socket);
+    tracing::info!("agent stopped");
+    result
+}
+
+/// Feeds health-check results to the services until `shutdown` completes.
+async fn apply_health_until(
+    services: &Arc<Mutex<Services>>,
+    health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

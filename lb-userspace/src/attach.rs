@@ -86,6 +86,14 @@ pub fn attach(
             .and_then(|fd| aya::programs::xdp::XdpLink::try_from(fd).map_err(anyhow::Error::from))
             .and_then(|link| xdp.attach_to_link(link).map_err(anyhow::Error::from));
         match replaced {
+            // A link whose interface was deleted and re-created updates fine but is defunct.
+            Ok(link_id) if !has_xdp(interface) => {
+                tracing::warn!(
+                    interface,
+                    "the pinned link no longer holds the interface; attaching anew"
+                );
+                drop(xdp.take_link(link_id));
+            }
             Ok(link_id) => {
                 tracing::info!(
                     interface,
@@ -101,7 +109,15 @@ pub fn attach(
     }
     let id = match id {
         Some(id) => id,
-        None => attach_fresh(xdp, interface, index, mode)?,
+        None => match attach_fresh(xdp, interface, index, mode) {
+            Ok(id) => id,
+            // Someone else's program (attached through netlink) is there: replace it.
+            Err(e) if detach_foreign(interface) => {
+                tracing::warn!(interface, error = %e, "replaced an XDP program that was already attached");
+                attach_fresh(xdp, interface, index, mode)?
+            }
+            Err(e) => return Err(e),
+        },
     };
     let link = FdLink::try_from(xdp.take_link(id)?).context("XDP link is not a BPF link")?;
     let link = link
@@ -141,6 +157,25 @@ fn attach_fresh(
     Err(anyhow::Error::new(err).context(format!(
         "attaching XDP to {interface} in {first:?} mode (xdp_mode = \"auto\" falls back to generic)"
     )))
+}
+
+/// Whether `interface` has an XDP program attached.
+fn has_xdp(interface: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", "dev", interface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false)
+}
+
+/// Detaches a netlink-attached XDP program from `interface`; true if one was there. (A
+/// program held by a BPF link cannot be removed this way: that is another agent's.)
+fn detach_foreign(interface: &str) -> bool {
+    has_xdp(interface)
+        && std::process::Command::new("ip")
+            .args(["link", "set", "dev", interface, "xdp", "off"])
+            .status()
+            .is_ok_and(|s| s.success())
 }
 
 impl Attachment {

@@ -473,7 +473,12 @@ impl Services {
             b.health = HealthState::Down;
             let info = Self::backend_info(b);
             let id = b.id;
-            tracing::warn!(vip = %vip, backend = %address, error = ?b.last_error, "backend down");
+            tracing::warn!(
+                vip = %vip,
+                backend = %address,
+                error = b.last_error.as_deref().unwrap_or(""),
+                "backend down"
+            );
             // New table first, then its flows re-pick from it.
             self.install_table(vi)?;
             self.dp.set_backend(id, &info)?;

@@ -73,17 +73,18 @@ health_check = {health}
     Config::parse(&text, "test.toml".as_ref()).expect("test config")
 }
 
-/// Removes the agent's pinned maps and links when the test ends.
-struct PinCleanup(PathBuf);
+/// Removes the agent's pinned maps and links, and its lock file, when the test ends.
+struct PinCleanup(String);
 
 impl Drop for PinCleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(PathBuf::from("/sys/fs/bpf").join(&self.0));
+        let _ = std::fs::remove_file(format!("/run/xdplb-{}.lock", self.0));
     }
 }
 
 fn pins(cfg: &Config) -> PinCleanup {
-    PinCleanup(PathBuf::from("/sys/fs/bpf").join(&cfg.agent.pin_name))
+    PinCleanup(cfg.agent.pin_name.clone())
 }
 
 fn servers(topo: &Topology) -> Vec<NameServer> {

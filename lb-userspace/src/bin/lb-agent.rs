@@ -110,6 +110,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let opts = AgentOptions {
         keep_attached: args.keep_attached,
         bpffs_root: args.bpffs,
+        ..AgentOptions::default()
     };
     rt.block_on(agent::run(config, opts, shutdown_signal()))
 }

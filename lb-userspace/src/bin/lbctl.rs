@@ -363,6 +363,8 @@ fn print_human(cmd: &Command, data: serde_json::Value) -> Result<(), serde_json:
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`lbctl stats | head`) like other CLI tools.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     let json = args.json;
     let socket = args.socket.clone();
