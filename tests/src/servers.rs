@@ -149,3 +149,56 @@ impl Conn {
 pub fn ask_once(addr: SocketAddr) -> std::io::Result<String> {
     Conn::connect(addr)?.ask()
 }
+
+/// A UDP server bound to `addr` in `ns` that answers every datagram with its name. Binding
+/// the VIP itself (not 0.0.0.0) makes DSR replies leave from the VIP.
+pub struct UdpNameServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpNameServer {
+    pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind(addr))
+            .expect("binding the UDP server");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(name.as_bytes(), peer);
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpNameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one datagram from a fresh socket (a new flow) and returns the answer.
+pub fn udp_ask(addr: SocketAddr) -> std::io::Result<String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.send(b"which")?;
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

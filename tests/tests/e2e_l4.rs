@@ -12,12 +12,12 @@ use std::{
 use integration_tests::{
     agent::AgentHandle,
     netns::{skip_reason, unique_name},
-    servers::{ask_once, Conn, NameServer},
+    servers::{ask_once, udp_ask, Conn, NameServer, UdpNameServer},
     topology::{backend_ip, BackendMode, Topology, LB_IP, VIP},
 };
 use lb_userspace::{
     api::{HealthState, Request},
-    config::{BackendSpec, Config, VipId},
+    config::{BackendSpec, Config, VipId, XdpModeSetting},
 };
 
 const PORT: u16 = 80;
@@ -41,6 +41,15 @@ macro_rules! skip_unless_possible {
 
 /// A config for this test's topology: one VIP on port 80 with the first `n` backends.
 fn config(mode: BackendMode, n: usize, health: &str) -> Config {
+    config_text(
+        mode,
+        n,
+        &format!("protocol = \"tcp\"\nport = {PORT}\nhealth_check = {health}"),
+    )
+}
+
+/// A config whose VIP section ends with `vip_fields` (protocol, port, health check...).
+fn config_text(mode: BackendMode, n: usize, vip_fields: &str) -> Config {
     let pin = unique_name("pin");
     let socket = PathBuf::from(format!("/tmp/{pin}.sock"));
     let mode = match mode {
@@ -57,10 +66,8 @@ ipip_src_v4 = "{LB_IP}"
 
 [[vip]]
 address = "{VIP}"
-port = {PORT}
-protocol = "tcp"
 mode = "{mode}"
-health_check = {health}
+{vip_fields}
 "#,
         socket.display()
     );
@@ -480,4 +487,43 @@ fn raw_call(agent: &AgentHandle, line: &str) -> String {
         lb_userspace::api::Response::Error { message } => message,
         ok => panic!("{line} was accepted: {ok:?}"),
     }
+}
+
+/// A UDP VIP, with the program attached in generic (SKB) mode: datagrams from new flows
+/// reach all backends and the answers come back from the VIP.
+#[test]
+fn e2e_udp_generic_mode() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let addr = SocketAddr::from((VIP, 5353));
+    let _srv: Vec<UdpNameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
+        .collect();
+    let mut cfg = config_text(BackendMode::Dsr, 3, "protocol = \"udp\"\nport = 5353");
+    cfg.agent.xdp_mode = XdpModeSetting::Generic;
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let n = 600;
+    let counts = topo.client.ns.run(|| {
+        let mut c = BTreeMap::new();
+        for _ in 0..n {
+            let name = udp_ask(addr).unwrap_or_else(|e| format!("error: {e}"));
+            *c.entry(name).or_insert(0) += 1;
+        }
+        c
+    });
+    assert_eq!(counts.values().sum::<usize>(), n);
+    for b in ["b0", "b1", "b2"] {
+        assert!(
+            counts.get(b).copied().unwrap_or(0) > n / 5,
+            "{b} got too few flows: {counts:?}"
+        );
+    }
+    // A reused source port is the same flow, so count packets, not new flows.
+    let stats = agent.stats();
+    assert_eq!(stats.vips[0].counters.packets, n as u64, "{stats:?}");
+    agent.stop().unwrap();
 }
