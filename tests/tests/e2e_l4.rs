@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use integration_tests::{
     agent::AgentHandle,
     netns::{skip_reason, unique_name},
@@ -464,6 +465,49 @@ fn e2e_admin_api_and_metrics() {
         "{body}"
     );
 
+    // The CLI: add and remove a backend of the port-80 VIP, seen in traffic and listings.
+    let v80 = vip_id().to_string();
+    let b3 = backend_ip(2).to_string();
+    lbctl(&agent, &["backend", "add", &v80, &b3]).unwrap();
+    let counts = spread(&topo, 200);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b0", "b2"],
+        "{counts:?}"
+    );
+    let listing = lbctl(&agent, &["backend", "list", &v80]).unwrap();
+    assert!(
+        listing.starts_with("VIP ") && listing.contains(&b3),
+        "{listing}"
+    );
+    let stats = lbctl(&agent, &["stats"]).unwrap();
+    assert!(stats.contains("conn_miss"), "{stats}");
+    let health = lbctl(&agent, &["--json", "health"]).unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&health).is_ok(),
+        "{health}"
+    );
+    lbctl(&agent, &["backend", "drain", &v80, &b3]).unwrap();
+    lbctl(&agent, &["backend", "del", &v80, &b3]).unwrap();
+    assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
+    let e = lbctl(&agent, &["backend", "del", &v80, &b3]).unwrap_err();
+    assert_eq!(e.exit_code(), 1);
+    assert!(e.to_string().contains("has no backend 10.77.0.13"), "{e}");
+    let e = lbctl(
+        &agent,
+        &["vip", "add", "10.77.100.9:80/tcp", "--table-size", "100"],
+    )
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(lb_userspace::cli::Args::try_parse_from([
+        "lbctl",
+        "backend",
+        "add",
+        &v80,
+        "10.77.0.300"
+    ])
+    .is_err());
+
     // Removing the VIP takes it out of the datapath.
     agent.call(&Request::VipDel { vip: vip2 }).unwrap();
     let stats = agent.stats();
@@ -474,6 +518,18 @@ fn e2e_admin_api_and_metrics() {
         .run(|| ask_once(SocketAddr::from((VIP, 8080))));
     assert!(gone.is_err(), "VIP still answers after removal: {gone:?}");
     agent.stop().unwrap();
+}
+
+/// Runs `lbctl ARGS` in-process against the agent; returns what it printed.
+fn lbctl(agent: &AgentHandle, args: &[&str]) -> Result<String, lb_userspace::cli::CliError> {
+    let socket = agent.socket.to_string_lossy().into_owned();
+    let argv = ["lbctl", "--socket", socket.as_str()]
+        .into_iter()
+        .chain(args.iter().copied());
+    let parsed = lb_userspace::cli::Args::try_parse_from(argv).expect("lbctl arguments");
+    let mut out = Vec::new();
+    lb_userspace::cli::execute(parsed, &mut out)?;
+    Ok(String::from_utf8(out).unwrap())
 }
 
 /// Sends one raw JSON line to the admin socket; returns the error message of the reply.
