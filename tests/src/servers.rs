@@ -25,11 +25,11 @@ pub struct NameServer {
 }
 
 impl NameServer {
-    /// Listens on `0.0.0.0:port` in `ns` and answers with `name`.
+    /// Listens on `[::]:port` (IPv4 too) in `ns` and answers with `name`.
     pub fn start(ns: &Netns, name: &str, port: u16) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let listener = ns
-            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .run(|| TcpListener::bind(("::", port)))
             .expect("binding the backend server");
         listener.set_nonblocking(true).unwrap();
         let name = name.to_string();

@@ -14,7 +14,7 @@ use integration_tests::{
     agent::AgentHandle,
     netns::{skip_reason, unique_name},
     servers::{ask_once, udp_ask, Conn, NameServer, UdpNameServer},
-    topology::{backend_ip, BackendMode, Topology, LB_IP, VIP},
+    topology::{backend_ip, backend_ip6, BackendMode, Topology, LB_IP, LB_IP6, VIP, VIP6},
 };
 use lb_userspace::{
     api::{HealthState, Request},
@@ -375,7 +375,7 @@ fn e2e_admin_api_and_metrics() {
     assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
 
     // Bad requests: refused, named, and nothing changes.
-    let before = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
+    let before = layout(&agent);
     let unknown: VipId = format!("{VIP}:81/tcp").parse().unwrap();
     let bad = [
         (
@@ -440,8 +440,7 @@ fn e2e_admin_api_and_metrics() {
         let e = raw_call(&agent, raw);
         assert!(e.contains(want), "{raw}: {e}");
     }
-    let after = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
-    assert_eq!(before, after, "a refused request changed the state");
+    assert_eq!(before, layout(&agent), "a refused request changed the state");
 
     // Metrics.
     let body = topo.lb.ns.run(|| {
@@ -520,6 +519,22 @@ fn e2e_admin_api_and_metrics() {
     agent.stop().unwrap();
 }
 
+/// The VIPs and their backends (address, id, weight): what a refused request must not change.
+fn layout(agent: &AgentHandle) -> Vec<(String, Vec<(String, u32, u32)>)> {
+    let vips: Vec<lb_userspace::api::VipView> =
+        serde_json::from_value(agent.call(&Request::VipList).unwrap()).unwrap();
+    vips.into_iter()
+        .map(|v| {
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| (b.address.to_string(), b.id, b.weight))
+                .collect();
+            (v.vip.to_string(), backends)
+        })
+        .collect()
+}
+
 /// Runs `lbctl ARGS` in-process against the agent; returns what it printed.
 fn lbctl(agent: &AgentHandle, args: &[&str]) -> Result<String, lb_userspace::cli::CliError> {
     let socket = agent.socket.to_string_lossy().into_owned();
@@ -581,5 +596,75 @@ fn e2e_udp_generic_mode() {
     // A reused source port is the same flow, so count packets, not new flows.
     let stats = agent.stats();
     assert_eq!(stats.vips[0].counters.packets, n as u64, "{stats:?}");
+    agent.stop().unwrap();
+}
+
+/// IPv6 VIPs, one in DSR mode and one in IP6IP6 mode, on the same backends.
+#[test]
+fn e2e_ipv6_dsr_and_ipip() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Ipip);
+    let _srv80 = servers(&topo);
+    let _srv81: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| NameServer::start(&b.ns, &format!("b{i}"), 81))
+        .collect();
+    let pin = unique_name("pin");
+    let mut text = format!(
+        r#"
+[agent]
+interfaces = ["eth0"]
+pin_name = "{pin}"
+admin_socket = "/tmp/{pin}.sock"
+ipip_src_v6 = "{LB_IP6}"
+
+[[vip]]
+address = "{VIP6}"
+port = 80
+protocol = "tcp"
+health_check = {{ type = "tcp" }}
+{backends}
+[[vip]]
+address = "{VIP6}"
+port = 81
+protocol = "tcp"
+mode = "ipip"
+{backends}
+"#,
+        backends = (0..3)
+            .map(|i| format!("[[vip.backend]]\naddress = \"{}\"\n", backend_ip6(i)))
+            .collect::<String>(),
+    );
+    text = text.replace("\n\n\n", "\n\n");
+    let cfg = Config::parse(&text, "v6.toml".as_ref()).expect("v6 config");
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    for port in [80, 81] {
+        let addr = SocketAddr::from((VIP6, port));
+        let n = 600;
+        let counts = topo.client.ns.run(|| {
+            let mut c = BTreeMap::new();
+            for _ in 0..n {
+                let name = ask_once(addr).unwrap_or_else(|e| format!("error: {e}"));
+                *c.entry(name).or_insert(0) += 1;
+            }
+            c
+        });
+        for b in ["b0", "b1", "b2"] {
+            assert!(
+                counts.get(b).copied().unwrap_or(0) > n / 5,
+                "port {port}: {b} got too few: {counts:?}"
+            );
+        }
+        assert_eq!(counts.values().sum::<usize>(), n);
+        assert!(
+            !counts.keys().any(|k| k.starts_with("error")),
+            "port {port}: {counts:?}"
+        );
+    }
+    let stats = agent.stats();
+    assert!(stats.global["tx"] >= 1200, "{stats:?}");
     agent.stop().unwrap();
 }
