@@ -109,6 +109,10 @@ fn serve(stream: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Long enough for two SYN retransmissions (1 s, then 2 s later): on a loaded machine a veth
+/// may drop a frame now and then, and a retransmitted SYN must not fail the test.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// A client connection that asks which backend it reached.
 pub struct Conn {
     reader: BufReader<TcpStream>,
@@ -118,7 +122,7 @@ pub struct Conn {
 impl Conn {
     /// Connects from the calling thread's namespace.
     pub fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.set_nodelay(true)?;
         Ok(Self {

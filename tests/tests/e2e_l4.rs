@@ -115,12 +115,15 @@ fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
     })
 }
 
-fn assert_balanced(counts: &BTreeMap<String, usize>, backends: &[&str], n: usize) {
+/// Every connection reached one of `backends`, each within `tolerance` (0.10: 10%) of the
+/// mean. With n flows a backend's share varies by about sqrt(n/k) flows, so 10% needs
+/// thousands of flows to be a reliable check.
+fn assert_balanced(counts: &BTreeMap<String, usize>, backends: &[&str], n: usize, tolerance: f64) {
     let mean = n as f64 / backends.len() as f64;
     for b in backends {
         let c = *counts.get(*b).unwrap_or(&0) as f64;
         assert!(
-            (c - mean).abs() <= mean * 0.10,
+            (c - mean).abs() <= mean * tolerance,
             "backend {b} got {c} of {n} connections (mean {mean}): {counts:?}"
         );
     }
@@ -211,7 +214,7 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
     }
     let n = 3000;
     let counts = spread(&topo, n);
-    assert_balanced(&counts, &["b0", "b1", "b2"], n);
+    assert_balanced(&counts, &["b0", "b1", "b2"], n, 0.10);
     let stats = agent.stats();
     assert!(stats.vips[0].counters.new_flows >= n as u64, "{stats:?}");
 
@@ -269,7 +272,7 @@ fn e2e_dsr_add_drain_and_restart() {
     let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), true);
 
     let counts = spread(&topo, 300);
-    assert_balanced(&counts, &["b0", "b1"], 300);
+    assert_balanced(&counts, &["b0", "b1"], 300, 0.35);
     let mut conns = long_conns(&topo, &["b0", "b1"], 3);
 
     agent
@@ -313,7 +316,7 @@ fn e2e_dsr_add_drain_and_restart() {
     let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
     assert_conns_keep_backend(&mut conns, "");
     let counts = spread(&topo, 300);
-    assert_balanced(&counts, &["b0", "b1"], 300);
+    assert_balanced(&counts, &["b0", "b1"], 300, 0.35);
 
     // Restart with a detach: the pinned connection table still holds the flows.
     agent.stop().unwrap();
