@@ -53,10 +53,12 @@ pub fn handle(services: &Mutex<Services>, req: Request) -> Response {
                 let list = s.list_backends(vip.as_ref()).map_err(|e| e.to_string())?;
                 json(serde_json::to_value(list))
             }
-            Request::Stats | Request::Health => {
-                let stats = s.stats().map_err(|e| e.to_string())?;
+            Request::Stats => {
+                let mut stats = s.stats().map_err(|e| e.to_string())?;
+                stats.flows = Some(s.count_flows().map_err(|e| e.to_string())?);
                 json(serde_json::to_value(stats))
             }
+            Request::Health => json(serde_json::to_value(s.stats().map_err(|e| e.to_string())?)),
         }
     })();
     match result {

@@ -123,5 +123,7 @@ pub struct VipView {
 pub struct StatsView {
     pub vips: Vec<VipView>,
     pub global: BTreeMap<String, u64>,
-    pub flows: usize,
+    /// Entries in the connection table (`stats` only; counting walks the table).
+    #[serde(default)]
+    pub flows: Option<usize>,
 }

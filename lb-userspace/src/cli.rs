@@ -374,7 +374,9 @@ fn print_human(out: &mut dyn Write, cmd: &Command, data: serde_json::Value) -> a
             let list: Vec<BackendView> = stats.vips.into_iter().flat_map(|v| v.backends).collect();
             table(out, &BACKEND_HEADER, backend_rows(&list, false))?;
             writeln!(out)?;
-            writeln!(out, "connection table entries: {}", stats.flows)?;
+            if let Some(flows) = stats.flows {
+                writeln!(out, "connection table entries: {flows}")?;
+            }
             table(
                 out,
                 &["REASON", "PACKETS"],

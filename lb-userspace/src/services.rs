@@ -199,11 +199,13 @@ impl Services {
         }
     }
 
-    fn write_backend(&mut self, b: &Backend) -> Result<()> {
+    /// Writes a backend (and its egress port) to the datapath. Takes the datapath alone so
+    /// that `b` can be borrowed from `self.vips`.
+    fn write_backend(dp: &mut Datapath, b: &Backend) -> Result<()> {
         if b.hop.ifindex != 0 {
-            self.dp.add_tx_port(b.hop.ifindex)?;
+            dp.add_tx_port(b.hop.ifindex)?;
         }
-        self.dp.set_backend(b.id, &Self::backend_info(b))?;
+        dp.set_backend(b.id, &Self::backend_info(b))?;
         Ok(())
     }
 
@@ -313,15 +315,6 @@ impl Services {
         for (b, hop) in backend_specs.into_iter().zip(hops) {
             backends.push(self.new_backend(b, hop)?);
         }
-        for b in &backends {
-            self.write_backend(b)?;
-            if fresh_counters {
-                self.dp.reset_stats(None, Some(b.id))?;
-            }
-        }
-        if fresh_counters {
-            self.dp.reset_stats(Some(vip_id), None)?;
-        }
         self.vips.push(Vip {
             key: vip_key(&id),
             spec,
@@ -329,8 +322,11 @@ impl Services {
             backends,
         });
         let vi = self.vips.len() - 1;
-        self.install_table(vi)?;
-        self.sync_vip_addr(id.address)?;
+        if let Err(e) = self.program_vip(vi, fresh_counters) {
+            // Leave nothing half-installed.
+            let _ = self.del_vip(&id);
+            return Err(e);
+        }
         let mut backends = std::mem::take(&mut self.vips[vi].backends);
         for b in &mut backends {
             self.start_check(&self.vips[vi], b);
@@ -338,6 +334,21 @@ impl Services {
         self.vips[vi].backends = backends;
         tracing::info!(vip = %id, vip_id, backends = self.vips[vi].backends.len(), "VIP added");
         Ok(())
+    }
+
+    /// Writes a new VIP's backends, table and address entry to the datapath.
+    fn program_vip(&mut self, vi: usize, fresh_counters: bool) -> Result<()> {
+        for b in &self.vips[vi].backends {
+            Self::write_backend(&mut self.dp, b)?;
+            if fresh_counters {
+                self.dp.reset_stats(None, Some(b.id))?;
+            }
+        }
+        if fresh_counters {
+            self.dp.reset_stats(Some(self.vips[vi].id), None)?;
+        }
+        self.install_table(vi)?;
+        self.sync_vip_addr(self.vips[vi].spec.address)
     }
 
     /// Removes a VIP: new packets to it pass to the kernel; its backends' flows end.
@@ -384,12 +395,23 @@ impl Services {
         }
         let hop = self.resolve(&spec)?;
         let address = spec.address;
-        let mut b = self.new_backend(spec, hop)?;
-        self.write_backend(&b)?;
-        self.dp.reset_stats(None, Some(b.id))?;
+        let b = self.new_backend(spec, hop)?;
+        let id = b.id;
+        self.vips[vi].backends.push(b);
+        let bi = self.vips[vi].backends.len() - 1;
+        let programmed = Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])
+            .and_then(|()| Ok(self.dp.reset_stats(None, Some(id))?))
+            .and_then(|()| self.install_table(vi));
+        if let Err(e) = programmed {
+            // Leave nothing half-installed.
+            let mut b = self.vips[vi].backends.pop().expect("just pushed");
+            let _ = self.install_table(vi);
+            let _ = self.retire_backend(&mut b);
+            return Err(e);
+        }
+        let mut b = self.vips[vi].backends.pop().expect("just pushed");
         self.start_check(&self.vips[vi], &mut b);
         self.vips[vi].backends.push(b);
-        self.install_table(vi)?;
         tracing::info!(vip = %vip, backend = %address, "backend added");
         Ok(())
     }
@@ -556,6 +578,12 @@ impl Services {
         }
     }
 
+    /// Entries in the connection table (walks up to a million keys: for operators, not for
+    /// every metrics scrape).
+    pub fn count_flows(&self) -> Result<usize> {
+        Ok(self.dp.flow_count()?)
+    }
+
     pub fn list_vips(&self) -> Vec<VipView> {
         self.vips.iter().map(|v| self.vip_view(v)).collect()
     }
@@ -572,6 +600,8 @@ impl Services {
             .collect())
     }
 
+    /// Counters of every VIP and backend and the global reasons. `flows` is left out: counting
+    /// the connection table walks it, which [`Services::count_flows`] does on request.
     pub fn stats(&self) -> Result<StatsView> {
         let global = self.dp.global_stats()?;
         Ok(StatsView {
@@ -582,7 +612,7 @@ impl Services {
                 .filter(|(n, _)| **n != "unused")
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
-            flows: self.dp.flow_count()?,
+            flows: None,
         })
     }
 }
