@@ -8,17 +8,18 @@
 //! that backend keeps `BACKEND_F_ALIVE`; taking a backend down clears the flag (after the new
 //! table is live) so its flows are re-picked, while a drained backend (weight 0) keeps it.
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    net::IpAddr,
-};
+use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     maglev::{build_table, MaglevBackend},
-    BackendInfo, VipAddrInfo, VipKey, VipMeta, ADDR_F_ECHO_REPLY, AF_INET, AF_INET6,
-    BACKEND_F_ALIVE, MAX_BACKENDS, MAX_VIPS,
+    BackendInfo, VipAddrInfo, VipKey, VipMeta, ADDR_F_ECHO_REPLY, BACKEND_F_ALIVE, MAX_BACKENDS,
+    MAX_VIPS,
 };
 use tokio::task::AbortHandle;
+
+mod keys;
+pub use keys::addr16;
+use keys::{family, vip_key, Ids};
 
 use crate::{
     api::{BackendView, Counters, HealthState, StatsView, VipView},
@@ -76,36 +77,6 @@ struct Vip {
     backends: Vec<Backend>,
 }
 
-/// Smallest-free-first id allocator: the same config gives the same ids after a restart,
-/// which is what lets pinned connection-table entries keep pointing at the right backend.
-struct Ids {
-    used: BTreeSet<u32>,
-    limit: u32,
-    what: &'static str,
-}
-
-impl Ids {
-    fn new(limit: u32, what: &'static str) -> Self {
-        Self {
-            used: BTreeSet::new(),
-            limit,
-            what,
-        }
-    }
-
-    fn take(&mut self) -> Result<u32> {
-        let id = (0..self.limit)
-            .find(|i| !self.used.contains(i))
-            .ok_or(ServiceError::Exhausted(self.what))?;
-        self.used.insert(id);
-        Ok(id)
-    }
-
-    fn release(&mut self, id: u32) {
-        self.used.remove(&id);
-    }
-}
-
 /// All services and the datapath they are written to.
 pub struct Services {
     dp: Datapath,
@@ -114,35 +85,6 @@ pub struct Services {
     vip_ids: Ids,
     backend_ids: Ids,
     health: Option<HealthSpawner>,
-}
-
-/// 16-byte wire form of an address.
-pub fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => {
-            let mut out = [0u8; 16];
-            out[..4].copy_from_slice(&v4.octets());
-            out
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn family(a: IpAddr) -> u8 {
-    if a.is_ipv4() {
-        AF_INET
-    } else {
-        AF_INET6
-    }
-}
-
-fn vip_key(id: &VipId) -> VipKey {
-    VipKey {
-        addr: addr16(id.address),
-        port: id.port.to_be(),
-        proto: id.protocol.ip_proto(),
-        family: family(id.address),
-    }
 }
 
 impl Services {
