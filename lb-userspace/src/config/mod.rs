@@ -248,7 +248,29 @@ impl BackendSpec {
 
 impl VipSpec {
     /// Checks the VIP alone (not against other VIPs); `agent` supplies the IPIP sources.
-    pub fn validate(&self, agent: &AgentSection) -> Result<(), String> {
+    pub fn validate(&self, agent: &AgentSection) -> Result<(), SpecError> {
+        self.validate_vip(agent).map_err(|message| SpecError {
+            backend: None,
+            message,
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for (j, b) in self.backends.iter().enumerate() {
+            let checked = b.validate(self).and_then(|()| {
+                if seen.insert(b.address) {
+                    Ok(())
+                } else {
+                    Err(format!("backend {} appears twice", b.address))
+                }
+            });
+            checked.map_err(|message| SpecError {
+                backend: Some(j),
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_vip(&self, agent: &AgentSection) -> Result<(), String> {
         if self.port == 0 {
             return Err("port must not be 0".into());
         }
@@ -266,18 +288,19 @@ impl VipSpec {
                 ));
             }
         }
-        if let Some(hc) = &self.health_check {
-            hc.validate()?;
+        match &self.health_check {
+            Some(hc) => hc.validate(),
+            None => Ok(()),
         }
-        let mut seen = std::collections::HashSet::new();
-        for b in &self.backends {
-            b.validate(self)?;
-            if !seen.insert(b.address) {
-                return Err(format!("backend {} appears twice", b.address));
-            }
-        }
-        Ok(())
     }
+}
+
+/// A problem with a VIP or, when `backend` is set, with its backend at that index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub backend: Option<usize>,
+    pub message: String,
 }
 
 impl Config {
@@ -319,16 +342,28 @@ impl Config {
                 format!("{} VIPs; at most {}", self.vips.len(), common::MAX_VIPS),
             ));
         }
-        let headers = vip_header_lines(text);
+        let headers = array_header_lines(text, "vip");
+        let backend_headers = array_header_lines(text, "vip.backend");
+        let at = |line: Option<&usize>| line.map(|l| format!(", line {l}")).unwrap_or_default();
         let mut seen = std::collections::HashSet::new();
         for (i, vip) in self.vips.iter().enumerate() {
-            let line = headers
-                .get(i)
-                .map(|l| format!(", line {l}"))
-                .unwrap_or_default();
-            let where_ = format!("{file}: vip[{i}] {}{line}", vip.id());
-            vip.validate(&self.agent)
-                .map_err(|m| invalid(where_.clone(), m))?;
+            let where_ = format!("{file}: vip[{i}] {}{}", vip.id(), at(headers.get(i)));
+            if let Err(e) = vip.validate(&self.agent) {
+                let Some(j) = e.backend else {
+                    return Err(invalid(where_, e.message));
+                };
+                // This VIP's `[[vip.backend]]` headers lie between its header and the next.
+                let start = headers.get(i).copied().unwrap_or(0);
+                let end = headers.get(i + 1).copied().unwrap_or(usize::MAX);
+                let line = backend_headers
+                    .iter()
+                    .filter(|l| (start..end).contains(*l))
+                    .nth(j);
+                return Err(invalid(
+                    format!("{file}: vip[{i}] {} backend[{j}]{}", vip.id(), at(line)),
+                    e.message,
+                ));
+            }
             if !seen.insert(vip.id()) {
                 return Err(invalid(where_, "the same VIP appears twice".into()));
             }
@@ -337,16 +372,16 @@ impl Config {
     }
 }
 
-/// Line numbers (1-based) of the `[[vip]]` headers, in order.
-fn vip_header_lines(text: &str) -> Vec<usize> {
+/// Line numbers (1-based) of the `[[name]]` array-of-tables headers, in order.
+fn array_header_lines(text: &str, name: &str) -> Vec<usize> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| {
-            let l = l.trim_start();
-            l.starts_with("[[") && l[2..].trim_start().starts_with("vip") && {
-                let rest = l[2..].trim_start()[3..].trim_start();
-                rest.starts_with("]]")
-            }
+            let l = l.trim();
+            let inner = l.strip_prefix("[[").and_then(|l| l.split_once("]]"));
+            inner.is_some_and(|(key, rest)| {
+                key.trim() == name && (rest.trim().is_empty() || rest.trim().starts_with('#'))
+            })
         })
         .map(|(n, _)| n + 1)
         .collect()
@@ -440,9 +475,12 @@ table_size = 251
         let dup = GOOD.replace("10.0.1.2", "10.0.1.1");
         let e = parse(&dup).unwrap_err().to_string();
         assert!(
-            e.contains("10.0.1.1 appears twice") && e.contains("line 7"),
+            e.contains("10.0.1.1 appears twice") && e.contains("backend[1], line 17"),
             "{e}"
         );
+        let heavy = GOOD.replace("weight = 3", "weight = 5000");
+        let e = parse(&heavy).unwrap_err().to_string();
+        assert!(e.contains("weight 5000") && e.contains("line 17"), "{e}");
         let no_src = GOOD.replace("ipip_src_v4 = \"10.0.0.2\"", "");
         let e = parse(&no_src).unwrap_err().to_string();
         assert!(e.contains("ipip_src_v4") && e.contains("line 22"), "{e}");

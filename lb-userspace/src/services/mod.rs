@@ -232,9 +232,9 @@ impl Services {
     pub fn add_vip(&mut self, mut spec: VipSpec, fresh_counters: bool) -> Result<()> {
         let id = spec.id();
         spec.validate(&self.agent)
-            .map_err(|message| ServiceError::Invalid {
+            .map_err(|e| ServiceError::Invalid {
                 what: format!("VIP {id}"),
-                message,
+                message: e.message,
             })?;
         if self.vips.iter().any(|v| v.spec.id() == id) {
             return Err(ServiceError::DuplicateVip(id));
