@@ -10,6 +10,7 @@ use std::{
 };
 
 use clap::Parser;
+use common::{VipAddrInfo, VipKey, VipMeta};
 use integration_tests::{
     agent::AgentHandle,
     netns::{skip_reason, unique_name},
@@ -318,13 +319,35 @@ fn e2e_dsr_add_drain_and_restart() {
     let counts = spread(&topo, 300);
     assert_balanced(&counts, &["b0", "b1"], 300, 0.35);
 
+    // A VIP added at runtime is not in the file: the next agent removes it from the maps.
+    let extra: lb_userspace::config::VipSpec = serde_json::from_value(serde_json::json!({
+        "address": "10.77.100.2", "port": 80, "protocol": "tcp", "table_size": 251,
+    }))
+    .unwrap();
+    agent.call(&Request::VipAdd { vip: extra }).unwrap();
+    assert_eq!(pinned_len::<VipKey, VipMeta>(&cfg, "VIPS"), 2);
+    assert_eq!(pinned_len::<[u8; 16], VipAddrInfo>(&cfg, "VIP_ADDRS"), 2);
+
     // Restart with a detach: the pinned connection table still holds the flows.
     agent.stop().unwrap();
-    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
     assert_conns_keep_backend(&mut conns, "");
     let stats = agent.stats();
     assert!(stats.global["conn_hit"] > 0, "{stats:?}");
+    assert_eq!(pinned_len::<VipKey, VipMeta>(&cfg, "VIPS"), 1);
+    assert_eq!(pinned_len::<[u8; 16], VipAddrInfo>(&cfg, "VIP_ADDRS"), 1);
     agent.stop().unwrap();
+}
+
+/// Number of keys in one of the agent's pinned hash maps.
+fn pinned_len<K: aya::Pod, V: aya::Pod>(cfg: &Config, map: &str) -> usize {
+    let path = PathBuf::from("/sys/fs/bpf")
+        .join(&cfg.agent.pin_name)
+        .join(map);
+    let data = aya::maps::MapData::from_pin(&path).expect("opening a pinned map");
+    let map = aya::maps::Map::HashMap(data);
+    let hash: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(&map).unwrap();
+    hash.keys().count()
 }
 
 /// Runtime changes through the admin API show in traffic; bad requests are refused with a

@@ -458,14 +458,20 @@ impl Services {
         Ok(())
     }
 
-    /// Clears ALIVE on backend ids this agent does not use and removes VIPs it does not serve:
-    /// leftovers of a previous run with another configuration.
+    /// Removes VIPs and VIP addresses this agent does not serve and clears ALIVE on backend
+    /// ids it does not use: leftovers of a previous run with another configuration.
     pub fn remove_leftovers(&mut self) -> Result<()> {
         let keys: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
         for key in self.dp.vip_keys()? {
             if !keys.contains(&key) {
                 self.dp.remove_vip(&key)?;
                 tracing::info!(?key, "removed a VIP left by a previous run");
+            }
+        }
+        let addrs: HashSet<[u8; 16]> = self.vips.iter().map(|v| v.key.addr).collect();
+        for addr in self.dp.vip_addrs()? {
+            if !addrs.contains(&addr) {
+                self.dp.remove_vip_addr(&addr)?;
             }
         }
         for id in 0..MAX_BACKENDS {
