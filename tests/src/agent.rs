@@ -37,6 +37,12 @@ pub fn init_logs() {
 impl AgentHandle {
     /// Starts the agent in `ns` and waits until its admin socket answers.
     pub fn start(ns: &Netns, config: Config, keep_attached: bool) -> Self {
+        Self::try_start(ns, config, keep_attached)
+            .unwrap_or_else(|e| panic!("agent exited during start-up: {e:#}"))
+    }
+
+    /// Like [`AgentHandle::start`], but returns the agent's error if it exits during start-up.
+    pub fn try_start(ns: &Netns, config: Config, keep_attached: bool) -> anyhow::Result<Self> {
         init_logs();
         let socket = config.agent.admin_socket.clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -61,11 +67,11 @@ impl AgentHandle {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if admin::call_ok(&handle.socket, &Request::VipList).is_ok() {
-                return handle;
+                return Ok(handle);
             }
             if handle.thread.as_ref().unwrap().is_finished() {
                 let r = handle.thread.take().unwrap().join().unwrap();
-                panic!("agent exited during start-up: {r:?}");
+                return Err(r.err().unwrap_or_else(|| anyhow::anyhow!("agent stopped")));
             }
             assert!(Instant::now() < deadline, "agent did not start in 30 s");
             std::thread::sleep(Duration::from_millis(50));

@@ -350,6 +350,31 @@ fn pinned_len<K: aya::Pod, V: aya::Pod>(cfg: &Config, map: &str) -> usize {
     hash.keys().count()
 }
 
+/// A start-up that fails (an interface that does not exist) says why and leaves nothing
+/// attached or listening.
+#[test]
+fn e2e_failed_start_leaves_nothing() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let mut cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    cfg.agent.interfaces = vec!["eth0".into(), "nope0".into()];
+    let _pins = pins(&cfg);
+    let e = AgentHandle::try_start(&topo.lb.ns, cfg.clone(), false)
+        .err()
+        .expect("the agent started without its interface");
+    assert!(
+        format!("{e:#}").contains("\"nope0\" does not exist"),
+        "{e:#}"
+    );
+    assert!(!cfg.agent.admin_socket.exists(), "admin socket left behind");
+    let links = std::process::Command::new("ip")
+        .args(["-n", topo.lb.ns.name(), "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("prog/xdp"), "XDP left attached: {links}");
+}
+
 /// Runtime changes through the admin API show in traffic; bad requests are refused with a
 /// message naming the problem and change nothing; metrics are served.
 #[test]
