@@ -15,6 +15,7 @@ pub mod maglev;
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_BY_ID: &str = "VIP_BY_ID";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     pub const CONN_TABLE: &str = "CONN_TABLE";
@@ -34,6 +35,8 @@ pub mod prog_names {
     /// Passes everything. Attach to the peer of a veth so that XDP_TX/REDIRECT frames
     /// can be received (veth needs NAPI on the receiving side).
     pub const PASS: &str = "xdp_pass";
+    /// Returns XDP_TX and does nothing else: the baseline of the program-cost benchmark.
+    pub const BENCH_TX: &str = "xdp_bench_tx";
 }
 
 /// Most VIPs one datapath serves.
@@ -84,7 +87,10 @@ impl ForwardMode {
 }
 
 /// Key of [`map_names::VIPS`]: a service address, port and L4 protocol.
-#[repr(C)]
+///
+/// The `align` attributes on this and the other address-carrying types add no padding (the
+/// sizes are asserted below); they let the datapath copy addresses as words, not byte loops.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -93,6 +99,8 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
+    /// Always zero (part of the hash key).
+    pub _pad: [u8; 4],
 }
 
 /// Value of [`map_names::VIPS`]. Replaced whole (hash map update) so the datapath never sees
@@ -111,6 +119,17 @@ pub struct VipMeta {
     /// `VIP_F_*` bits.
     pub flags: u8,
     pub _pad: [u8; 2],
+}
+
+/// Value of [`map_names::VIP_BY_ID`] (array indexed by `vip_id`): a copy of a VIP's key and
+/// entry. Established flows find their VIP here, by the id in their connection-table entry,
+/// instead of through a second hash lookup; `key` must match the packet, so a deleted VIP
+/// (zeroed slot) or a reused id stops matching.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub meta: VipMeta,
 }
 
 /// Hash only the source and destination addresses (no ports): all of a client's flows go to
@@ -132,7 +151,7 @@ pub struct VipAddrInfo {
 pub const ADDR_F_ECHO_REPLY: u32 = 1 << 0;
 
 /// Value of [`map_names::BACKENDS`] (array indexed by backend id).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendInfo {
     /// The backend's IP (the IPIP outer destination).
@@ -156,7 +175,7 @@ pub struct BackendInfo {
 pub const BACKEND_F_ALIVE: u8 = 1 << 0;
 
 /// Key of [`map_names::CONN_TABLE`]: the 5-tuple as seen on the client's packet.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -260,6 +279,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for VipAddrInfo {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
@@ -270,11 +290,14 @@ mod pod {
 
 /// Compile-time layout checks: the kernel and userspace must agree on these sizes.
 const _: () = {
-    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipKey>() == 24);
     assert!(core::mem::size_of::<VipMeta>() == 16);
+    assert!(core::mem::size_of::<VipSlot>() == 40);
     assert!(core::mem::size_of::<BackendInfo>() == 36);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     assert!(core::mem::size_of::<LbConfig>() == 24);
+    assert!(core::mem::align_of::<VipKey>() == 8);
+    assert!(core::mem::align_of::<FlowKey>() == 8);
 };

@@ -106,7 +106,7 @@ mod table {
         }
         let mut d = 2u32;
         while d.saturating_mul(d) <= n {
-            if n % d == 0 {
+            if n.is_multiple_of(d) {
                 return false;
             }
             d += 1;
@@ -127,7 +127,7 @@ mod table {
         let mut live: Vec<MaglevBackend> =
             backends.iter().copied().filter(|b| b.weight > 0).collect();
         // Insertion order must not matter: sort by identity.
-        live.sort_by(|a, b| a.identity.cmp(&b.identity));
+        live.sort_by_key(|b| b.identity);
         for pair in live.windows(2) {
             if pair[0].identity == pair[1].identity {
                 return Err(MaglevError::DuplicateIdentity(pair[0].identity));

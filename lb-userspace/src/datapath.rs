@@ -16,7 +16,7 @@ use aya::{
 };
 use common::{
     map_names as names, reason, BackendInfo, FlowEntry, FlowKey, LbConfig, TrafficStats,
-    VipAddrInfo, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX,
+    VipAddrInfo, VipKey, VipMeta, VipSlot, MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX,
 };
 
 /// Errors from the datapath.
@@ -87,6 +87,7 @@ impl Datapath {
             common::prog_names::LB,
             common::prog_names::DECAP,
             common::prog_names::PASS,
+            common::prog_names::BENCH_TX,
         ] {
             dp.xdp(name)?
                 .load()
@@ -204,10 +205,22 @@ impl Datapath {
         let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
         m.insert(key, &meta, 0).map_err(map_err(names::VIPS))?;
+        self.set_vip_slot(meta.vip_id, &VipSlot { key: *key, meta })?;
         Ok(meta)
     }
 
+    /// The copy that established flows find by id (see `common::VipSlot`).
+    fn set_vip_slot(&mut self, vip_id: u32, slot: &VipSlot) -> Result<()> {
+        let mut m: Array<&mut MapData, VipSlot> =
+            Array::try_from(self.map_mut(names::VIP_BY_ID)?).map_err(map_err(names::VIP_BY_ID))?;
+        m.set(vip_id, slot, 0).map_err(map_err(names::VIP_BY_ID))
+    }
+
+    /// Removes the VIP; its established flows stop matching (the id's slot is cleared).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        if let Some(meta) = self.vip(key)? {
+            self.set_vip_slot(meta.vip_id, &VipSlot::default())?;
+        }
         let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
         match m.remove(key) {

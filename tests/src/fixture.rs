@@ -86,6 +86,7 @@ pub fn vip_key_v4(addr: [u8; 4], port: u16, proto: u8) -> VipKey {
         port: port.to_be(),
         proto,
         family: AF_INET,
+        _pad: [0; 4],
     }
 }
 
@@ -95,6 +96,7 @@ pub fn vip_key_v6(addr: [u8; 16], port: u16, proto: u8) -> VipKey {
         port: port.to_be(),
         proto,
         family: AF_INET6,
+        _pad: [0; 4],
     }
 }
 
@@ -107,7 +109,13 @@ impl Fixture {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let dp = Datapath::load(&dir).expect("load the XDP object");
+        let dp = match Datapath::load(&dir) {
+            Ok(dp) => dp,
+            Err(e) => {
+                remove_pins(&dir);
+                panic!("load the XDP object: {e:?}");
+            }
+        };
         let mut f = Self { dp, dir };
         f.dp.set_config(&LbConfig {
             ipip_src_v4: IPIP_SRC_V4,
@@ -206,15 +214,19 @@ impl Default for Fixture {
     }
 }
 
+/// Unpinning removes the maps once the last fd closes.
+fn remove_pins(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Unpinning removes the maps once the last fd closes (the Datapath is dropped next).
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.dir);
+        remove_pins(&self.dir);
     }
 }
 

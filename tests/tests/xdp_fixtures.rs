@@ -8,6 +8,7 @@ use integration_tests::{
         inet_csum, vip_key_v4, vip_key_v6, Fixture, TestBackend, CLIENT_MAC, IPIP_SRC_V4,
         IPIP_SRC_V6, LB_MAC,
     },
+    packets::{tcp4, tcp6, udp4, udp6, PAYLOAD},
     require_bpf,
 };
 use lb_userspace::testrun::{action_name, XDP_DROP, XDP_PASS, XDP_TX};
@@ -18,7 +19,6 @@ const VIP6: [u8; 16] = [
     0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
 ];
 const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
-const PAYLOAD: &[u8] = b"hello, backend";
 
 fn backends4() -> Vec<TestBackend> {
     (0..3)
@@ -35,47 +35,6 @@ fn backends6() -> Vec<TestBackend> {
             TestBackend::v6(i, a)
         })
         .collect()
-}
-
-fn tcp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 65535)
-        .syn()
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
-fn udp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
-fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1000, 65535)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
-fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv6(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
 }
 
 /// The backend whose MAC the program wrote, by id.
@@ -714,4 +673,29 @@ fn flows_spread_over_backends_like_the_table() {
         .map(|i| f.dp.backend_stats(i).unwrap().new_flows)
         .sum();
     assert_eq!(total, 3000);
+}
+
+#[test]
+fn removed_vip_stops_its_established_flows() {
+    require_bpf!();
+    let mut f = Fixture::new();
+    let bs = backends4();
+    let key = vip_key_v4(VIP4, 80, IPPROTO_TCP);
+    f.add_vip(key, 3, ForwardMode::L2Dsr, &bs, 251);
+    let pkt = tcp4(CLIENT4, 1111, VIP4, 80);
+    assert_action(f.lb(&pkt).action, XDP_TX, "flow established");
+    f.dp.remove_vip(&key).unwrap();
+    let r = f.lb(&pkt);
+    assert_action(r.action, XDP_PASS, "flow of a removed VIP");
+    assert_eq!(r.packet, pkt);
+    // The id reused by another VIP does not capture the old flow either.
+    let other = vip_key_v4(VIP4, 8080, IPPROTO_TCP);
+    f.add_vip(other, 3, ForwardMode::L2Dsr, &bs, 251);
+    assert_action(f.lb(&pkt).action, XDP_PASS, "old flow after id reuse");
+    // Re-adding the VIP serves the flow again.
+    f.add_vip(key, 4, ForwardMode::Ipip, &bs, 251);
+    let r = f.lb(&pkt);
+    assert_action(r.action, XDP_TX, "flow after re-add");
+    assert_eq!(&r.packet[12..14], &[0x08, 0x00]);
+    assert_eq!(r.packet[14 + 9], 4, "now encapsulated (IPIP mode)");
 }

@@ -11,7 +11,7 @@ use network_types::{
 use crate::{
     csum,
     maps::{count, LB_CONFIG, TX_PORTS},
-    parse::{ptr_at, ptr_at_mut, Packet, Truncated},
+    parse::{ptr_at, ptr_at_mut, write_mac, Packet, Truncated},
 };
 
 /// Forwards the packet to `backend` as the VIP's mode says; returns the XDP action.
@@ -33,8 +33,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &BackendI
 fn rewrite_macs(ctx: &XdpContext, backend: &BackendInfo) -> Result<(), Truncated> {
     let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
     unsafe {
-        (*eth).dst_addr = backend.mac;
-        (*eth).src_addr = backend.src_mac;
+        write_mac(&raw mut (*eth).dst_addr, &backend.mac);
+        write_mac(&raw mut (*eth).src_addr, &backend.src_mac);
     }
     Ok(())
 }
@@ -124,8 +124,8 @@ fn write_l2(
 ) -> Result<(), Truncated> {
     let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
     unsafe {
-        (*eth).dst_addr = backend.mac;
-        (*eth).src_addr = backend.src_mac;
+        write_mac(&raw mut (*eth).dst_addr, &backend.mac);
+        write_mac(&raw mut (*eth).src_addr, &backend.src_mac);
         (*eth).ether_type = u16::from_ne_bytes([tail[0], tail[1]]);
     }
     if l2_len > EthHdr::LEN {

@@ -13,8 +13,10 @@ use network_types::{
 use crate::{
     balance, csum, drop,
     maps::{count, VIPS, VIP_ADDRS},
-    parse::{ptr_at, ptr_at_mut, Packet, Truncated},
-    pass,
+    parse::{
+        addr4, load_addr6, ptr_at, ptr_at_mut, read_mac, store_addr6, write_mac, Packet, Truncated,
+    },
+    pass, Lookup,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -60,7 +62,12 @@ fn classify(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Truncated> {
 #[inline(always)]
 fn swap_macs(ctx: &XdpContext) -> Result<(), Truncated> {
     let eth = ptr_at_mut::<EthHdr>(ctx, 0)?;
-    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
+    unsafe {
+        let src = read_mac(&raw const (*eth).src_addr);
+        let dst = read_mac(&raw const (*eth).dst_addr);
+        write_mac(&raw mut (*eth).src_addr, &dst);
+        write_mac(&raw mut (*eth).dst_addr, &src);
+    }
     Ok(())
 }
 
@@ -71,7 +78,9 @@ fn echo_v4(ctx: &XdpContext, pkt: &Packet, code: u8) -> Result<u32, Truncated> {
     let ip = ptr_at_mut::<Ipv4Hdr>(ctx, pkt.l2_len)?;
     swap_macs(ctx)?;
     unsafe {
-        core::mem::swap(&mut (*ip).src_addr, &mut (*ip).dst_addr);
+        let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
+        (*ip).src_addr = dst;
+        (*ip).dst_addr = src;
         let old = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
         (*ip).ttl = 64;
         let new = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
@@ -99,7 +108,10 @@ fn echo_v6(ctx: &XdpContext, pkt: &Packet, code: u8) -> Result<u32, Truncated> {
     swap_macs(ctx)?;
     unsafe {
         // Swapping source and destination leaves the pseudo-header sum unchanged.
-        core::mem::swap(&mut (*ip).src_addr, &mut (*ip).dst_addr);
+        let src = load_addr6(&raw const (*ip).src_addr);
+        let dst = load_addr6(&raw const (*ip).dst_addr);
+        store_addr6(&raw mut (*ip).src_addr, dst);
+        store_addr6(&raw mut (*ip).dst_addr, src);
         (*ip).hop_limit = 64;
         let icmp = &mut *icmp;
         let check = u16::from_be_bytes([icmp[2], icmp[3]]);
@@ -120,22 +132,26 @@ fn echo_v6(ctx: &XdpContext, pkt: &Packet, code: u8) -> Result<u32, Truncated> {
 #[inline(always)]
 fn too_big(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Truncated> {
     let inner_off = pkt.l4_off + ICMP_HLEN;
-    let mut vsrc = [0u8; 16];
-    let mut vdst = [0u8; 16];
-    let (proto, ports_off) = if pkt.family == AF_INET {
+    let (vsrc, vdst, proto, ports_off) = if pkt.family == AF_INET {
         let ip = ptr_at::<Ipv4Hdr>(ctx, inner_off)?;
         let ihl = ((unsafe { (*ip).vihl } & 0x0f) as usize) << 2;
         if ihl < Ipv4Hdr::LEN {
             return Err(Truncated);
         }
-        vsrc[..4].copy_from_slice(unsafe { &(*ip).src_addr });
-        vdst[..4].copy_from_slice(unsafe { &(*ip).dst_addr });
-        (unsafe { (*ip).proto }, inner_off + ihl)
+        (
+            addr4(unsafe { (*ip).src_addr }),
+            addr4(unsafe { (*ip).dst_addr }),
+            unsafe { (*ip).proto },
+            inner_off + ihl,
+        )
     } else {
         let ip = ptr_at::<Ipv6Hdr>(ctx, inner_off)?;
-        vsrc = unsafe { (*ip).src_addr };
-        vdst = unsafe { (*ip).dst_addr };
-        (unsafe { (*ip).next_hdr }, inner_off + Ipv6Hdr::LEN)
+        (
+            load_addr6(unsafe { &raw const (*ip).src_addr }),
+            load_addr6(unsafe { &raw const (*ip).dst_addr }),
+            unsafe { (*ip).next_hdr },
+            inner_off + Ipv6Hdr::LEN,
+        )
     };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(pass(reason::PASS_ICMP));
@@ -150,6 +166,7 @@ fn too_big(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Truncated> {
         port: vport,
         proto,
         family: pkt.family,
+        _pad: [0; 4],
     };
     let Some(vip) = (unsafe { VIPS.get(&key) }) else {
         return Ok(pass(reason::PASS_ICMP));
@@ -163,7 +180,7 @@ fn too_big(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Truncated> {
         family: pkt.family,
         _pad: [0; 2],
     };
-    let action = balance(ctx, pkt, vip, &flow, false);
+    let action = balance(ctx, pkt, vip, &flow, Lookup::NoTrack);
     if action == xdp_action::XDP_TX || action == xdp_action::XDP_REDIRECT {
         count(reason::ICMP_PTB_FORWARDED);
     }

@@ -26,7 +26,8 @@ use common::{
 };
 
 use maps::{
-    account, count, BACKENDS, BACKEND_STATS, CONN_TABLE, RINGS, VIPS, VIP_ADDRS, VIP_STATS,
+    account, count, BACKENDS, BACKEND_STATS, CONN_TABLE, RINGS, VIPS, VIP_ADDRS, VIP_BY_ID,
+    VIP_STATS,
 };
 use parse::{has_ports, is_icmp, parse_l3, read_ports, Packet, L3};
 
@@ -43,6 +44,12 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Baseline for the program-cost benchmark: transmits every packet untouched.
+#[xdp]
+pub fn xdp_bench_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
 }
 
 #[inline(always)]
@@ -62,12 +69,34 @@ fn is_vip_addr(addr: &[u8; 16]) -> bool {
     unsafe { VIP_ADDRS.get(addr) }.is_some()
 }
 
+const PARSED_IP: u32 = 0;
+const PARSED_OTHER: u32 = 1;
+const PARSED_TRUNCATED: u32 = 2;
+
+/// Parses into `out` in a frame of its own, so the parse's temporaries do not sit on the stack
+/// under the ICMP and balancing frames. Returns one of the `PARSED_*` codes.
+#[inline(never)]
+fn parse(ctx: &XdpContext, out: *mut Packet) -> u32 {
+    match parse_l3(ctx) {
+        Ok(L3::Ip(pkt)) => {
+            unsafe { out.write(pkt) };
+            PARSED_IP
+        }
+        Ok(L3::Other) => PARSED_OTHER,
+        Err(_) => PARSED_TRUNCATED,
+    }
+}
+
 fn process(ctx: &XdpContext) -> u32 {
-    let pkt = match parse_l3(ctx) {
-        Ok(L3::Ip(pkt)) => pkt,
-        Ok(L3::Other) => return pass(reason::PASS_NOT_VIP),
-        Err(_) => return drop(reason::DROP_MALFORMED),
-    };
+    // Not zero-initialised: BPF has no memset, LLVM would call a byte loop for it.
+    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
+    match parse(ctx, slot.as_mut_ptr()) {
+        PARSED_IP => {}
+        PARSED_OTHER => return pass(reason::PASS_NOT_VIP),
+        _ => return drop(reason::DROP_MALFORMED),
+    }
+    // SAFETY: `parse` wrote a whole Packet when it returned PARSED_IP.
+    let pkt = unsafe { slot.assume_init_ref() };
     if pkt.fragment {
         return if is_vip_addr(&pkt.dst) {
             drop(reason::DROP_FRAGMENT)
@@ -76,7 +105,7 @@ fn process(ctx: &XdpContext) -> u32 {
         };
     }
     if is_icmp(pkt.family, pkt.proto) {
-        return icmp::handle(ctx, &pkt);
+        return icmp::handle(ctx, pkt);
     }
     if pkt.unsupported || !has_ports(pkt.proto) {
         return if is_vip_addr(&pkt.dst) {
@@ -85,11 +114,12 @@ fn process(ctx: &XdpContext) -> u32 {
             pass(reason::PASS_NOT_VIP)
         };
     }
-    l4(ctx, &pkt)
+    l4(ctx, pkt)
 }
 
-/// TCP and UDP: ports, VIP lookup, then balance. A separate frame from `process` (see
-/// `balance`).
+/// TCP and UDP: an established flow goes straight to its backend (one hash lookup: the
+/// connection table); anything else looks up the VIP and balances. A separate frame from
+/// `process` (see `balance`).
 #[inline(never)]
 fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let Ok((sport, dport)) = read_ports(ctx, pkt.l4_off, pkt.proto) else {
@@ -104,9 +134,7 @@ fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
         port: dport,
         proto: pkt.proto,
         family: pkt.family,
-    };
-    let Some(vip) = (unsafe { VIPS.get(&key) }) else {
-        return pass(reason::PASS_NOT_VIP);
+        _pad: [0; 4],
     };
     let flow = FlowKey {
         src: pkt.src,
@@ -117,11 +145,43 @@ fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
         family: pkt.family,
         _pad: [0; 2],
     };
-    balance(ctx, pkt, vip, &flow, true)
+    let entry = unsafe { CONN_TABLE.get(&flow) };
+    if let Some(e) = entry {
+        if let Some(slot) = VIP_BY_ID.get(e.vip_id) {
+            if slot.key == key {
+                if let Some(b) = BACKENDS.get(e.backend_id) {
+                    if b.flags & BACKEND_F_ALIVE != 0 {
+                        count(reason::CONN_HIT);
+                        return deliver(ctx, pkt, &slot.meta, e.backend_id, b, false);
+                    }
+                }
+            }
+        }
+    }
+    let Some(vip) = (unsafe { VIPS.get(&key) }) else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    let lookup = if entry.is_some() {
+        Lookup::Stale
+    } else {
+        Lookup::Missed
+    };
+    balance(ctx, pkt, vip, &flow, lookup)
 }
 
-/// Picks the flow's backend, forwards the packet to it and counts it.
-/// `track`: record a new flow in the connection table.
+/// What is known of the flow's connection-table entry when balancing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// Looked up, absent: pick and record.
+    Missed,
+    /// Looked up, present but its backend or VIP is gone: re-pick and record.
+    Stale,
+    /// Not looked up yet: look, keep the flow on its backend if the entry is valid, but never
+    /// record a new one (ICMP errors steered to a flow's backend).
+    NoTrack,
+}
+
+/// Picks the flow's backend and delivers the packet to it.
 /// Not inlined: its stack frame must not add to its callers' (the verifier caps the total).
 #[inline(never)]
 pub(crate) fn balance(
@@ -129,11 +189,24 @@ pub(crate) fn balance(
     pkt: &Packet,
     vip: &VipMeta,
     flow: &FlowKey,
-    track: bool,
+    lookup: Lookup,
 ) -> u32 {
-    let Some((backend_id, backend, new_flow)) = select_backend(vip, flow, track) else {
-        return drop(reason::DROP_NO_BACKEND);
-    };
+    match select_backend(vip, flow, lookup) {
+        Some((id, backend, new_flow)) => deliver(ctx, pkt, vip, id, backend, new_flow),
+        None => drop(reason::DROP_NO_BACKEND),
+    }
+}
+
+/// Forwards the packet to its backend and counts it.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipMeta,
+    backend_id: u32,
+    backend: &BackendInfo,
+    new_flow: bool,
+) -> u32 {
     let action = forward::forward(ctx, pkt, vip, backend);
     if action != xdp_action::XDP_DROP {
         account(&VIP_STATS, vip.vip_id, pkt.len, new_flow);
@@ -148,21 +221,27 @@ pub(crate) fn balance(
 fn select_backend(
     vip: &VipMeta,
     flow: &FlowKey,
-    track: bool,
+    lookup: Lookup,
 ) -> Option<(u32, &'static BackendInfo, bool)> {
-    if let Some(entry) = unsafe { CONN_TABLE.get(flow) } {
-        let id = entry.backend_id;
-        if entry.vip_id == vip.vip_id {
-            if let Some(b) = BACKENDS.get(id) {
-                if b.flags & BACKEND_F_ALIVE != 0 {
-                    count(reason::CONN_HIT);
-                    return Some((id, b, false));
+    match lookup {
+        Lookup::NoTrack => {
+            if let Some(entry) = unsafe { CONN_TABLE.get(flow) } {
+                let id = entry.backend_id;
+                if entry.vip_id == vip.vip_id {
+                    if let Some(b) = BACKENDS.get(id) {
+                        if b.flags & BACKEND_F_ALIVE != 0 {
+                            count(reason::CONN_HIT);
+                            return Some((id, b, false));
+                        }
+                    }
                 }
+                count(reason::CONN_REPICK);
+            } else {
+                count(reason::CONN_MISS);
             }
         }
-        count(reason::CONN_REPICK);
-    } else {
-        count(reason::CONN_MISS);
+        Lookup::Missed => count(reason::CONN_MISS),
+        Lookup::Stale => count(reason::CONN_REPICK),
     }
     let hash = if vip.flags & VIP_F_HASH_NO_PORTS != 0 {
         flow_hash(&flow.src, &flow.dst, 0, 0, flow.proto)
@@ -181,7 +260,7 @@ fn select_backend(
         return None;
     }
     let b = BACKENDS.get(id)?;
-    if track {
+    if lookup != Lookup::NoTrack {
         let entry = FlowEntry {
             backend_id: id,
             vip_id: vip.vip_id,

@@ -7,12 +7,15 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use common::{
-    BackendInfo, FlowEntry, FlowKey, LbConfig, TrafficStats, VipAddrInfo, VipKey, VipMeta,
+    BackendInfo, FlowEntry, FlowKey, LbConfig, TrafficStats, VipAddrInfo, VipKey, VipMeta, VipSlot,
     CONN_TABLE_SIZE, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RING_SIZE_MAX, RING_SLOTS,
 };
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::pinned(MAX_VIPS, 0);
+
+#[map]
+pub static VIP_BY_ID: Array<VipSlot> = Array::pinned(MAX_VIPS, 0);
 
 #[map]
 pub static VIP_ADDRS: HashMap<[u8; 16], VipAddrInfo> = HashMap::pinned(MAX_VIPS, 0);
@@ -24,8 +27,10 @@ pub static BACKENDS: Array<BackendInfo> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
 pub static RINGS: Array<u32> = Array::pinned(RING_SLOTS * RING_SIZE_MAX, 0);
 
+/// BPF_F_NO_COMMON_LRU: each CPU evicts from its own LRU list, so inserts take no shared lock.
 #[map]
-pub static CONN_TABLE: LruHashMap<FlowKey, FlowEntry> = LruHashMap::pinned(CONN_TABLE_SIZE, 0);
+pub static CONN_TABLE: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::pinned(CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_VIPS, 0);
@@ -42,6 +47,8 @@ pub static LB_CONFIG: Array<LbConfig> = Array::pinned(1, 0);
 /// Egress interfaces for backends that sit behind another interface (key: ifindex).
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 #[inline(always)]
 pub fn count(reason: u32) {

@@ -73,7 +73,9 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
         ether_type = u16::from_be_bytes(unsafe { *inner });
         l2_len += VLAN_HLEN;
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    // The helper, not data_end - data: LLVM may zero-extend data_end with shifts, and the
+    // verifier forbids arithmetic on it.
+    let len = unsafe { aya_ebpf::helpers::bpf_xdp_get_buff_len(ctx.ctx) };
     match ether_type {
         ETH_P_IP => {
             let ip = ptr_at::<Ipv4Hdr>(ctx, l2_len)?;
@@ -83,10 +85,8 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
                 return Err(Truncated);
             }
             let frags = u16::from_be_bytes(unsafe { (*ip).frags });
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src[..4].copy_from_slice(unsafe { &(*ip).src_addr });
-            dst[..4].copy_from_slice(unsafe { &(*ip).dst_addr });
+            let src = addr4(unsafe { (*ip).src_addr });
+            let dst = addr4(unsafe { (*ip).dst_addr });
             Ok(L3::Ip(Packet {
                 l2_len,
                 l4_off: l2_len + ihl,
@@ -111,8 +111,8 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
                 l4_off: l2_len + Ipv6Hdr::LEN,
                 family: AF_INET6,
                 proto: nh,
-                src: unsafe { (*ip).src_addr },
-                dst: unsafe { (*ip).dst_addr },
+                src: load_addr6(unsafe { &raw const (*ip).src_addr }),
+                dst: load_addr6(unsafe { &raw const (*ip).dst_addr }),
                 fragment: nh == IPV6_NH_FRAGMENT,
                 unsupported: !matches!(
                     nh,
@@ -123,6 +123,72 @@ pub fn parse_l3(ctx: &XdpContext) -> Result<L3, Truncated> {
         }
         _ => Ok(L3::Other),
     }
+}
+
+/// An IPv4 address in the 16-byte form the maps use, built from words: byte-array
+/// initialisation would become calls to a byte-at-a-time memset/memcpy in BPF.
+#[inline(always)]
+pub fn addr4(b: [u8; 4]) -> [u8; 16] {
+    let words = [u32::from_ne_bytes(b), 0u32, 0, 0];
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
+/// A 16-byte address read from the packet as eight 16-bit words. IP headers sit at even
+/// offsets behind Ethernet, so these loads are aligned; byte-wise copies would need a register
+/// per byte and spill the stack.
+#[inline(always)]
+pub fn load_addr6(p: *const [u8; 16]) -> [u8; 16] {
+    let w = p as *const u16;
+    let words: [u16; 8] = unsafe {
+        [
+            w.read(),
+            w.add(1).read(),
+            w.add(2).read(),
+            w.add(3).read(),
+            w.add(4).read(),
+            w.add(5).read(),
+            w.add(6).read(),
+            w.add(7).read(),
+        ]
+    };
+    unsafe { core::mem::transmute::<[u16; 8], [u8; 16]>(words) }
+}
+
+/// Writes a 16-byte address into the packet as eight 16-bit words (see [`load_addr6`]).
+#[inline(always)]
+pub fn store_addr6(p: *mut [u8; 16], addr: [u8; 16]) {
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u16; 8]>(addr) };
+    let w = p as *mut u16;
+    for (i, word) in words.iter().enumerate() {
+        unsafe { w.add(i).write(*word) };
+    }
+}
+
+/// Writes a MAC address into the packet (one u32 and one u16 store).
+#[inline(always)]
+pub fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
+    let src = mac.as_ptr();
+    let d = dst as *mut u8;
+    unsafe {
+        let hi = (src as *const u32).read_unaligned();
+        let lo = (src.add(4) as *const u16).read_unaligned();
+        (d as *mut u32).write_unaligned(hi);
+        (d.add(4) as *mut u16).write_unaligned(lo);
+    }
+}
+
+/// Reads a MAC address (from the packet or a map value) into a register-friendly copy.
+#[inline(always)]
+pub fn read_mac(src: *const [u8; 6]) -> [u8; 6] {
+    let s = src as *const u8;
+    let mut out = [0u8; 6];
+    unsafe {
+        let hi = (s as *const u32).read_unaligned();
+        let lo = (s.add(4) as *const u16).read_unaligned();
+        (out.as_mut_ptr() as *mut u32).write_unaligned(hi);
+        (out.as_mut_ptr().add(4) as *mut u16).write_unaligned(lo);
+    }
+    out
 }
 
 /// Reads TCP or UDP ports (both start with source and destination port), after checking that

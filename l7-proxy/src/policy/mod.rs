@@ -83,6 +83,7 @@ impl PolicyChain {
 
     /// Runs request phases in order. On `Respond`, returns the response together with how many
     /// policies ran (their response phases must still run on it).
+    #[allow(clippy::result_large_err)]
     pub async fn run_request(
         &self,
         mut req: Request<ProxyBody>,

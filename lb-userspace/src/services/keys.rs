@@ -64,6 +64,7 @@ pub(super) fn vip_key(id: &VipId) -> VipKey {
         port: id.port.to_be(),
         proto: id.protocol.ip_proto(),
         family: family(id.address),
+        _pad: [0; 4],
     }
 }
 

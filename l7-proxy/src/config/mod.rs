@@ -1,0 +1,454 @@
+//! The proxy's configuration file: one `serde` struct tree, parsed from TOML and validated once
+//! at load (and again on every reload) before anything goes live.
+//!
+//! Text enters through [`Config::from_toml_str`] or [`Config::from_file`]. Parse errors come
+//! from `toml` and already name the line and the offending key (`unknown field`, wrong type).
+//! Semantic errors (a route that forwards to a group that does not exist, a regex that does not
+//! compile, a duplicate name) are found by [`Config::validate`] and reported as
+//! [`ConfigError::Invalid`] with the dotted field path and the line, using the spans that
+//! `toml::Spanned` keeps. Later stages (TLS certificate loading, policy building) use
+//! [`Config::line_of`] to report their errors the same way.
+//!
+//! Defaults live next to the fields, as `default_*` functions. `examples/proxy.toml` documents
+//! every field.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::PolicyConfig;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not match the schema; the message names line and key.
+    #[error("{0}")]
+    Parse(Box<toml::de::Error>),
+    /// The TOML is well formed but a value is not acceptable.
+    #[error("line {line}: `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `routes[2].action.forward.group`.
+        field: String,
+        /// 1-based line of the value in the config file.
+        line: usize,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing connection settings shared by all listeners.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Optional admin listener (`/metrics`, `POST /-/reload`).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamGroupConfig>,
+    /// Byte offsets of line starts in the source text, to turn spans into line numbers.
+    #[serde(skip)]
+    line_starts: Vec<usize>,
+}
+
+/// Settings of client connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A client must send a complete request head within this time (slowloris defence).
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A client connection with no bytes moving in either direction for this long is closed.
+    #[serde(default = "default_client_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// On shutdown or when a listener is removed, connections get this long to finish.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_client_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_client_idle_timeout_ms(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+/// The admin listener. Its address is read at start only; reloads do not move it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: Spanned<String>,
+}
+
+/// One client-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs and by [`crate::ProxyHandle::listener_addr`].
+    pub name: Spanned<String>,
+    /// `ip:port` to bind. On reload a listener whose address is unchanged keeps its socket.
+    pub address: Spanned<String>,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Expect a PROXY protocol v1 or v2 header before any other byte, and take the client
+    /// address from it.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// TLS termination settings of a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates; the one whose names match the client's SNI is served, else the first.
+    pub certs: Spanned<Vec<CertConfig>>,
+    /// PEM file of CAs; when set, clients must present a certificate signed by one (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<Spanned<PathBuf>>,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+}
+
+/// A route: what requests it matches, what to do with them, and the policies on the way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: Spanned<String>,
+    /// Conditions, all of which must hold. An empty match matches every request.
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    pub action: Spanned<ActionConfig>,
+    /// Gateway policies, run in order on the request and in reverse on the response.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+}
+
+/// Match conditions of a route.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// `api.example.com` (exact) or `*.example.com` (any subdomain, not the apex).
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    /// `{ exact = "/x" }`, `{ prefix = "/api" }` or `{ regex = "^/v[0-9]+/" }`.
+    #[serde(default)]
+    pub path: Option<Spanned<PathMatchConfig>>,
+    /// Allowed methods; empty means any.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// Headers that must be present with exactly this value.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+}
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PathMatchConfig {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ActionConfig {
+    /// `[routes.action.forward]`: proxy to an upstream group.
+    Forward(ForwardConfig),
+    /// `[routes.action.redirect]`: answer with a redirect.
+    Redirect(RedirectConfig),
+    /// `[routes.action.fixed]`: answer with a fixed response.
+    Fixed(FixedConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    pub group: Spanned<String>,
+    /// Remove this prefix from the path before forwarding (`/api/x` → `/x`).
+    #[serde(default)]
+    pub strip_prefix: Option<Spanned<String>>,
+    /// Replace the whole path (the query is kept).
+    #[serde(default)]
+    pub rewrite_path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: Spanned<u16>,
+    pub location: Spanned<String>,
+}
+
+fn default_redirect_status() -> Spanned<u16> {
+    Spanned::new(0..0, 302)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixedConfig {
+    #[serde(default = "default_fixed_status")]
+    pub status: Spanned<u16>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+}
+
+fn default_fixed_status() -> Spanned<u16> {
+    Spanned::new(0..0, 200)
+}
+
+/// A group of upstream servers that share a balancing algorithm and health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamGroupConfig {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Required with `consistent_hash`: `{ header = "x-user" }`, `{ cookie = "sid" }` or
+    /// `"client_ip"`.
+    #[serde(default)]
+    pub hash_on: Option<Spanned<HashOn>>,
+    pub members: Spanned<Vec<MemberConfig>>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub passive_health: PassiveHealthConfig,
+    /// Time to establish a TCP connection to a member.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time from sending the request until the response head arrives.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Idle pooled keep-alive connections are closed after this long.
+    #[serde(default = "default_pool_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    #[serde(default)]
+    pub retries: RetryConfig,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_pool_idle_timeout_ms() -> u64 {
+    60_000
+}
+
+/// Load-balancing algorithm of a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (nginx): members get `weight` turns per cycle, interleaved.
+    Weighted,
+    /// Power of two random choices on in-flight requests.
+    LeastRequest,
+    /// Hash ring over members; a key keeps its member while that member is healthy, and only
+    /// about 1/N of keys move when a member joins or leaves.
+    ConsistentHash,
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+    ClientIp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// `ip:port` of the member (plain HTTP/1.1).
+    pub address: Spanned<String>,
+    /// Used by `weighted` and `consistent_hash`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Active health checks: `GET path` on every member each interval.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down member back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a member down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_health_path() -> String {
+    "/".to_string()
+}
+fn default_health_interval_ms() -> u64 {
+    2_000
+}
+fn default_health_timeout_ms() -> u64 {
+    1_000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Passive health: members that fail live traffic are ejected for a while.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// Consecutive 5xx responses or connect failures that eject a member; 0 disables.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection length; each further ejection doubles it, up to 8x.
+    #[serde(default = "default_ejection_ms")]
+    pub ejection_ms: u64,
+}
+
+fn default_consecutive_failures() -> u32 {
+    3
+}
+fn default_ejection_ms() -> u64 {
+    10_000
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            ejection_ms: default_ejection_ms(),
+        }
+    }
+}
+
+/// Retries of idempotent requests (without a body) that failed to reach a member.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Further members tried after the first, at most.
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Retries may add at most this percentage to the group's request rate (plus a small
+    /// reserve), so a failing group is not hammered.
+    #[serde(default = "default_retry_budget_percent")]
+    pub budget_percent: u32,
+}
+
+fn default_retry_attempts() -> u32 {
+    2
+}
+fn default_retry_budget_percent() -> u32 {
+    20
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: default_retry_attempts(),
+            budget_percent: default_retry_budget_percent(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// 1-based line of a span of the source text (0 when the value came from a default).
+    pub fn line_of(&self, span: Range<usize>) -> usize {
+        if span.start == 0 && span.end == 0 {
+            return 0;
+        }
+        self.line_starts
+            .partition_point(|&start| start <= span.start)
+    }
+
+    /// An [`ConfigError::Invalid`] for a spanned value.
+    pub fn invalid<T>(
+        &self,
+        field: impl Into<String>,
+        value: &Spanned<T>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            field: field.into(),
+            line: self.line_of(value.span()),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Semantic checks of a parsed [`Config`]: everything that serde cannot express (references
+//! between sections, unique names, parseable addresses, regexes, status codes).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig};
+
+impl Config {
+    /// Checks the parsed config; the first problem found is returned.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(admin) = &self.admin {
+            self.check_addr("admin.address", &admin.address)?;
+        }
+        self.validate_listeners()?;
+        self.validate_upstreams()?;
+        self.validate_routes()
+    }
+
+    fn check_addr(
+        &self,
+        field: &str,
+        value: &toml::Spanned<String>,
+    ) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse::<SocketAddr>().map_err(|e| {
+            self.invalid(
+                field,
+                value,
+                format!("`{}` is not an ip:port address: {e}", value.get_ref()),
+            )
+        })
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !names.insert(l.name.get_ref()) {
+                return Err(self.invalid(
+                    format!("listeners[{i}].name"),
+                    &l.name,
+                    "duplicate listener name",
+                ));
+            }
+            let field = format!("listeners[{i}].address");
+            self.check_addr(&field, &l.address)?;
+            if !addrs.insert(l.address.get_ref()) {
+                return Err(self.invalid(field, &l.address, "duplicate listener address"));
+            }
+            if let Some(tls) = &l.tls {
+                if tls.certs.get_ref().is_empty() {
+                    return Err(self.invalid(
+                        format!("listeners[{i}].tls.certs"),
+                        &tls.certs,
+                        "at least one certificate is required",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_upstreams(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, g) in self.upstreams.iter().enumerate() {
+            let at = format!("upstreams[{i}]");
+            if !names.insert(g.name.get_ref()) {
+                return Err(self.invalid(format!("{at}.name"), &g.name, "duplicate group name"));
+            }
+            if g.members.get_ref().is_empty() {
+                return Err(self.invalid(
+                    format!("{at}.members"),
+                    &g.members,
+                    "a group needs at least one member",
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, m) in g.members.get_ref().iter().enumerate() {
+                let field = format!("{at}.members[{j}].address");
+                let addr = self.check_addr(&field, &m.address)?;
+                if !seen.insert(addr) {
+                    return Err(self.invalid(field, &m.address, "duplicate member address"));
+                }
+                if m.weight == 0 {
+                    return Err(self.invalid(field, &m.address, "weight must be at least 1"));
+                }
+            }
+            match (g.algorithm, &g.hash_on) {
+                (Algorithm::ConsistentHash, None) => {
+                    return Err(self.invalid(
+                        format!("{at}.algorithm"),
+                        &g.name,
+                        "consistent_hash needs `hash_on`",
+                    ))
+                }
+                (Algorithm::ConsistentHash, Some(_)) | (_, None) => {}
+                (_, Some(h)) => {
+                    return Err(self.invalid(
+                        format!("{at}.hash_on"),
+                        h,
+                        "hash_on is only used with algorithm = \"consistent_hash\"",
+                    ))
+                }
+            }
+            if let Some(hc) = &g.health_check {
+                if !hc.path.starts_with('/') || hc.rise == 0 || hc.fall == 0 {
+                    return Err(self.invalid(
+                        format!("{at}.health_check"),
+                        &g.name,
+                        "health_check.path must start with `/`, rise and fall must be >= 1",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        let groups: HashSet<&String> = self.upstreams.iter().map(|g| g.name.get_ref()).collect();
+        let mut names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !names.insert(r.name.get_ref()) {
+                return Err(self.invalid(format!("{at}.name"), &r.name, "duplicate route name"));
+            }
+            if let Some(host) = &r.matcher.host {
+                let h = host.get_ref();
+                let rest = h.strip_prefix("*.").unwrap_or(h);
+                if rest.is_empty() || rest.contains('*') || rest.contains('/') {
+                    return Err(self.invalid(
+                        format!("{at}.match.host"),
+                        host,
+                        "expected `name.example.com` or `*.example.com`",
+                    ));
+                }
+            }
+            if let Some(path) = &r.matcher.path {
+                let field = format!("{at}.match.path");
+                match path.get_ref() {
+                    PathMatchConfig::Exact(p) | PathMatchConfig::Prefix(p) => {
+                        if !p.starts_with('/') {
+                            return Err(self.invalid(field, path, "path must start with `/`"));
+                        }
+                    }
+                    PathMatchConfig::Regex(re) => {
+                        if let Err(e) = regex::Regex::new(re) {
+                            return Err(self.invalid(field, path, format!("invalid regex: {e}")));
+                        }
+                    }
+                }
+            }
+            for (j, m) in r.matcher.methods.iter().enumerate() {
+                if http::Method::from_bytes(m.get_ref().as_bytes()).is_err() {
+                    return Err(self.invalid(
+                        format!("{at}.match.methods[{j}]"),
+                        m,
+                        "not an HTTP method",
+                    ));
+                }
+            }
+            for (name, value) in &r.matcher.headers {
+                let field = format!("{at}.match.headers.{name}");
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    || http::HeaderValue::from_str(value.get_ref()).is_err()
+                {
+                    return Err(self.invalid(field, value, "invalid header name or value"));
+                }
+            }
+            self.validate_action(&at, r.action.get_ref(), &r.action, &groups)?;
+        }
+        Ok(())
+    }
+
+    fn validate_action(
+        &self,
+        at: &str,
+        action: &ActionConfig,
+        spanned: &toml::Spanned<ActionConfig>,
+        groups: &HashSet<&String>,
+    ) -> Result<(), ConfigError> {
+        match action {
+            ActionConfig::Forward(f) => {
+                if !groups.contains(f.group.get_ref()) {
+                    return Err(self.invalid(
+                        format!("{at}.action.forward.group"),
+                        &f.group,
+                        format!("no upstream group named `{}`", f.group.get_ref()),
+                    ));
+                }
+                if let (Some(_), Some(rw)) = (&f.strip_prefix, &f.rewrite_path) {
+                    return Err(self.invalid(
+                        format!("{at}.action.forward.rewrite_path"),
+                        rw,
+                        "use either strip_prefix or rewrite_path, not both",
+                    ));
+                }
+                for (name, v) in [
+                    ("strip_prefix", &f.strip_prefix),
+                    ("rewrite_path", &f.rewrite_path),
+                ] {
+                    if let Some(v) = v {
+                        if !v.get_ref().starts_with('/') {
+                            return Err(self.invalid(
+                                format!("{at}.action.forward.{name}"),
+                                v,
+                                "must start with `/`",
+                            ));
+                        }
+                    }
+                }
+            }
+            ActionConfig::Redirect(r) => {
+                if ![301, 302, 303, 307, 308].contains(r.status.get_ref()) {
+                    let span = if r.status.span() == (0..0) {
+                        spanned.span()
+                    } else {
+                        r.status.span()
+                    };
+                    return Err(ConfigError::Invalid {
+                        field: format!("{at}.action.redirect.status"),
+                        line: self.line_of(span),
+                        message: "redirect status must be 301, 302, 303, 307 or 308".into(),
+                    });
+                }
+                if http::HeaderValue::from_str(r.location.get_ref()).is_err() {
+                    return Err(self.invalid(
+                        format!("{at}.action.redirect.location"),
+                        &r.location,
+                        "not a valid header value",
+                    ));
+                }
+            }
+            ActionConfig::Fixed(f) => {
+                if !(100..=599).contains(f.status.get_ref()) {
+                    return Err(self.invalid(
+                        format!("{at}.action.fixed.status"),
+                        &f.status,
+                        "status must be between 100 and 599",
+                    ));
+                }
+                for (name, value) in &f.headers {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                        || http::HeaderValue::from_str(value.get_ref()).is_err()
+                    {
+                        return Err(self.invalid(
+                            format!("{at}.action.fixed.headers.{name}"),
+                            value,
+                            "invalid header name or value",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "api"
+members = [{ address = "127.0.0.1:9000" }]
+
+[[routes]]
+name = "api"
+match = { host = "*.example.com", path = { prefix = "/api" } }
+action = { forward = { group = "api", strip_prefix = "/api" } }
+"#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = Config::from_toml_str(GOOD).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.upstreams[0].algorithm, Algorithm::RoundRobin);
+    }
+
+    #[test]
+    fn unknown_group_names_field_and_line() {
+        let text = GOOD.replace("group = \"api\"", "group = \"nope\"");
+        let err = Config::from_toml_str(&text).unwrap_err();
+        match err {
+            ConfigError::Invalid { field, line, .. } => {
+                assert_eq!(field, "routes[0].action.forward.group");
+                assert_eq!(line, 13);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_a_parse_error_with_line() {
+        let text = GOOD.replace("name = \"web\"", "name = \"web\"\nbogus = 1");
+        let msg = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(msg.contains("line 4"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn bad_regex_is_rejected() {
+        let text = GOOD.replace("{ prefix = \"/api\" }", "{ regex = \"(\" }");
+        let msg = Config::from_toml_str(&text).unwrap_err().to_string();
+        assert!(msg.contains("routes[0].match.path"), "{msg}");
+        assert!(msg.contains("line 12"), "{msg}");
+    }
+}

@@ -1,0 +1,172 @@
+//! The upstream pick and forward phases: choose a member of the group, send the request with
+//! the group's pooled client, and retry idempotent requests without a body on another member
+//! when the first could not be reached (within the group's retry budget). WebSocket and other
+//! HTTP/1.1 upgrades are tunnelled once the member answers `101`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::{empty_body, text_response};
+use crate::metrics::{Metrics, RouteLabels};
+use crate::policy::ProxyBody;
+use crate::upstream::client::ConnReuse;
+use crate::upstream::UpstreamGroup;
+
+/// What the forward phase produced.
+pub struct Forwarded {
+    pub response: Response<ProxyBody>,
+    /// The member that answered (or the last one tried).
+    pub member: Option<SocketAddr>,
+}
+
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// Sends `req` (already rewritten: path, headers) to a member of `group`.
+pub async fn forward(
+    group: &UpstreamGroup,
+    req: Request<ProxyBody>,
+    client_ip: IpAddr,
+    route: &str,
+    metrics: &Metrics,
+    client_upgrade: Option<OnUpgrade>,
+) -> Forwarded {
+    group.deposit_retry_budget();
+    let hash = group.request_hash(req.headers(), client_ip);
+    let retryable =
+        client_upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut client_upgrade = client_upgrade;
+    loop {
+        let Some(index) = group.pick(hash, &tried) else {
+            let response = if tried.is_empty() {
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no healthy upstream in group {}\n", group.name),
+                )
+            } else {
+                text_response(StatusCode::BAD_GATEWAY, "upstream unreachable\n".into())
+            };
+            let member = tried.last().map(|&i| group.members[i].addr);
+            return Forwarded { response, member };
+        };
+        tried.push(index);
+        let member = &group.members[index];
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(member.addr.to_string())
+            .path_and_query(
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|pq| pq.as_str())
+                    .unwrap_or("/"),
+            )
+            .build();
+        let Ok(uri) = uri else {
+            return Forwarded {
+                response: text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()),
+                member: None,
+            };
+        };
+        let mut upstream_req = Request::new(body.take().unwrap_or_else(empty_body));
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.headers_mut() = parts.headers.clone();
+
+        let _in_flight = member.start_request();
+        metrics
+            .upstream_requests
+            .get_or_create(member.labels())
+            .inc();
+        let sent = tokio::time::timeout(group.request_timeout, group.client.request(upstream_req));
+        match sent.await {
+            Ok(Ok(mut resp)) => {
+                member.record_outcome(!resp.status().is_server_error(), &group.passive, metrics);
+                if let Some(reuse) = resp.extensions().get::<ConnReuse>() {
+                    if reuse.mark_used() {
+                        metrics.pool_reused.inc();
+                    }
+                }
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_side) = client_upgrade.take() {
+                        tunnel(client_side, hyper::upgrade::on(&mut resp));
+                    }
+                }
+                return Forwarded {
+                    response: resp.map(|b| b.map_err(Into::into).boxed()),
+                    member: Some(member.addr),
+                };
+            }
+            Ok(Err(err)) => {
+                member.record_outcome(false, &group.passive, metrics);
+                tracing::warn!(member = %member.addr, group = %group.name, error = %err, "upstream request failed");
+                if retryable
+                    && tried.len() <= group.retries.attempts as usize
+                    && group.withdraw_retry()
+                {
+                    metrics
+                        .retries
+                        .get_or_create(&RouteLabels {
+                            route: route.to_string(),
+                        })
+                        .inc();
+                    continue;
+                }
+                return Forwarded {
+                    response: text_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream unreachable\n".into(),
+                    ),
+                    member: Some(member.addr),
+                };
+            }
+            Err(_) => {
+                member.record_outcome(false, &group.passive, metrics);
+                return Forwarded {
+                    response: text_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream timed out\n".into(),
+                    ),
+                    member: Some(member.addr),
+                };
+            }
+        }
+    }
+}
+
+/// Joins the client's and the member's upgraded connections and copies bytes both ways.
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with error");
+        }
+    });
+}

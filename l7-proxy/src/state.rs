@@ -1,0 +1,94 @@
+//! One config generation, compiled and ready to serve: the route table, the upstream groups
+//! with their health check tasks, and each listener's TLS and PROXY protocol settings.
+//!
+//! [`RuntimeState::build`] is the single place where a validated [`Config`] becomes live
+//! objects; everything that can fail (certificate files, policy construction) fails here,
+//! before the new generation is swapped in. Requests load the current generation from
+//! [`Shared::state`] once, at their start, and keep it until they finish: that is what lets
+//! in-flight requests complete on the old config during a reload.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError, ServerConfig};
+use crate::metrics::Metrics;
+use crate::routing::RouteTable;
+use crate::upstream::client::ClientCache;
+use crate::upstream::health::HealthTasks;
+use crate::upstream::UpstreamGroup;
+
+/// Settings of one listener in one generation.
+pub struct ListenerSettings {
+    pub name: String,
+    /// The configured `ip:port`, which identifies the listener across reloads.
+    pub address: String,
+    pub tls: Option<TlsAcceptor>,
+    pub proxy_protocol: bool,
+}
+
+/// A compiled config generation.
+pub struct RuntimeState {
+    pub generation: u64,
+    pub server: ServerConfig,
+    pub routes: RouteTable,
+    pub groups: HashMap<String, Arc<UpstreamGroup>>,
+    pub listeners: Vec<Arc<ListenerSettings>>,
+    _health: HealthTasks,
+}
+
+/// Process-wide state shared by listeners, connections and the admin server.
+pub struct Shared {
+    pub state: ArcSwap<RuntimeState>,
+    pub metrics: Arc<Metrics>,
+    pub clients: ClientCache,
+}
+
+impl RuntimeState {
+    /// Compiles a validated config. Must run inside a tokio runtime (health checks spawn).
+    pub fn build(
+        config: &Config,
+        generation: u64,
+        clients: &ClientCache,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let routes = RouteTable::build(config)?;
+        let listeners = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let tls = l
+                    .tls
+                    .as_ref()
+                    .map(|tls| crate::tls::build_acceptor(config, i, tls))
+                    .transpose()?;
+                Ok(Arc::new(ListenerSettings {
+                    name: l.name.get_ref().clone(),
+                    address: l.address.get_ref().clone(),
+                    tls,
+                    proxy_protocol: l.proxy_protocol,
+                }))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let mut health = HealthTasks::default();
+        let mut groups = HashMap::new();
+        for g in &config.upstreams {
+            let group = UpstreamGroup::build(g, clients, metrics);
+            if let Some(hc) = &g.health_check {
+                health.spawn(&group, hc, metrics);
+            }
+            groups.insert(group.name.clone(), Arc::new(group));
+        }
+        Ok(Self {
+            generation,
+            server: config.server.clone(),
+            routes,
+            groups,
+            listeners,
+            _health: health,
+        })
+    }
+}

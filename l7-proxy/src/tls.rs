@@ -1,0 +1,126 @@
+//! TLS termination: builds a listener's `rustls` server config from its `[listeners.tls]`
+//! section.
+//!
+//! Certificates are chosen by SNI ([`SniResolver`]): the first configured certificate that is
+//! valid for the client's server name (wildcards included, checked with webpki) is served; a
+//! client without SNI, or with a name no certificate covers, gets the first one. Only TLS 1.2
+//! and 1.3 are offered, ALPN offers `h2` and `http/1.1`, and with `client_ca` set the client
+//! must present a certificate issued by one of those CAs (mTLS). Certificates are read again on
+//! every reload, since the whole config is rebuilt.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError, TlsConfig};
+
+/// The crypto provider used everywhere (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Picks a certificate by SNI.
+#[derive(Debug)]
+pub struct SniResolver {
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn covers(key: &CertifiedKey, name: &str) -> bool {
+        let Ok(server_name) = ServerName::try_from(name) else {
+            return false;
+        };
+        let Some(der) = key.cert.first() else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(der)
+            .map(|cert| cert.verify_is_valid_for_subject_name(&server_name).is_ok())
+            .unwrap_or(false)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = client_hello.server_name() {
+            if let Some(key) = self.keys.iter().find(|k| Self::covers(k, name)) {
+                return Some(key.clone());
+            }
+        }
+        self.keys.first().cloned()
+    }
+}
+
+/// Builds the acceptor of a listener (`index` is its position in `config.listeners`).
+pub fn build_acceptor(
+    config: &Config,
+    index: usize,
+    tls: &TlsConfig,
+) -> Result<TlsAcceptor, ConfigError> {
+    let provider = provider();
+    let at = format!("listeners[{index}].tls");
+    let mut keys = Vec::new();
+    for (i, c) in tls.certs.get_ref().iter().enumerate() {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c.cert.get_ref())
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                config.invalid(
+                    format!("{at}.certs[{i}].cert"),
+                    &c.cert,
+                    format!("reading {}: {e}", c.cert.get_ref().display()),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(config.invalid(
+                format!("{at}.certs[{i}].cert"),
+                &c.cert,
+                "no certificate in file",
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(c.key.get_ref()).map_err(|e| {
+            config.invalid(
+                format!("{at}.certs[{i}].key"),
+                &c.key,
+                format!("reading {}: {e}", c.key.get_ref().display()),
+            )
+        })?;
+        let certified = CertifiedKey::from_der(certs, key, &provider)
+            .map_err(|e| config.invalid(format!("{at}.certs[{i}].key"), &c.key, e.to_string()))?;
+        keys.push(Arc::new(certified));
+    }
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| config.invalid(at.clone(), &tls.certs, e.to_string()))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let field = format!("{at}.client_ca");
+            let mut roots = RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(ca.get_ref())
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    config.invalid(
+                        &field,
+                        ca,
+                        format!("reading {}: {e}", ca.get_ref().display()),
+                    )
+                })?;
+            let (added, _) = roots.add_parsable_certificates(cas);
+            if added == 0 {
+                return Err(config.invalid(&field, ca, "no usable CA certificate in file"));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| config.invalid(&field, ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server_config = builder.with_cert_resolver(Arc::new(SniResolver { keys }));
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server_config)))
+}

@@ -1,0 +1,224 @@
+//! Load balancing algorithms, health and retries through the running proxy.
+
+use crate::support::*;
+
+fn one_group(algorithm: &str, members: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "g"
+algorithm = "{algorithm}"
+members = {members}
+{extra}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "g" }} }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn round_robin_is_exact() {
+    let ups = [
+        TestUpstream::start("u0").await,
+        TestUpstream::start("u1").await,
+        TestUpstream::start("u2").await,
+    ];
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&ups[0], &ups[1], &ups[2]]),
+        "",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let mut names = Vec::new();
+    for _ in 0..30 {
+        names.push(get(&c, addr, "h", "/").await.body);
+    }
+    let counts = tally(names);
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn weighted_follows_weights() {
+    let (a, b) = (
+        TestUpstream::start("heavy").await,
+        TestUpstream::start("light").await,
+    );
+    let members = format!(
+        "[{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]",
+        a.addr, b.addr
+    );
+    let proxy = start_proxy(&one_group("weighted", &members, "")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let mut names = Vec::new();
+    for _ in 0..80 {
+        names.push(get(&c, addr, "h", "/").await.body);
+    }
+    let counts = tally(names);
+    let heavy = counts["heavy"] as f64;
+    assert!((55.0..=65.0).contains(&heavy), "{counts:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn least_request_spreads_load() {
+    let (a, b) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    let proxy = start_proxy(&one_group("least_request", &members(&[&a, &b]), "")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..60 {
+        assert_eq!(get(&c, addr, "h", "/").await.status, 200);
+    }
+    assert!(
+        a.hits() >= 10 && b.hits() >= 10,
+        "a={} b={}",
+        a.hits(),
+        b.hits()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn consistent_hash_is_stable_and_moves_about_one_nth() {
+    let ups = [
+        TestUpstream::start("c0").await,
+        TestUpstream::start("c1").await,
+        TestUpstream::start("c2").await,
+        TestUpstream::start("c3").await,
+    ];
+    let hash = "hash_on = { header = \"x-user\" }";
+    let file = ConfigFile::new(&one_group(
+        "consistent_hash",
+        &members(&[&ups[0], &ups[1], &ups[2]]),
+        hash,
+    ));
+    let proxy = l7_proxy::Proxy::start_from_file(&file.path).await.unwrap();
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let keys: Vec<String> = (0..120).map(|i| format!("user-{i}")).collect();
+    let mut before = Vec::new();
+    for k in &keys {
+        before.push(get_with(&c, addr, "h", "/", &[("x-user", k)]).await.body);
+    }
+    for (k, owner) in keys.iter().zip(&before).take(30) {
+        assert_eq!(
+            &get_with(&c, addr, "h", "/", &[("x-user", k)]).await.body,
+            owner
+        );
+    }
+    assert_eq!(tally(before.clone()).len(), 3);
+
+    file.write(&one_group(
+        "consistent_hash",
+        &members(&[&ups[0], &ups[1], &ups[2], &ups[3]]),
+        hash,
+    ));
+    proxy.reload_from_file().await.unwrap();
+    let mut moved = 0;
+    for (k, owner) in keys.iter().zip(&before) {
+        let now = get_with(&c, addr, "h", "/", &[("x-user", k)]).await.body;
+        if &now != owner {
+            assert_eq!(now, "c3", "keys only move to the new member");
+            moved += 1;
+        }
+    }
+    assert!((12..=50).contains(&moved), "moved {moved} of 120");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn killed_upstream_is_ejected_and_gets_never_fail() {
+    let ups = [
+        TestUpstream::start("k0").await,
+        TestUpstream::start("k1").await,
+        TestUpstream::start("k2").await,
+    ];
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&ups[0], &ups[1], &ups[2]]),
+        "passive_health = { consecutive_failures = 1, ejection_ms = 60000 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..9 {
+        assert_eq!(get(&c, addr, "h", "/").await.status, 200);
+    }
+    ups[1].kill();
+    let hits_at_kill = ups[1].hits();
+    let mut names = Vec::new();
+    for _ in 0..40 {
+        let a = get(&c, addr, "h", "/").await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        names.push(a.body);
+    }
+    assert_eq!(ups[1].hits(), hits_at_kill);
+    let counts = tally(names);
+    assert!(!counts.contains_key("k1"));
+    let admin = proxy.admin_addr().unwrap();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let label = format!(
+        "l7_upstream_member_healthy{{group=\"g\",member=\"{}\"}}",
+        ups[1].addr
+    );
+    assert_eq!(metric(&metrics, &label), Some(0.0), "{metrics}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn group_without_healthy_member_is_503() {
+    let up = TestUpstream::start("down").await;
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&up]),
+        "health_check = { path = \"/health\", interval_ms = 50, timeout_ms = 200, rise = 1, fall = 1 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    assert_eq!(get(&c, addr, "h", "/").await.status, 200);
+    up.kill();
+    let mut last = None;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let a = get(&c, addr, "h", "/").await;
+        if a.status == 503 {
+            last = Some(a);
+            break;
+        }
+    }
+    let a = last.expect("group goes 503 once its only member fails health checks");
+    assert!(a.body.contains("no healthy upstream"), "{}", a.body);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_pool_is_reused() {
+    let up = TestUpstream::start("pooled").await;
+    let proxy = start_proxy(&one_group("round_robin", &members(&[&up]), "")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..20 {
+        assert_eq!(get(&c, addr, "h", "/").await.body, "pooled");
+    }
+    assert!(up.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    let admin = proxy.admin_addr().unwrap();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let reused = metric(&metrics, "l7_upstream_pool_reused_total").unwrap();
+    assert!(reused >= 18.0, "{metrics}");
+    assert!(metric(&metrics, "l7_requests_total{route=\"all\",status=\"200\"}").unwrap() >= 20.0);
+    proxy.shutdown().await;
+}

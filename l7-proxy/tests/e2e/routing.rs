@@ -1,0 +1,218 @@
+//! Routing, actions and header handling through the running proxy.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn routing_precedence_and_prefix_strip() {
+    let (exact, wild, any, api) = (
+        TestUpstream::start("exact").await,
+        TestUpstream::start("wild").await,
+        TestUpstream::start("any").await,
+        TestUpstream::start("api").await,
+    );
+    let toml = format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[upstreams]]
+name = "exact"
+members = {}
+[[upstreams]]
+name = "wild"
+members = {}
+[[upstreams]]
+name = "any"
+members = {}
+[[upstreams]]
+name = "api"
+members = {}
+
+[[routes]]
+name = "any"
+action = {{ forward = {{ group = "any" }} }}
+
+[[routes]]
+name = "wild"
+match = {{ host = "*.example.com" }}
+action = {{ forward = {{ group = "wild" }} }}
+
+[[routes]]
+name = "exact"
+match = {{ host = "a.example.com" }}
+action = {{ forward = {{ group = "exact" }} }}
+
+[[routes]]
+name = "api"
+match = {{ host = "a.example.com", path = {{ prefix = "/api" }} }}
+action = {{ forward = {{ group = "api", strip_prefix = "/api" }} }}
+"#,
+        members(&[&exact]),
+        members(&[&wild]),
+        members(&[&any]),
+        members(&[&api])
+    );
+    let proxy = start_proxy(&toml).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+
+    let a = get(&c, addr, "a.example.com", "/page").await;
+    assert_eq!((a.status.as_u16(), a.body.as_str()), (200, "exact"));
+    let a = get(&c, addr, "b.example.com:8080", "/page").await;
+    assert_eq!(a.body, "wild");
+    let a = get(&c, addr, "example.com", "/page").await;
+    assert_eq!(a.body, "any", "a wildcard does not match the apex");
+    let a = get(&c, addr, "A.Example.COM", "/api/users?id=7").await;
+    assert_eq!(a.body, "api");
+    assert_eq!(api.last().path_and_query, "/users?id=7");
+    let a = get(&c, addr, "a.example.com", "/apis").await;
+    assert_eq!(a.body, "exact", "prefix /api does not match /apis");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_route_is_404_and_redirect_and_fixed_actions_answer() {
+    let proxy = start_proxy(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[routes]]
+name = "old"
+match = { host = "old.example.com" }
+action = { redirect = { status = 301, location = "https://new.example.com/" } }
+
+[[routes]]
+name = "teapot"
+match = { host = "tea.example.com", path = { exact = "/pot" }, methods = ["GET"] }
+action = { fixed = { status = 418, body = "short and stout", headers = { x-kind = "teapot" } } }
+"#,
+    )
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get(&c, addr, "nothing.example.com", "/x").await;
+    assert_eq!(a.status, 404);
+    assert!(
+        a.body.contains("no route matches nothing.example.com/x"),
+        "{}",
+        a.body
+    );
+    let a = get(&c, addr, "old.example.com", "/").await;
+    assert_eq!(a.status, 301);
+    assert_eq!(a.headers["location"], "https://new.example.com/");
+    let a = get(&c, addr, "tea.example.com", "/pot").await;
+    assert_eq!(a.status, 418);
+    assert_eq!(a.body, "short and stout");
+    assert_eq!(a.headers["x-kind"], "teapot");
+    assert_eq!(get(&c, addr, "tea.example.com", "/pot/x").await.status, 404);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarding_headers_set_and_hop_by_hop_removed() {
+    let up = TestUpstream::start("up").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get_with(
+        &c,
+        addr,
+        "svc.example.com",
+        "/",
+        &[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("connection", "x-secret"),
+            ("x-secret", "do-not-forward"),
+            ("x-request-id", "client-id-1"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-request-id"], "client-id-1");
+    let seen = up.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"svc.example.com\""
+    );
+    assert_eq!(seen["x-request-id"], "client-id-1");
+    assert_eq!(seen["host"], "svc.example.com");
+    assert!(!seen.contains_key("x-secret"));
+
+    let a = get(&c, addr, "svc.example.com", "/").await;
+    let generated = a.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 36, "uuid v4: {generated}");
+    assert_eq!(up.last().headers["x-request-id"], generated.as_str());
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let up = TestUpstream::start("ws").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "ws"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "ws" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"hello through the tunnel").await.unwrap();
+    let mut echoed = vec![0u8; 24];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"hello through the tunnel");
+    assert_eq!(up.last().headers["upgrade"], "websocket");
+    proxy.shutdown().await;
+}

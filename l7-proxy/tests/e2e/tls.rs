@@ -1,0 +1,183 @@
+//! TLS termination: SNI certificate choice, ALPN h2, TLS versions, mTLS, certificate reload.
+
+use crate::support::*;
+
+fn tls_config(up: &TestUpstream, tls_section: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+{tls_section}
+
+[[upstreams]]
+name = "up"
+members = {}
+
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[up])
+    )
+}
+
+fn certs_section(
+    pairs: &[(std::path::PathBuf, std::path::PathBuf)],
+    client_ca: Option<&std::path::Path>,
+) -> String {
+    let mut s = String::from("[listeners.tls]\n");
+    if let Some(ca) = client_ca {
+        s.push_str(&format!("client_ca = {:?}\n", ca.display().to_string()));
+    }
+    for (cert, key) in pairs {
+        s.push_str(&format!(
+            "[[listeners.tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
+    s
+}
+
+fn leaf_der(stream: &TlsStream) -> Vec<u8> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_and_h2_is_negotiated() {
+    let up = TestUpstream::start("secure").await;
+    let pki = TestPki::new("test ca");
+    let dir = ConfigFile::new("").dir();
+    let a = pki.write(&dir, "a", &["a.example.com"]);
+    let b = pki.write(&dir, "b", &["*.b.example.com"]);
+    let proxy = start_proxy(&tls_config(
+        &up,
+        &certs_section(&[a.clone(), b.clone()], None),
+    ))
+    .await;
+    let addr = proxy.listener_addr("tls").unwrap();
+    let tls13 = &[&rustls::version::TLS13];
+
+    let config = pki.client_config(&[b"h2", b"http/1.1"], tls13, None);
+    let s = tls_connect(addr, "x.b.example.com", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        leaf_der(&s),
+        pem_der(&b.0),
+        "SNI x.b.example.com gets the wildcard cert"
+    );
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let answer = tls_get(s, "x.b.example.com", "/").await.unwrap();
+    assert_eq!(answer.body, "secure");
+    assert_eq!(answer.headers["x-test-version"], "HTTP/2.0");
+    assert_eq!(up.last().headers["x-forwarded-proto"], "https");
+    assert_eq!(up.last().headers["host"], "x.b.example.com");
+
+    let s = tls_connect(addr, "a.example.com", config).await.unwrap();
+    assert_eq!(
+        leaf_der(&s),
+        pem_der(&a.0),
+        "SNI a.example.com gets its own cert"
+    );
+
+    // HTTP/1.1 by ALPN, over TLS 1.2.
+    let config = pki.client_config(&[b"http/1.1"], &[&rustls::version::TLS12], None);
+    let s = tls_connect(addr, "a.example.com", config).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let answer = tls_get(s, "a.example.com", "/").await.unwrap();
+    assert_eq!(answer.headers["x-test-version"], "HTTP/1.1");
+    assert_eq!(answer.upstream(), "secure");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn mtls_requires_a_client_certificate_from_the_ca() {
+    let up = TestUpstream::start("mtls").await;
+    let pki = TestPki::new("server ca");
+    let clients = TestPki::new("client ca");
+    let file = ConfigFile::new("");
+    let dir = file.dir();
+    let server = pki.write(&dir, "server", &["api.example.com"]);
+    let ca_path = dir.join("client-ca.pem");
+    std::fs::write(&ca_path, &clients.ca_pem).unwrap();
+    let proxy = start_proxy(&tls_config(&up, &certs_section(&[server], Some(&ca_path)))).await;
+    let addr = proxy.listener_addr("tls").unwrap();
+    let versions = &[&rustls::version::TLS13];
+
+    let with_cert = pki.client_config(&[b"h2"], versions, Some(clients.issue(&["client-1"])));
+    let s = tls_connect(addr, "api.example.com", with_cert)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls_get(s, "api.example.com", "/").await.unwrap().body,
+        "mtls"
+    );
+
+    let without = pki.client_config(&[b"h2"], versions, None);
+    let refused = match tls_connect(addr, "api.example.com", without).await {
+        Err(_) => true,
+        Ok(s) => tls_get(s, "api.example.com", "/").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+    let wrong_ca = pki.client_config(&[b"h2"], versions, Some(pki.issue(&["client-2"])));
+    let refused = match tls_connect(addr, "api.example.com", wrong_ca).await {
+        Err(_) => true,
+        Ok(s) => tls_get(s, "api.example.com", "/").await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA is refused");
+    assert_eq!(up.hits(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificates_reload_with_the_config() {
+    let up = TestUpstream::start("rotated").await;
+    let pki = TestPki::new("ca");
+    let file = ConfigFile::new("");
+    let dir = file.dir();
+    let old = pki.write(&dir, "old", &["a.example.com"]);
+    let new = pki.write(&dir, "new", &["a.example.com"]);
+    file.write(&tls_config(
+        &up,
+        &certs_section(std::slice::from_ref(&old), None),
+    ));
+    let proxy = l7_proxy::Proxy::start_from_file(&file.path).await.unwrap();
+    let addr = proxy.listener_addr("tls").unwrap();
+    let config = pki.client_config(&[b"h2"], &[&rustls::version::TLS13], None);
+    let s = tls_connect(addr, "a.example.com", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(leaf_der(&s), pem_der(&old.0));
+
+    file.write(&tls_config(
+        &up,
+        &certs_section(std::slice::from_ref(&new), None),
+    ));
+    proxy.reload_from_file().await.unwrap();
+    assert_eq!(proxy.listener_addr("tls"), Some(addr), "same socket");
+    let s = tls_connect(addr, "a.example.com", config).await.unwrap();
+    assert_eq!(leaf_der(&s), pem_der(&new.0));
+    assert_eq!(
+        tls_get(s, "a.example.com", "/").await.unwrap().body,
+        "rotated"
+    );
+
+    // A missing key file is rejected and the new certificate keeps serving.
+    let broken = (new.0.clone(), dir.join("missing.key"));
+    file.write(&tls_config(&up, &certs_section(&[broken], None)));
+    let err = proxy.reload_from_file().await.unwrap_err().to_string();
+    assert!(err.contains("listeners[0].tls.certs[0].key"), "{err}");
+    proxy.shutdown().await;
+}
