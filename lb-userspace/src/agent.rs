@@ -105,7 +105,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let _lock = InstanceLock::acquire(&opts.lock_dir, &config.agent.pin_name)?;
-    attach::ensure_bpffs(&opts.bpffs_root)?;
+    crate::datapath::ensure_bpffs(&opts.bpffs_root)
+        .with_context(|| format!("mounting bpffs at {}", opts.bpffs_root.display()))?;
     let pin_dir = opts.bpffs_root.join(&config.agent.pin_name);
     let mut dp = Datapath::load(&pin_dir)
         .with_context(|| format!("loading the XDP datapath (maps in {})", pin_dir.display()))?;

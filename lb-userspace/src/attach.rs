@@ -20,35 +20,6 @@ use aya::programs::{
 
 use crate::{config::XdpModeSetting, datapath::Datapath};
 
-/// bpffs' `f_type`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Mounts bpffs at `dir` unless one is mounted there already.
-pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let c = CString::new(dir.as_os_str().as_encoded_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    let fstype = c"bpf";
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            c.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting bpffs at {}", dir.display()));
-    }
-    tracing::info!(dir = %dir.display(), "mounted bpffs");
-    Ok(())
-}
-
 /// The ifindex of `name` in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> anyhow::Result<u32> {
     let c = CString::new(name)?;

@@ -104,16 +104,26 @@ fn servers(topo: &Topology) -> Vec<NameServer> {
         .collect()
 }
 
-/// Opens `n` short connections from the client; counts answers per backend name.
-fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+/// Runs `ask` `n` times in the client's namespace; counts the answers (backend names, or
+/// `error: ...`).
+fn tally(
+    topo: &Topology,
+    n: usize,
+    ask: impl Fn() -> std::io::Result<String> + Sync,
+) -> BTreeMap<String, usize> {
     topo.client.ns.run(|| {
         let mut counts = BTreeMap::new();
         for _ in 0..n {
-            let name = ask_once(vip_addr()).unwrap_or_else(|e| format!("error: {e}"));
+            let name = ask().unwrap_or_else(|e| format!("error: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts
     })
+}
+
+/// Opens `n` short connections to the VIP; counts answers per backend name.
+fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    tally(topo, n, || ask_once(vip_addr()))
 }
 
 /// Every connection reached one of `backends`, each within `tolerance` (0.10: 10%) of the
@@ -414,14 +424,7 @@ fn e2e_admin_api_and_metrics() {
             })
             .unwrap();
     }
-    let counts = topo.client.ns.run(|| {
-        let mut c = BTreeMap::new();
-        for _ in 0..200 {
-            let name = ask_once(SocketAddr::from((VIP, 8080))).unwrap_or_else(|e| e.to_string());
-            *c.entry(name).or_insert(0) += 1;
-        }
-        c
-    });
+    let counts = tally(&topo, 200, || ask_once(SocketAddr::from((VIP, 8080))));
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1-8080", "b2-8080"]);
     assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
 
@@ -630,14 +633,7 @@ fn e2e_udp_generic_mode() {
     let _pins = pins(&cfg);
     let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
     let n = 600;
-    let counts = topo.client.ns.run(|| {
-        let mut c = BTreeMap::new();
-        for _ in 0..n {
-            let name = udp_ask(addr).unwrap_or_else(|e| format!("error: {e}"));
-            *c.entry(name).or_insert(0) += 1;
-        }
-        c
-    });
+    let counts = tally(&topo, n, || udp_ask(addr));
     assert_eq!(counts.values().sum::<usize>(), n);
     for b in ["b0", "b1", "b2"] {
         assert!(
@@ -696,14 +692,7 @@ mode = "ipip"
     for port in [80, 81] {
         let addr = SocketAddr::from((VIP6, port));
         let n = 600;
-        let counts = topo.client.ns.run(|| {
-            let mut c = BTreeMap::new();
-            for _ in 0..n {
-                let name = ask_once(addr).unwrap_or_else(|e| format!("error: {e}"));
-                *c.entry(name).or_insert(0) += 1;
-            }
-            c
-        });
+        let counts = tally(&topo, n, || ask_once(addr));
         for b in ["b0", "b1", "b2"] {
             assert!(
                 counts.get(b).copied().unwrap_or(0) > n / 5,
