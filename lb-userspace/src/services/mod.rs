@@ -447,12 +447,20 @@ impl Services {
             self.install_table(vi)?;
             self.dp.set_backend(id, &info)?;
         } else {
+            // A backend that comes back may be a new machine behind the same address: look
+            // its MAC up again (keeping the old one if the lookup fails).
+            let spec = b.spec.clone();
+            if spec.mac.is_none() {
+                match self.resolve(&spec) {
+                    Ok(hop) => self.vips[vi].backends[bi].hop = hop,
+                    Err(e) => tracing::warn!(backend = %address, error = %e, "keeping the old MAC"),
+                }
+            }
+            let b = &mut self.vips[vi].backends[bi];
             b.health = HealthState::Up;
             b.last_error = None;
-            let info = Self::backend_info(b);
-            let id = b.id;
             tracing::info!(vip = %vip, backend = %address, "backend up");
-            self.dp.set_backend(id, &info)?;
+            Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])?;
             self.install_table(vi)?;
         }
         Ok(())
