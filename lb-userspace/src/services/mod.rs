@@ -174,8 +174,10 @@ impl Services {
             mode: vip.spec.mode as u8,
             ..VipMeta::default()
         };
-        let key = vip.key;
+        let (key, vip_name, members) = (vip.key, vip.spec.id(), members.len());
+        let started = std::time::Instant::now();
         self.dp.set_vip(&key, meta, &table)?;
+        tracing::debug!(vip = %vip_name, members, took = ?started.elapsed(), "Maglev table installed");
         Ok(())
     }
 
