@@ -118,7 +118,12 @@ fn attach_fresh(
         Err(e) => e,
     };
     if mode == XdpModeSetting::Auto {
-        tracing::warn!(interface, error = %err, "native XDP failed; falling back to generic (SKB) mode, which is much slower");
+        let err = anyhow::Error::new(err);
+        tracing::warn!(
+            interface,
+            error = format!("{err:#}"),
+            "native XDP failed; falling back to generic (SKB) mode, which is much slower"
+        );
         let id = xdp
             .attach(index, XdpMode::Skb)
             .with_context(|| format!("attaching XDP to {interface} in generic mode"))?;

@@ -385,6 +385,38 @@ fn e2e_failed_start_leaves_nothing() {
     assert!(!links.contains("prog/xdp"), "XDP left attached: {links}");
 }
 
+/// `xdp_mode`: native fails on an interface without driver XDP (`lo`) and says how to fall
+/// back; `auto` falls back to generic mode there and stays native elsewhere.
+#[test]
+fn e2e_xdp_mode_auto_falls_back() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let link = |iface: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", topo.lb.ns.name(), "link", "show", iface])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    cfg.agent.interfaces = vec!["eth0".into(), "lo".into()];
+    let _pins = pins(&cfg);
+    let e = AgentHandle::try_start(&topo.lb.ns, cfg.clone(), false)
+        .err()
+        .expect("native XDP attached to lo");
+    assert!(format!("{e:#}").contains("xdp_mode = \"auto\""), "{e:#}");
+    assert!(!link("eth0").contains("prog/xdp"), "{}", link("eth0"));
+
+    cfg.agent.xdp_mode = XdpModeSetting::Auto;
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    assert!(link("lo").contains("xdpgeneric"), "{}", link("lo"));
+    assert!(link("eth0").contains(" xdp "), "{}", link("eth0"));
+    assert_eq!(spread(&topo, 20).keys().collect::<Vec<_>>(), ["b0"]);
+    agent.stop().unwrap();
+    assert!(!link("lo").contains("prog/xdp"), "{}", link("lo"));
+}
+
 /// Runtime changes through the admin API show in traffic; bad requests are refused with a
 /// message naming the problem and change nothing; metrics are served.
 #[test]
