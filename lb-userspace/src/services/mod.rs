@@ -101,10 +101,7 @@ impl Services {
         }
     }
 
-    pub fn datapath(&self) -> &Datapath {
-        &self.dp
-    }
-
+    /// The datapath (to attach its programs).
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.dp
     }
