@@ -214,7 +214,7 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
     let mut srv = servers(&topo);
     let cfg = config(mode, 3, health);
     let _pins = pins(&cfg);
-    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
 
     if let Err(e) = topo.client.ns.run(|| ask_once(vip_addr())) {
         topo.dump();
@@ -243,6 +243,18 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
         HealthState::Down,
         Duration::from_secs(1),
     );
+
+    // A restarted agent keeps the dead backend down (it does not wait for `fall` again).
+    agent.stop().unwrap();
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let b1 = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == backend_ip(1));
+    assert_eq!(b1.map(|b| b.health), Some(HealthState::Down));
+    let counts = spread(&topo, 60);
+    assert!(counts.keys().all(|k| k == "b0" || k == "b2"), "{counts:?}");
+    assert_conns_keep_backend(&mut conns, "b1");
 
     // Recovery: back in the table after `rise` good checks.
     srv[1] = NameServer::start(&topo.backends[1].ns, "b1", PORT);

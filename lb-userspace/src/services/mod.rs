@@ -254,7 +254,17 @@ impl Services {
         let vip_id = self.vip_ids.take()?;
         let mut backends = Vec::new();
         for (b, hop) in backend_specs.into_iter().zip(hops) {
-            backends.push(self.new_backend(b, hop)?);
+            let mut b = self.new_backend(b, hop)?;
+            // At start-up, a backend that the previous run had taken down (same id, same
+            // address, ALIVE clear) stays down until its checks pass `rise` times.
+            if !fresh_counters && spec.health_check.is_some() {
+                let before = self.dp.backend(b.id)?;
+                if before.addr == addr16(b.spec.address) && before.flags & BACKEND_F_ALIVE == 0 {
+                    b.health = HealthState::Down;
+                    b.last_error = Some("down before the agent restarted".into());
+                }
+            }
+            backends.push(b);
         }
         self.vips.push(Vip {
             key: vip_key(&id),
