@@ -43,6 +43,7 @@ pub fn handle(services: &Mutex<Services>, req: Request) -> Response {
             Ok(stats)
         })),
         Request::Health => reply(s.stats()),
+        Request::Reload => reply(s.reload()),
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinSet};
 use crate::{
     admin,
     attach::{self, Attachment},
-    config::Config,
+    config::{AgentSection, Config},
     datapath::Datapath,
     health::HealthSpawner,
     metrics,
@@ -34,6 +34,8 @@ pub struct AgentOptions {
     pub bpffs_root: PathBuf,
     /// Where `xdplb-<pin_name>.lock` keeps a second agent on the same maps from starting.
     pub lock_dir: PathBuf,
+    /// The file `config` came from: `lbctl reload` and SIGHUP re-read it.
+    pub config_path: Option<PathBuf>,
 }
 
 /// An exclusive `flock` held for the agent's lifetime: two agents on one pin directory would
@@ -68,16 +70,18 @@ impl Default for AgentOptions {
             keep_attached: false,
             bpffs_root: PathBuf::from("/sys/fs/bpf"),
             lock_dir: PathBuf::from("/run"),
+            config_path: None,
         }
     }
 }
 
-fn lb_config(config: &Config) -> LbConfig {
+/// The datapath's global settings from `[agent]`.
+pub(crate) fn lb_config(agent: &AgentSection) -> LbConfig {
     let mut cfg = LbConfig::default();
-    if let Some(v4) = config.agent.ipip_src_v4 {
+    if let Some(v4) = agent.ipip_src_v4 {
         cfg.ipip_src_v4 = v4.octets();
     }
-    if let Some(v6) = config.agent.ipip_src_v6 {
+    if let Some(v6) = agent.ipip_src_v6 {
         cfg.ipip_src_v6 = addr16(v6.into());
     }
     cfg
@@ -110,7 +114,7 @@ pub async fn run(
     let pin_dir = opts.bpffs_root.join(&config.agent.pin_name);
     let mut dp = Datapath::load(&pin_dir)
         .with_context(|| format!("loading the XDP datapath (maps in {})", pin_dir.display()))?;
-    dp.set_config(&lb_config(&config))?;
+    dp.set_config(&lb_config(&config.agent))?;
     let mut tasks = JoinSet::new();
     match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
         Ok(logger) => {
@@ -122,6 +126,9 @@ pub async fn run(
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let spawner = HealthSpawner::new(tokio::runtime::Handle::current(), health_tx);
     let mut services = Services::new(dp, config.agent.clone(), Some(spawner));
+    if let Some(path) = &opts.config_path {
+        services.set_config_path(path.clone());
+    }
     for vip in &config.vips {
         let id = vip.id();
         tokio::task::block_in_place(|| services.add_vip(vip.clone(), false))
@@ -130,11 +137,12 @@ pub async fn run(
     services.remove_leftovers()?;
 
     // Bind before attaching: a port in use must fail the start, not leave XDP half set up.
-    let admin_listener = admin::bind(&config.agent.admin_socket)?;
+    // (Metrics first: the admin socket is a file to clean up if a later step fails.)
     let metrics_listener = match config.agent.metrics_address {
         Some(addr) => Some((addr, metrics::bind(addr).await?)),
         None => None,
     };
+    let admin_listener = admin::bind(&config.agent.admin_socket)?;
 
     let mut attachments: Vec<Attachment> = Vec::new();
     for iface in &config.agent.interfaces {
@@ -167,7 +175,13 @@ pub async fn run(
         "agent running"
     );
 
-    let result = apply_health_until(&services, &mut health_rx, shutdown).await;
+    let result = apply_health_until(
+        &services,
+        &mut health_rx,
+        opts.config_path.is_some(),
+        shutdown,
+    )
+    .await;
     tasks.shutdown().await;
     for a in attachments {
         a.release(opts.keep_attached);
@@ -177,16 +191,30 @@ pub async fn run(
     result
 }
 
-/// Feeds health-check results to the services until `shutdown` completes.
+/// Feeds health-check results to the services until `shutdown` completes; with a config
+/// path, SIGHUP reloads it.
 async fn apply_health_until(
     services: &Arc<Mutex<Services>>,
     health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
+    has_config_path: bool,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            Some(()) = hangup.recv(), if has_config_path => {
+                let services = services.clone();
+                let reloaded = tokio::task::spawn_blocking(move || {
+                    services.lock().unwrap_or_else(|p| p.into_inner()).reload()
+                })
+                .await?;
+                if let Err(e) = reloaded {
+                    tracing::error!(error = %e, "SIGHUP: reload failed");
+                }
+            }
             Some(report) = health_rx.recv() => {
                 let services = services.clone();
                 let applied = tokio::task::spawn_blocking(move || {

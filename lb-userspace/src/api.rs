@@ -37,6 +37,8 @@ pub enum Request {
     },
     Stats,
     Health,
+    /// Re-read the configuration file and apply the difference.
+    Reload,
 }
 
 /// The answer: `ok` with a payload, or an error message.

@@ -70,6 +70,8 @@ pub enum Command {
     Stats,
     /// Health of every backend.
     Health,
+    /// Re-read the agent's configuration file and apply the difference (like SIGHUP).
+    Reload,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -239,6 +241,7 @@ fn request(cmd: Command) -> Result<Request, String> {
         Command::Backend(BackendCmd::List { vip }) => Request::BackendList { vip },
         Command::Stats => Request::Stats,
         Command::Health => Request::Health,
+        Command::Reload => Request::Reload,
     })
 }
 
@@ -385,6 +388,19 @@ fn print_human(out: &mut dyn Write, cmd: &Command, data: serde_json::Value) -> a
                     .iter()
                     .map(|(k, v)| vec![k.clone(), v.to_string()])
                     .collect(),
+            )?;
+        }
+        Command::Reload => {
+            let n = |k: &str| data.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            writeln!(
+                out,
+                "reloaded: VIPs +{} -{} ~{}, backends +{} -{} ~{}",
+                n("vips_added"),
+                n("vips_removed"),
+                n("vips_changed"),
+                n("backends_added"),
+                n("backends_removed"),
+                n("backends_changed")
             )?;
         }
         _ => writeln!(out, "ok")?,

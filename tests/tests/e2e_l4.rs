@@ -429,6 +429,66 @@ fn e2e_xdp_mode_auto_falls_back() {
     assert!(!link("lo").contains("prog/xdp"), "{}", link("lo"));
 }
 
+/// `lbctl reload` applies the difference to the file: a removed backend leaves, an added one
+/// joins, the others keep their connections; a broken file changes nothing.
+#[test]
+fn e2e_reload_applies_the_difference() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 2, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let path = PathBuf::from(format!("/tmp/{}.toml", cfg.agent.pin_name));
+    let _file = FileCleanup(path.clone());
+    let text = |backends: &[usize], table: u32| {
+        let mut t = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\npin_name = \"{}\"\nadmin_socket = \"{}\"\n\n\
+             [[vip]]\naddress = \"{VIP}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = {table}\n\
+             health_check = {{ type = \"tcp\" }}\n",
+            cfg.agent.pin_name,
+            cfg.agent.admin_socket.display()
+        );
+        for i in backends {
+            t.push_str(&format!(
+                "\n[[vip.backend]]\naddress = \"{}\"\n",
+                backend_ip(*i)
+            ));
+        }
+        t
+    };
+    std::fs::write(&path, text(&[0, 1], 65537)).unwrap();
+    let agent = AgentHandle::start_from_file(&topo.lb.ns, &path);
+    let mut conns = long_conns(&topo, &["b0", "b1"], 2);
+
+    std::fs::write(&path, text(&[1, 2], 65537)).unwrap();
+    let out = lbctl(&agent, &["reload"]).unwrap();
+    assert!(out.contains("backends +1 -1"), "{out}");
+    let counts = spread(&topo, 300);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    conns.retain(|(name, _)| name == "b1");
+    assert_conns_keep_backend(&mut conns, "");
+
+    let before = layout(&agent);
+    std::fs::write(&path, text(&[0], 100)).unwrap();
+    let e = lbctl(&agent, &["reload"]).unwrap_err();
+    assert!(e.to_string().contains("not a prime"), "{e}");
+    assert_eq!(before, layout(&agent));
+    agent.stop().unwrap();
+}
+
+/// Removes a file when the test ends.
+struct FileCleanup(PathBuf);
+
+impl Drop for FileCleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Runtime changes through the admin API show in traffic; bad requests are refused with a
 /// message naming the problem and change nothing; metrics are served.
 #[test]

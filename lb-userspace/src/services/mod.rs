@@ -18,8 +18,10 @@ use common::{
 use tokio::task::AbortHandle;
 
 mod keys;
+mod reload;
 pub use keys::addr16;
 use keys::{family, vip_key, Ids};
+pub use reload::ReloadSummary;
 
 use crate::{
     api::{BackendView, Counters, HealthState, StatsView, VipView},
@@ -85,6 +87,8 @@ pub struct Services {
     vip_ids: Ids,
     backend_ids: Ids,
     health: Option<HealthSpawner>,
+    /// The file to re-read on reload.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Services {
@@ -98,7 +102,13 @@ impl Services {
             vip_ids: Ids::new(MAX_VIPS, "VIP"),
             backend_ids: Ids::new(MAX_BACKENDS, "backend"),
             health,
+            config_path: None,
         }
+    }
+
+    /// Where [`Services::reload`] reads the configuration from.
+    pub fn set_config_path(&mut self, path: std::path::PathBuf) {
+        self.config_path = Some(path);
     }
 
     /// The datapath (to attach its programs).
