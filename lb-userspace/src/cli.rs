@@ -424,3 +424,70 @@ pub fn execute(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             .map_err(|e| CliError::Failed(e.context("unexpected reply from the agent")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(args: &[&str]) -> Result<Request, String> {
+        let args = Args::try_parse_from(std::iter::once("lbctl").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        request(args.command)
+    }
+
+    #[test]
+    fn commands_become_requests() {
+        match req(&["backend", "drain", "10.0.0.1:80", "10.0.1.1"]).unwrap() {
+            Request::BackendWeight { vip, weight, .. } => {
+                assert_eq!(weight, 0);
+                assert_eq!(vip.to_string(), "10.0.0.1:80/tcp");
+            }
+            other => panic!("{other:?}"),
+        }
+        match req(&[
+            "vip",
+            "add",
+            "[2001:db8::1]:53/udp",
+            "--mode",
+            "ipip",
+            "--health",
+            "http",
+            "--health-path",
+            "/hc",
+            "--interval",
+            "250ms",
+        ])
+        .unwrap()
+        {
+            Request::VipAdd { vip } => {
+                assert_eq!(vip.mode, Mode::Ipip);
+                let hc = vip.health_check.unwrap();
+                assert_eq!((hc.kind, hc.path.as_str()), (CheckKind::Http, "/hc"));
+                assert_eq!(hc.interval.0, std::time::Duration::from_millis(250));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(req(&["reload"]), Ok(Request::Reload)));
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_reaching_the_agent() {
+        assert!(req(&["vip", "add", "10.0.0.1:80", "--table-size", "100"])
+            .unwrap_err()
+            .contains("not a prime"));
+        assert!(req(&[
+            "vip",
+            "add",
+            "10.0.0.1:80",
+            "--health",
+            "tcp",
+            "--interval",
+            "1h"
+        ])
+        .unwrap_err()
+        .contains("unit"));
+        assert!(req(&["backend", "add", "10.0.0.1:80", "10.0.1.300"]).is_err());
+        assert!(req(&["backend", "add", "10.0.0.1", "10.0.1.3"]).is_err());
+        assert!(req(&["backend", "add", "10.0.0.1:80", "10.0.1.3", "--mac", "zz"]).is_err());
+    }
+}
