@@ -20,46 +20,39 @@ use tokio::{
 
 use crate::{
     api::{Request, Response},
-    services::Services,
+    services::{ServiceError, Services},
 };
 
 /// Runs one request.
 pub fn handle(services: &Mutex<Services>, req: Request) -> Response {
     let mut s = services.lock().unwrap_or_else(|p| p.into_inner());
-    let result: Result<serde_json::Value, String> = (|| {
-        let done = || Ok(serde_json::Value::Null);
-        let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
-        match req {
-            Request::VipAdd { vip } => s.add_vip(vip, true).map_err(|e| e.to_string()).and(done()),
-            Request::VipDel { vip } => s.del_vip(&vip).map_err(|e| e.to_string()).and(done()),
-            Request::VipList => json(serde_json::to_value(s.list_vips())),
-            Request::BackendAdd { vip, backend } => s
-                .add_backend(&vip, backend)
-                .map_err(|e| e.to_string())
-                .and(done()),
-            Request::BackendDel { vip, address } => s
-                .del_backend(&vip, address)
-                .map_err(|e| e.to_string())
-                .and(done()),
-            Request::BackendWeight {
-                vip,
-                address,
-                weight,
-            } => s
-                .set_weight(&vip, address, weight)
-                .map_err(|e| e.to_string())
-                .and(done()),
-            Request::BackendList { vip } => {
-                let list = s.list_backends(vip.as_ref()).map_err(|e| e.to_string())?;
-                json(serde_json::to_value(list))
-            }
-            Request::Stats | Request::Health => {
-                let stats = s.stats().map_err(|e| e.to_string())?;
-                json(serde_json::to_value(stats))
-            }
-        }
-    })();
-    match result {
+    match req {
+        Request::VipAdd { vip } => reply(s.add_vip(vip, true)),
+        Request::VipDel { vip } => reply(s.del_vip(&vip)),
+        Request::VipList => reply(Ok::<_, ServiceError>(s.list_vips())),
+        Request::BackendAdd { vip, backend } => reply(s.add_backend(&vip, backend)),
+        Request::BackendDel { vip, address } => reply(s.del_backend(&vip, address)),
+        Request::BackendWeight {
+            vip,
+            address,
+            weight,
+        } => reply(s.set_weight(&vip, address, weight)),
+        Request::BackendList { vip } => reply(s.list_backends(vip.as_ref())),
+        Request::Stats => reply(s.stats().and_then(|mut stats| {
+            stats.flows = Some(s.count_flows()?);
+            Ok(stats)
+        })),
+        Request::Health => reply(s.stats()),
+        Request::Reload => reply(s.reload()),
+    }
+}
+
+/// A result as a response: the value as JSON (`()` is `null`), or the error's message.
+fn reply<T: serde::Serialize>(result: Result<T, ServiceError>) -> Response {
+    let data = result
+        .map_err(|e| e.to_string())
+        .and_then(|v| serde_json::to_value(v).map_err(|e| e.to_string()));
+    match data {
         Ok(data) => Response::Ok { data },
         Err(message) => Response::Error { message },
     }

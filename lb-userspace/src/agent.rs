@@ -18,7 +18,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinSet};
 use crate::{
     admin,
     attach::{self, Attachment},
-    config::Config,
+    config::{AgentSection, Config},
     datapath::Datapath,
     health::HealthSpawner,
     metrics,
@@ -32,6 +32,36 @@ pub struct AgentOptions {
     pub keep_attached: bool,
     /// Where bpffs is (mounted if needed); maps are pinned under `<root>/<pin_name>`.
     pub bpffs_root: PathBuf,
+    /// Where `xdplb-<pin_name>.lock` keeps a second agent on the same maps from starting.
+    pub lock_dir: PathBuf,
+    /// The file `config` came from: `lbctl reload` and SIGHUP re-read it.
+    pub config_path: Option<PathBuf>,
+}
+
+/// An exclusive `flock` held for the agent's lifetime: two agents on one pin directory would
+/// fight over the maps, the links and the admin socket.
+struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    fn acquire(dir: &std::path::Path, pin_name: &str) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(format!("xdplb-{pin_name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!(
+                "another lb-agent is running with pin_name {pin_name:?} (it holds {})",
+                path.display()
+            );
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 impl Default for AgentOptions {
@@ -39,16 +69,19 @@ impl Default for AgentOptions {
         Self {
             keep_attached: false,
             bpffs_root: PathBuf::from("/sys/fs/bpf"),
+            lock_dir: PathBuf::from("/run"),
+            config_path: None,
         }
     }
 }
 
-fn lb_config(config: &Config) -> LbConfig {
+/// The datapath's global settings from `[agent]`.
+pub(crate) fn lb_config(agent: &AgentSection) -> LbConfig {
     let mut cfg = LbConfig::default();
-    if let Some(v4) = config.agent.ipip_src_v4 {
+    if let Some(v4) = agent.ipip_src_v4 {
         cfg.ipip_src_v4 = v4.octets();
     }
-    if let Some(v6) = config.agent.ipip_src_v6 {
+    if let Some(v6) = agent.ipip_src_v6 {
         cfg.ipip_src_v6 = addr16(v6.into());
     }
     cfg
@@ -75,11 +108,13 @@ pub async fn run(
     opts: AgentOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    attach::ensure_bpffs(&opts.bpffs_root)?;
+    let _lock = InstanceLock::acquire(&opts.lock_dir, &config.agent.pin_name)?;
+    crate::datapath::ensure_bpffs(&opts.bpffs_root)
+        .with_context(|| format!("mounting bpffs at {}", opts.bpffs_root.display()))?;
     let pin_dir = opts.bpffs_root.join(&config.agent.pin_name);
     let mut dp = Datapath::load(&pin_dir)
         .with_context(|| format!("loading the XDP datapath (maps in {})", pin_dir.display()))?;
-    dp.set_config(&lb_config(&config))?;
+    dp.set_config(&lb_config(&config.agent))?;
     let mut tasks = JoinSet::new();
     match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
         Ok(logger) => {
@@ -91,12 +126,23 @@ pub async fn run(
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let spawner = HealthSpawner::new(tokio::runtime::Handle::current(), health_tx);
     let mut services = Services::new(dp, config.agent.clone(), Some(spawner));
+    if let Some(path) = &opts.config_path {
+        services.set_config_path(path.clone());
+    }
     for vip in &config.vips {
         let id = vip.id();
         tokio::task::block_in_place(|| services.add_vip(vip.clone(), false))
             .with_context(|| format!("setting up VIP {id}"))?;
     }
     services.remove_leftovers()?;
+
+    // Bind before attaching: a port in use must fail the start, not leave XDP half set up.
+    // (Metrics first: the admin socket is a file to clean up if a later step fails.)
+    let metrics_listener = match config.agent.metrics_address {
+        Some(addr) => Some((addr, metrics::bind(addr).await?)),
+        None => None,
+    };
+    let admin_listener = admin::bind(&config.agent.admin_socket)?;
 
     let mut attachments: Vec<Attachment> = Vec::new();
     for iface in &config.agent.interfaces {
@@ -111,33 +157,14 @@ pub async fn run(
                 for a in attachments {
                     a.release(opts.keep_attached);
                 }
+                let _ = std::fs::remove_file(&config.agent.admin_socket);
                 return Err(e);
             }
         }
     }
     let services = Arc::new(Mutex::new(services));
-
-    let result = serve(&config, &services, &mut tasks, &mut health_rx, shutdown).await;
-    tasks.shutdown().await;
-    for a in attachments {
-        a.release(opts.keep_attached);
-    }
-    let _ = std::fs::remove_file(&config.agent.admin_socket);
-    tracing::info!("agent stopped");
-    result
-}
-
-async fn serve(
-    config: &Config,
-    services: &Arc<Mutex<Services>>,
-    tasks: &mut JoinSet<()>,
-    health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let listener = admin::bind(&config.agent.admin_socket)?;
-    tasks.spawn(admin::serve(listener, services.clone()));
-    if let Some(addr) = config.agent.metrics_address {
-        let listener = metrics::bind(addr).await?;
+    tasks.spawn(admin::serve(admin_listener, services.clone()));
+    if let Some((addr, listener)) = metrics_listener {
         tracing::info!(%addr, "serving metrics on /metrics");
         tasks.spawn(metrics::serve(listener, services.clone()));
     }
@@ -147,10 +174,47 @@ async fn serve(
         interfaces = ?config.agent.interfaces,
         "agent running"
     );
+
+    let result = apply_health_until(
+        &services,
+        &mut health_rx,
+        opts.config_path.is_some(),
+        shutdown,
+    )
+    .await;
+    tasks.shutdown().await;
+    for a in attachments {
+        a.release(opts.keep_attached);
+    }
+    let _ = std::fs::remove_file(&config.agent.admin_socket);
+    tracing::info!("agent stopped");
+    result
+}
+
+/// Feeds health-check results to the services until `shutdown` completes; with a config
+/// path, SIGHUP reloads it.
+async fn apply_health_until(
+    services: &Arc<Mutex<Services>>,
+    health_rx: &mut mpsc::UnboundedReceiver<crate::health::HealthReport>,
+    has_config_path: bool,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            Some(()) = hangup.recv(), if has_config_path => {
+                let services = services.clone();
+                let reloaded = tokio::task::spawn_blocking(move || {
+                    services.lock().unwrap_or_else(|p| p.into_inner()).reload()
+                })
+                .await?;
+                if let Err(e) = reloaded {
+                    tracing::error!(error = %e, "SIGHUP: reload failed");
+                }
+            }
             Some(report) = health_rx.recv() => {
                 let services = services.clone();
                 let applied = tokio::task::spawn_blocking(move || {

@@ -37,6 +37,8 @@ pub enum Request {
     },
     Stats,
     Health,
+    /// Re-read the configuration file and apply the difference.
+    Reload,
 }
 
 /// The answer: `ok` with a payload, or an error message.
@@ -123,5 +125,7 @@ pub struct VipView {
 pub struct StatsView {
     pub vips: Vec<VipView>,
     pub global: BTreeMap<String, u64>,
-    pub flows: usize,
+    /// Entries in the connection table (`stats` only; counting walks the table).
+    #[serde(default)]
+    pub flows: Option<usize>,
 }

@@ -20,35 +20,6 @@ use aya::programs::{
 
 use crate::{config::XdpModeSetting, datapath::Datapath};
 
-/// bpffs' `f_type`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Mounts bpffs at `dir` unless one is mounted there already.
-pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let c = CString::new(dir.as_os_str().as_encoded_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    let fstype = c"bpf";
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            c.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting bpffs at {}", dir.display()));
-    }
-    tracing::info!(dir = %dir.display(), "mounted bpffs");
-    Ok(())
-}
-
 /// The ifindex of `name` in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> anyhow::Result<u32> {
     let c = CString::new(name)?;
@@ -86,6 +57,14 @@ pub fn attach(
             .and_then(|fd| aya::programs::xdp::XdpLink::try_from(fd).map_err(anyhow::Error::from))
             .and_then(|link| xdp.attach_to_link(link).map_err(anyhow::Error::from));
         match replaced {
+            // A link whose interface was deleted and re-created updates fine but is defunct.
+            Ok(link_id) if !has_xdp(interface) => {
+                tracing::warn!(
+                    interface,
+                    "the pinned link no longer holds the interface; attaching anew"
+                );
+                drop(xdp.take_link(link_id));
+            }
             Ok(link_id) => {
                 tracing::info!(
                     interface,
@@ -101,7 +80,15 @@ pub fn attach(
     }
     let id = match id {
         Some(id) => id,
-        None => attach_fresh(xdp, interface, index, mode)?,
+        None => match attach_fresh(xdp, interface, index, mode) {
+            Ok(id) => id,
+            // Someone else's program (attached through netlink) is there: replace it.
+            Err(e) if detach_foreign(interface) => {
+                tracing::warn!(interface, error = %e, "replaced an XDP program that was already attached");
+                attach_fresh(xdp, interface, index, mode)?
+            }
+            Err(e) => return Err(e),
+        },
     };
     let link = FdLink::try_from(xdp.take_link(id)?).context("XDP link is not a BPF link")?;
     let link = link
@@ -131,7 +118,12 @@ fn attach_fresh(
         Err(e) => e,
     };
     if mode == XdpModeSetting::Auto {
-        tracing::warn!(interface, error = %err, "native XDP failed; falling back to generic (SKB) mode, which is much slower");
+        let err = anyhow::Error::new(err);
+        tracing::warn!(
+            interface,
+            error = format!("{err:#}"),
+            "native XDP failed; falling back to generic (SKB) mode, which is much slower"
+        );
         let id = xdp
             .attach(index, XdpMode::Skb)
             .with_context(|| format!("attaching XDP to {interface} in generic mode"))?;
@@ -141,6 +133,25 @@ fn attach_fresh(
     Err(anyhow::Error::new(err).context(format!(
         "attaching XDP to {interface} in {first:?} mode (xdp_mode = \"auto\" falls back to generic)"
     )))
+}
+
+/// Whether `interface` has an XDP program attached.
+fn has_xdp(interface: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", "dev", interface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false)
+}
+
+/// Detaches a netlink-attached XDP program from `interface`; true if one was there. (A
+/// program held by a BPF link cannot be removed this way: that is another agent's.)
+fn detach_foreign(interface: &str) -> bool {
+    has_xdp(interface)
+        && std::process::Command::new("ip")
+            .args(["link", "set", "dev", interface, "xdp", "off"])
+            .status()
+            .is_ok_and(|s| s.success())
 }
 
 impl Attachment {

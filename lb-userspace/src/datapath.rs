@@ -237,6 +237,15 @@ impl Datapath {
         m.insert(addr, info, 0).map_err(map_err(names::VIP_ADDRS))
     }
 
+    /// The addresses in VIP_ADDRS (those a previous run left included).
+    pub fn vip_addrs(&self) -> Result<Vec<[u8; 16]>> {
+        let m: HashMap<&MapData, [u8; 16], VipAddrInfo> =
+            HashMap::try_from(self.map(names::VIP_ADDRS)?).map_err(map_err(names::VIP_ADDRS))?;
+        m.keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err(names::VIP_ADDRS))
+    }
+
     pub fn remove_vip_addr(&mut self, addr: &[u8; 16]) -> Result<()> {
         let mut m: HashMap<&mut MapData, [u8; 16], VipAddrInfo> =
             HashMap::try_from(self.map_mut(names::VIP_ADDRS)?)

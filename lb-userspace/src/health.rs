@@ -6,10 +6,7 @@
 //! `rise` / `fall` and changes the datapath. Keeping the decision in one place means a
 //! backend's state changes under the same lock as every other change.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -136,13 +133,11 @@ async fn http_get(
     }
 }
 
-/// Default spacing of probes, for documentation and tests.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::HumanDuration;
+    use std::time::Duration;
     use tokio::net::TcpListener;
 
     fn spec(kind: CheckKind) -> HealthCheckSpec {
@@ -151,7 +146,7 @@ mod tests {
             port: None,
             path: "/health".into(),
             expect_status: 200,
-            interval: HumanDuration(DEFAULT_INTERVAL),
+            interval: HumanDuration(Duration::from_secs(1)),
             timeout: HumanDuration(Duration::from_millis(500)),
             rise: 2,
             fall: 2,

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod attach;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod health;

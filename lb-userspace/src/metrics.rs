@@ -2,7 +2,8 @@
 //!
 //! Nothing is counted in userspace: each scrape reads the datapath's per-CPU counters (summed
 //! over CPUs) and the backends' health through [`Services`], and encodes them with
-//! `prometheus-client` into a registry built for that scrape.
+//! `prometheus-client` into a registry built for that scrape. The connection table's size is
+//! not exported: counting it walks up to a million entries (`lbctl stats` shows it).
 
 use std::{
     net::SocketAddr,
@@ -51,7 +52,6 @@ pub fn render(services: &Services) -> anyhow::Result<String> {
     let be_up = Family::<BackendLabels, Gauge>::default();
     let be_weight = Family::<BackendLabels, Gauge>::default();
     let reasons = Family::<ReasonLabels, Counter>::default();
-    let flows = Gauge::<i64>::default();
     for v in &stats.vips {
         let l = VipLabels {
             vip: v.vip.to_string(),
@@ -80,7 +80,6 @@ pub fn render(services: &Services) -> anyhow::Result<String> {
             })
             .inc_by(*count);
     }
-    flows.set(stats.flows as i64);
     registry.register("vip_packets", "Packets forwarded for the VIP", vip_packets);
     registry.register("vip_bytes", "Bytes forwarded for the VIP", vip_bytes);
     registry.register(
@@ -106,11 +105,6 @@ pub fn render(services: &Services) -> anyhow::Result<String> {
     );
     registry.register("backend_weight", "Maglev weight (0: draining)", be_weight);
     registry.register("datapath_packets", "Datapath verdicts by reason", reasons);
-    registry.register(
-        "conn_table_entries",
-        "Entries in the connection table",
-        flows,
-    );
     let mut out = String::new();
     encode(&mut out, &registry).context("encoding metrics")?;
     Ok(out)

@@ -37,6 +37,31 @@ pub fn init_logs() {
 impl AgentHandle {
     /// Starts the agent in `ns` and waits until its admin socket answers.
     pub fn start(ns: &Netns, config: Config, keep_attached: bool) -> Self {
+        Self::try_start(ns, config, keep_attached)
+            .unwrap_or_else(|e| panic!("agent exited during start-up: {e:#}"))
+    }
+
+    /// Like [`AgentHandle::start`], but returns the agent's error if it exits during start-up.
+    pub fn try_start(ns: &Netns, config: Config, keep_attached: bool) -> anyhow::Result<Self> {
+        let opts = AgentOptions {
+            keep_attached,
+            ..AgentOptions::default()
+        };
+        Self::start_with(ns, config, opts)
+    }
+
+    /// Starts the agent from a file, which `lbctl reload` re-reads.
+    pub fn start_from_file(ns: &Netns, path: &std::path::Path) -> Self {
+        let config = Config::load(path).expect("test config");
+        let opts = AgentOptions {
+            config_path: Some(path.to_owned()),
+            ..AgentOptions::default()
+        };
+        Self::start_with(ns, config, opts)
+            .unwrap_or_else(|e| panic!("agent exited during start-up: {e:#}"))
+    }
+
+    fn start_with(ns: &Netns, config: Config, opts: AgentOptions) -> anyhow::Result<Self> {
         init_logs();
         let socket = config.agent.admin_socket.clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -45,10 +70,6 @@ impl AgentHandle {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let opts = AgentOptions {
-                keep_attached,
-                ..AgentOptions::default()
-            };
             rt.block_on(agent::run(config, opts, async {
                 let _ = rx.await;
             }))
@@ -61,11 +82,11 @@ impl AgentHandle {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if admin::call_ok(&handle.socket, &Request::VipList).is_ok() {
-                return handle;
+                return Ok(handle);
             }
             if handle.thread.as_ref().unwrap().is_finished() {
                 let r = handle.thread.take().unwrap().join().unwrap();
-                panic!("agent exited during start-up: {r:?}");
+                return Err(r.err().unwrap_or_else(|| anyhow::anyhow!("agent stopped")));
             }
             assert!(Instant::now() < deadline, "agent did not start in 30 s");
             std::thread::sleep(Duration::from_millis(50));

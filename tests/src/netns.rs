@@ -16,8 +16,50 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call: `xl<pid>x<n><tag>`.
 pub fn unique_name(tag: &str) -> String {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("xl{}x{n}{tag}", std::process::id())
+}
+
+/// Removes namespaces, pin directories and lock files left by test processes that were
+/// killed before their `Drop`s ran (names carry the pid; only dead pids are swept).
+fn sweep_stale() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix("xl") else {
+            return false;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            return false;
+        };
+        match pid.parse::<i32>() {
+            Ok(pid) => pid != std::process::id() as i32 && unsafe { libc::kill(pid, 0) } != 0,
+            Err(_) => false,
+        }
+    };
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ns in names("/run/netns").into_iter().filter(|n| dead(n)) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    }
+    for pin in names("/sys/fs/bpf").into_iter().filter(|n| dead(n)) {
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{pin}"));
+    }
+    for lock in names("/run") {
+        if lock
+            .strip_prefix("xdplb-")
+            .is_some_and(|n| dead(n.trim_end_matches(".lock")))
+        {
+            let _ = std::fs::remove_file(format!("/run/{lock}"));
+        }
+    }
 }
 
 /// Why e2e tests cannot run here, if they cannot.

@@ -25,11 +25,11 @@ pub struct NameServer {
 }
 
 impl NameServer {
-    /// Listens on `0.0.0.0:port` in `ns` and answers with `name`.
+    /// Listens on `[::]:port` (IPv4 too) in `ns` and answers with `name`.
     pub fn start(ns: &Netns, name: &str, port: u16) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let listener = ns
-            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .run(|| TcpListener::bind(("::", port)))
             .expect("binding the backend server");
         listener.set_nonblocking(true).unwrap();
         let name = name.to_string();
@@ -109,6 +109,10 @@ fn serve(stream: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Long enough for two SYN retransmissions (1 s, then 2 s later): on a loaded machine a veth
+/// may drop a frame now and then, and a retransmitted SYN must not fail the test.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// A client connection that asks which backend it reached.
 pub struct Conn {
     reader: BufReader<TcpStream>,
@@ -118,7 +122,7 @@ pub struct Conn {
 impl Conn {
     /// Connects from the calling thread's namespace.
     pub fn connect(addr: SocketAddr) -> std::io::Result<Self> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.set_nodelay(true)?;
         Ok(Self {
@@ -148,4 +152,57 @@ impl Conn {
 /// One short connection: connect, ask, close. Returns the backend's name.
 pub fn ask_once(addr: SocketAddr) -> std::io::Result<String> {
     Conn::connect(addr)?.ask()
+}
+
+/// A UDP server bound to `addr` in `ns` that answers every datagram with its name. Binding
+/// the VIP itself (not 0.0.0.0) makes DSR replies leave from the VIP.
+pub struct UdpNameServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpNameServer {
+    pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind(addr))
+            .expect("binding the UDP server");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(name.as_bytes(), peer);
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpNameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one datagram from a fresh socket (a new flow) and returns the answer.
+pub fn udp_ask(addr: SocketAddr) -> std::io::Result<String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.send(b"which")?;
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }

@@ -7,14 +7,15 @@
 //!   b0..   10.77.0.1x ─┘
 //! ```
 //!
-//! The client routes the VIP (10.77.100.1, off-link) via the load balancer's address. DSR
+//! Every host also has an IPv6 twin address (`fd77::<last octet>`), and the VIP has one too
+//! (`fd77:100::1`). The client routes the VIPs (off-link) via the load balancer's addresses. DSR
 //! backends have the VIP on `lo` and answer the client directly; IPIP backends also run
 //! `xdp_decap` on `eth0`. The bridge-side peer of the load balancer's veth runs `xdp_pass`:
 //! a veth only receives XDP_TX frames when its peer has an XDP program. Links to the
 //! backends have a 1600-byte MTU so encapsulated 1500-byte packets fit.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -28,11 +29,23 @@ use crate::netns::{disable_tx_checksum, unique_name, Netns};
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+/// The IPv6 twins: every host also has `fd77::<last octet>/64`.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x100, 0, 0, 0, 0, 0, 1);
+pub const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3);
 const LINK_MTU: &str = "1600";
 
 /// IP of backend `i`.
 pub fn backend_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 11 + i as u8)
+}
+
+/// IPv6 address of backend `i`.
+pub fn backend_ip6(i: usize) -> Ipv6Addr {
+    v6_twin(backend_ip(i))
+}
+
+fn v6_twin(v4: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, v4.octets()[3] as u16)
 }
 
 /// The helper programs (`xdp_pass`, `xdp_decap`) from the embedded object, loaded once per
@@ -116,12 +129,21 @@ impl Topology {
             "via",
             &LB_IP.to_string(),
         ]);
+        client.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            &LB_IP6.to_string(),
+        ]);
         let lb = plug(&switch, "lb", LB_IP, LINK_MTU);
         helpers.attach(&switch, common::prog_names::PASS, &lb.port);
         let backends: Vec<Host> = (0..n_backends)
             .map(|i| {
                 let h = plug(&switch, &format!("b{i}"), backend_ip(i), LINK_MTU);
                 h.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+                h.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
                 h
             })
             .collect();
@@ -161,7 +183,7 @@ impl Topology {
     }
 }
 
-/// A host namespace `tag` with `eth0` (address `ip/24`) whose peer joins the bridge.
+/// A host namespace `tag` with `eth0` (addresses `ip/24` and its IPv6 twin) whose peer joins the bridge.
 fn plug(switch: &Netns, tag: &str, ip: Ipv4Addr, mtu: &str) -> Host {
     let ns = Netns::new(tag);
     let port = format!("p-{tag}");
@@ -183,6 +205,8 @@ fn plug(switch: &Netns, tag: &str, ip: Ipv4Addr, mtu: &str) -> Host {
     ]);
     switch.ip(&["link", "set", &port, "master", "br0", "up"]);
     ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    let ip6 = format!("{}/64", v6_twin(ip));
+    ns.ip(&["addr", "add", &ip6, "dev", "eth0", "nodad"]);
     ns.ip(&["link", "set", "eth0", "up"]);
     Host { ns, ip, port }
 }

@@ -9,15 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser;
+use common::{VipAddrInfo, VipKey, VipMeta};
 use integration_tests::{
     agent::AgentHandle,
     netns::{skip_reason, unique_name},
-    servers::{ask_once, Conn, NameServer},
-    topology::{backend_ip, BackendMode, Topology, LB_IP, VIP},
+    servers::{ask_once, udp_ask, Conn, NameServer, UdpNameServer},
+    topology::{backend_ip, backend_ip6, BackendMode, Topology, LB_IP, LB_IP6, VIP, VIP6},
 };
 use lb_userspace::{
     api::{HealthState, Request},
-    config::{BackendSpec, Config, VipId},
+    config::{BackendSpec, Config, VipId, XdpModeSetting},
 };
 
 const PORT: u16 = 80;
@@ -41,6 +43,15 @@ macro_rules! skip_unless_possible {
 
 /// A config for this test's topology: one VIP on port 80 with the first `n` backends.
 fn config(mode: BackendMode, n: usize, health: &str) -> Config {
+    config_text(
+        mode,
+        n,
+        &format!("protocol = \"tcp\"\nport = {PORT}\nhealth_check = {health}"),
+    )
+}
+
+/// A config whose VIP section ends with `vip_fields` (protocol, port, health check...).
+fn config_text(mode: BackendMode, n: usize, vip_fields: &str) -> Config {
     let pin = unique_name("pin");
     let socket = PathBuf::from(format!("/tmp/{pin}.sock"));
     let mode = match mode {
@@ -57,10 +68,8 @@ ipip_src_v4 = "{LB_IP}"
 
 [[vip]]
 address = "{VIP}"
-port = {PORT}
-protocol = "tcp"
 mode = "{mode}"
-health_check = {health}
+{vip_fields}
 "#,
         socket.display()
     );
@@ -73,17 +82,18 @@ health_check = {health}
     Config::parse(&text, "test.toml".as_ref()).expect("test config")
 }
 
-/// Removes the agent's pinned maps and links when the test ends.
-struct PinCleanup(PathBuf);
+/// Removes the agent's pinned maps and links, and its lock file, when the test ends.
+struct PinCleanup(String);
 
 impl Drop for PinCleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(PathBuf::from("/sys/fs/bpf").join(&self.0));
+        let _ = std::fs::remove_file(format!("/run/xdplb-{}.lock", self.0));
     }
 }
 
 fn pins(cfg: &Config) -> PinCleanup {
-    PinCleanup(PathBuf::from("/sys/fs/bpf").join(&cfg.agent.pin_name))
+    PinCleanup(cfg.agent.pin_name.clone())
 }
 
 fn servers(topo: &Topology) -> Vec<NameServer> {
@@ -94,24 +104,37 @@ fn servers(topo: &Topology) -> Vec<NameServer> {
         .collect()
 }
 
-/// Opens `n` short connections from the client; counts answers per backend name.
-fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+/// Runs `ask` `n` times in the client's namespace; counts the answers (backend names, or
+/// `error: ...`).
+fn tally(
+    topo: &Topology,
+    n: usize,
+    ask: impl Fn() -> std::io::Result<String> + Sync,
+) -> BTreeMap<String, usize> {
     topo.client.ns.run(|| {
         let mut counts = BTreeMap::new();
         for _ in 0..n {
-            let name = ask_once(vip_addr()).unwrap_or_else(|e| format!("error: {e}"));
+            let name = ask().unwrap_or_else(|e| format!("error: {e}"));
             *counts.entry(name).or_insert(0) += 1;
         }
         counts
     })
 }
 
-fn assert_balanced(counts: &BTreeMap<String, usize>, backends: &[&str], n: usize) {
+/// Opens `n` short connections to the VIP; counts answers per backend name.
+fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    tally(topo, n, || ask_once(vip_addr()))
+}
+
+/// Every connection reached one of `backends`, each within `tolerance` (0.10: 10%) of the
+/// mean. With n flows a backend's share varies by about sqrt(n/k) flows, so 10% needs
+/// thousands of flows to be a reliable check.
+fn assert_balanced(counts: &BTreeMap<String, usize>, backends: &[&str], n: usize, tolerance: f64) {
     let mean = n as f64 / backends.len() as f64;
     for b in backends {
         let c = *counts.get(*b).unwrap_or(&0) as f64;
         assert!(
-            (c - mean).abs() <= mean * 0.10,
+            (c - mean).abs() <= mean * tolerance,
             "backend {b} got {c} of {n} connections (mean {mean}): {counts:?}"
         );
     }
@@ -191,7 +214,7 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
     let mut srv = servers(&topo);
     let cfg = config(mode, 3, health);
     let _pins = pins(&cfg);
-    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
 
     if let Err(e) = topo.client.ns.run(|| ask_once(vip_addr())) {
         topo.dump();
@@ -202,7 +225,7 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
     }
     let n = 3000;
     let counts = spread(&topo, n);
-    assert_balanced(&counts, &["b0", "b1", "b2"], n);
+    assert_balanced(&counts, &["b0", "b1", "b2"], n, 0.10);
     let stats = agent.stats();
     assert!(stats.vips[0].counters.new_flows >= n as u64, "{stats:?}");
 
@@ -220,6 +243,18 @@ fn balance_and_failover(mode: BackendMode, health: &str) {
         HealthState::Down,
         Duration::from_secs(1),
     );
+
+    // A restarted agent keeps the dead backend down (it does not wait for `fall` again).
+    agent.stop().unwrap();
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let b1 = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == backend_ip(1));
+    assert_eq!(b1.map(|b| b.health), Some(HealthState::Down));
+    let counts = spread(&topo, 60);
+    assert!(counts.keys().all(|k| k == "b0" || k == "b2"), "{counts:?}");
+    assert_conns_keep_backend(&mut conns, "b1");
 
     // Recovery: back in the table after `rise` good checks.
     srv[1] = NameServer::start(&topo.backends[1].ns, "b1", PORT);
@@ -260,7 +295,7 @@ fn e2e_dsr_add_drain_and_restart() {
     let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), true);
 
     let counts = spread(&topo, 300);
-    assert_balanced(&counts, &["b0", "b1"], 300);
+    assert_balanced(&counts, &["b0", "b1"], 300, 0.35);
     let mut conns = long_conns(&topo, &["b0", "b1"], 3);
 
     agent
@@ -304,15 +339,154 @@ fn e2e_dsr_add_drain_and_restart() {
     let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
     assert_conns_keep_backend(&mut conns, "");
     let counts = spread(&topo, 300);
-    assert_balanced(&counts, &["b0", "b1"], 300);
+    assert_balanced(&counts, &["b0", "b1"], 300, 0.35);
+
+    // A VIP added at runtime is not in the file: the next agent removes it from the maps.
+    let extra: lb_userspace::config::VipSpec = serde_json::from_value(serde_json::json!({
+        "address": "10.77.100.2", "port": 80, "protocol": "tcp", "table_size": 251,
+    }))
+    .unwrap();
+    agent.call(&Request::VipAdd { vip: extra }).unwrap();
+    assert_eq!(pinned_len::<VipKey, VipMeta>(&cfg, "VIPS"), 2);
+    assert_eq!(pinned_len::<[u8; 16], VipAddrInfo>(&cfg, "VIP_ADDRS"), 2);
 
     // Restart with a detach: the pinned connection table still holds the flows.
     agent.stop().unwrap();
-    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
     assert_conns_keep_backend(&mut conns, "");
     let stats = agent.stats();
     assert!(stats.global["conn_hit"] > 0, "{stats:?}");
+    assert_eq!(pinned_len::<VipKey, VipMeta>(&cfg, "VIPS"), 1);
+    assert_eq!(pinned_len::<[u8; 16], VipAddrInfo>(&cfg, "VIP_ADDRS"), 1);
     agent.stop().unwrap();
+}
+
+/// Number of keys in one of the agent's pinned hash maps.
+fn pinned_len<K: aya::Pod, V: aya::Pod>(cfg: &Config, map: &str) -> usize {
+    let path = PathBuf::from("/sys/fs/bpf")
+        .join(&cfg.agent.pin_name)
+        .join(map);
+    let data = aya::maps::MapData::from_pin(&path).expect("opening a pinned map");
+    let map = aya::maps::Map::HashMap(data);
+    let hash: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(&map).unwrap();
+    hash.keys().count()
+}
+
+/// A start-up that fails (an interface that does not exist) says why and leaves nothing
+/// attached or listening.
+#[test]
+fn e2e_failed_start_leaves_nothing() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let mut cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    cfg.agent.interfaces = vec!["eth0".into(), "nope0".into()];
+    let _pins = pins(&cfg);
+    let e = AgentHandle::try_start(&topo.lb.ns, cfg.clone(), false)
+        .err()
+        .expect("the agent started without its interface");
+    assert!(
+        format!("{e:#}").contains("\"nope0\" does not exist"),
+        "{e:#}"
+    );
+    assert!(!cfg.agent.admin_socket.exists(), "admin socket left behind");
+    let links = std::process::Command::new("ip")
+        .args(["-n", topo.lb.ns.name(), "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("prog/xdp"), "XDP left attached: {links}");
+}
+
+/// `xdp_mode`: native fails on an interface without driver XDP (`lo`) and says how to fall
+/// back; `auto` falls back to generic mode there and stays native elsewhere.
+#[test]
+fn e2e_xdp_mode_auto_falls_back() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let link = |iface: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", topo.lb.ns.name(), "link", "show", iface])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    cfg.agent.interfaces = vec!["eth0".into(), "lo".into()];
+    let _pins = pins(&cfg);
+    let e = AgentHandle::try_start(&topo.lb.ns, cfg.clone(), false)
+        .err()
+        .expect("native XDP attached to lo");
+    assert!(format!("{e:#}").contains("xdp_mode = \"auto\""), "{e:#}");
+    assert!(!link("eth0").contains("prog/xdp"), "{}", link("eth0"));
+
+    cfg.agent.xdp_mode = XdpModeSetting::Auto;
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    assert!(link("lo").contains("xdpgeneric"), "{}", link("lo"));
+    assert!(link("eth0").contains(" xdp "), "{}", link("eth0"));
+    assert_eq!(spread(&topo, 20).keys().collect::<Vec<_>>(), ["b0"]);
+    agent.stop().unwrap();
+    assert!(!link("lo").contains("prog/xdp"), "{}", link("lo"));
+}
+
+/// `lbctl reload` applies the difference to the file: a removed backend leaves, an added one
+/// joins, the others keep their connections; a broken file changes nothing.
+#[test]
+fn e2e_reload_applies_the_difference() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 2, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let path = PathBuf::from(format!("/tmp/{}.toml", cfg.agent.pin_name));
+    let _file = FileCleanup(path.clone());
+    let text = |backends: &[usize], table: u32| {
+        let mut t = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\npin_name = \"{}\"\nadmin_socket = \"{}\"\n\n\
+             [[vip]]\naddress = \"{VIP}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = {table}\n\
+             health_check = {{ type = \"tcp\" }}\n",
+            cfg.agent.pin_name,
+            cfg.agent.admin_socket.display()
+        );
+        for i in backends {
+            t.push_str(&format!(
+                "\n[[vip.backend]]\naddress = \"{}\"\n",
+                backend_ip(*i)
+            ));
+        }
+        t
+    };
+    std::fs::write(&path, text(&[0, 1], 65537)).unwrap();
+    let agent = AgentHandle::start_from_file(&topo.lb.ns, &path);
+    let mut conns = long_conns(&topo, &["b0", "b1"], 2);
+
+    std::fs::write(&path, text(&[1, 2], 65537)).unwrap();
+    let out = lbctl(&agent, &["reload"]).unwrap();
+    assert!(out.contains("backends +1 -1"), "{out}");
+    let counts = spread(&topo, 300);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    conns.retain(|(name, _)| name == "b1");
+    assert_conns_keep_backend(&mut conns, "");
+
+    let before = layout(&agent);
+    std::fs::write(&path, text(&[0], 100)).unwrap();
+    let e = lbctl(&agent, &["reload"]).unwrap_err();
+    assert!(e.to_string().contains("not a prime"), "{e}");
+    assert_eq!(before, layout(&agent));
+    agent.stop().unwrap();
+}
+
+/// Removes a file when the test ends.
+struct FileCleanup(PathBuf);
+
+impl Drop for FileCleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Runtime changes through the admin API show in traffic; bad requests are refused with a
@@ -354,19 +528,12 @@ fn e2e_admin_api_and_metrics() {
             })
             .unwrap();
     }
-    let counts = topo.client.ns.run(|| {
-        let mut c = BTreeMap::new();
-        for _ in 0..200 {
-            let name = ask_once(SocketAddr::from((VIP, 8080))).unwrap_or_else(|e| e.to_string());
-            *c.entry(name).or_insert(0) += 1;
-        }
-        c
-    });
+    let counts = tally(&topo, 200, || ask_once(SocketAddr::from((VIP, 8080))));
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1-8080", "b2-8080"]);
     assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
 
     // Bad requests: refused, named, and nothing changes.
-    let before = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
+    let before = layout(&agent);
     let unknown: VipId = format!("{VIP}:81/tcp").parse().unwrap();
     let bad = [
         (
@@ -431,8 +598,11 @@ fn e2e_admin_api_and_metrics() {
         let e = raw_call(&agent, raw);
         assert!(e.contains(want), "{raw}: {e}");
     }
-    let after = serde_json::to_string(&agent.call(&Request::VipList).unwrap()).unwrap();
-    assert_eq!(before, after, "a refused request changed the state");
+    assert_eq!(
+        before,
+        layout(&agent),
+        "a refused request changed the state"
+    );
 
     // Metrics.
     let body = topo.lb.ns.run(|| {
@@ -456,6 +626,49 @@ fn e2e_admin_api_and_metrics() {
         "{body}"
     );
 
+    // The CLI: add and remove a backend of the port-80 VIP, seen in traffic and listings.
+    let v80 = vip_id().to_string();
+    let b3 = backend_ip(2).to_string();
+    lbctl(&agent, &["backend", "add", &v80, &b3]).unwrap();
+    let counts = spread(&topo, 200);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b0", "b2"],
+        "{counts:?}"
+    );
+    let listing = lbctl(&agent, &["backend", "list", &v80]).unwrap();
+    assert!(
+        listing.starts_with("VIP ") && listing.contains(&b3),
+        "{listing}"
+    );
+    let stats = lbctl(&agent, &["stats"]).unwrap();
+    assert!(stats.contains("conn_miss"), "{stats}");
+    let health = lbctl(&agent, &["--json", "health"]).unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&health).is_ok(),
+        "{health}"
+    );
+    lbctl(&agent, &["backend", "drain", &v80, &b3]).unwrap();
+    lbctl(&agent, &["backend", "del", &v80, &b3]).unwrap();
+    assert_eq!(spread(&topo, 50).keys().collect::<Vec<_>>(), ["b0"]);
+    let e = lbctl(&agent, &["backend", "del", &v80, &b3]).unwrap_err();
+    assert_eq!(e.exit_code(), 1);
+    assert!(e.to_string().contains("has no backend 10.77.0.13"), "{e}");
+    let e = lbctl(
+        &agent,
+        &["vip", "add", "10.77.100.9:80/tcp", "--table-size", "100"],
+    )
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(lb_userspace::cli::Args::try_parse_from([
+        "lbctl",
+        "backend",
+        "add",
+        &v80,
+        "10.77.0.300"
+    ])
+    .is_err());
+
     // Removing the VIP takes it out of the datapath.
     agent.call(&Request::VipDel { vip: vip2 }).unwrap();
     let stats = agent.stats();
@@ -466,6 +679,31 @@ fn e2e_admin_api_and_metrics() {
         .run(|| ask_once(SocketAddr::from((VIP, 8080))));
     assert!(gone.is_err(), "VIP still answers after removal: {gone:?}");
     agent.stop().unwrap();
+}
+
+/// The VIPs and their backends (address, id, weight): what a refused request must not change.
+fn layout(agent: &AgentHandle) -> Vec<String> {
+    let vips: Vec<lb_userspace::api::VipView> =
+        serde_json::from_value(agent.call(&Request::VipList).unwrap()).unwrap();
+    vips.iter()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .map(move |b| format!("{} {} id={} weight={}", v.vip, b.address, b.id, b.weight))
+        })
+        .collect()
+}
+
+/// Runs `lbctl ARGS` in-process against the agent; returns what it printed.
+fn lbctl(agent: &AgentHandle, args: &[&str]) -> Result<String, lb_userspace::cli::CliError> {
+    let socket = agent.socket.to_string_lossy().into_owned();
+    let argv = ["lbctl", "--socket", socket.as_str()]
+        .into_iter()
+        .chain(args.iter().copied());
+    let parsed = lb_userspace::cli::Args::try_parse_from(argv).expect("lbctl arguments");
+    let mut out = Vec::new();
+    lb_userspace::cli::execute(parsed, &mut out)?;
+    Ok(String::from_utf8(out).unwrap())
 }
 
 /// Sends one raw JSON line to the admin socket; returns the error message of the reply.
@@ -479,4 +717,99 @@ fn raw_call(agent: &AgentHandle, line: &str) -> String {
         lb_userspace::api::Response::Error { message } => message,
         ok => panic!("{line} was accepted: {ok:?}"),
     }
+}
+
+/// A UDP VIP, with the program attached in generic (SKB) mode: datagrams from new flows
+/// reach all backends and the answers come back from the VIP.
+#[test]
+fn e2e_udp_generic_mode() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let addr = SocketAddr::from((VIP, 5353));
+    let _srv: Vec<UdpNameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
+        .collect();
+    let mut cfg = config_text(BackendMode::Dsr, 3, "protocol = \"udp\"\nport = 5353");
+    cfg.agent.xdp_mode = XdpModeSetting::Generic;
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let n = 600;
+    let counts = tally(&topo, n, || udp_ask(addr));
+    assert_eq!(counts.values().sum::<usize>(), n);
+    for b in ["b0", "b1", "b2"] {
+        assert!(
+            counts.get(b).copied().unwrap_or(0) > n / 5,
+            "{b} got too few flows: {counts:?}"
+        );
+    }
+    // A reused source port is the same flow, so count packets, not new flows.
+    let stats = agent.stats();
+    assert_eq!(stats.vips[0].counters.packets, n as u64, "{stats:?}");
+    agent.stop().unwrap();
+}
+
+/// IPv6 VIPs, one in DSR mode and one in IP6IP6 mode, on the same backends.
+#[test]
+fn e2e_ipv6_dsr_and_ipip() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Ipip);
+    let _srv80 = servers(&topo);
+    let _srv81: Vec<NameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| NameServer::start(&b.ns, &format!("b{i}"), 81))
+        .collect();
+    let pin = unique_name("pin");
+    let mut text = format!(
+        r#"
+[agent]
+interfaces = ["eth0"]
+pin_name = "{pin}"
+admin_socket = "/tmp/{pin}.sock"
+ipip_src_v6 = "{LB_IP6}"
+
+[[vip]]
+address = "{VIP6}"
+port = 80
+protocol = "tcp"
+health_check = {{ type = "tcp" }}
+{backends}
+[[vip]]
+address = "{VIP6}"
+port = 81
+protocol = "tcp"
+mode = "ipip"
+{backends}
+"#,
+        backends = (0..3)
+            .map(|i| format!("[[vip.backend]]\naddress = \"{}\"\n", backend_ip6(i)))
+            .collect::<String>(),
+    );
+    text = text.replace("\n\n\n", "\n\n");
+    let cfg = Config::parse(&text, "v6.toml".as_ref()).expect("v6 config");
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    for port in [80, 81] {
+        let addr = SocketAddr::from((VIP6, port));
+        let n = 600;
+        let counts = tally(&topo, n, || ask_once(addr));
+        for b in ["b0", "b1", "b2"] {
+            assert!(
+                counts.get(b).copied().unwrap_or(0) > n / 5,
+                "port {port}: {b} got too few: {counts:?}"
+            );
+        }
+        assert_eq!(counts.values().sum::<usize>(), n);
+        assert!(
+            !counts.keys().any(|k| k.starts_with("error")),
+            "port {port}: {counts:?}"
+        );
+    }
+    let stats = agent.stats();
+    assert!(stats.global["tx"] >= 1200, "{stats:?}");
+    agent.stop().unwrap();
 }

@@ -23,7 +23,8 @@ enum LogFormat {
 /// configured interfaces, health-checks backends, and serves the admin API (for `lbctl`) on
 /// a Unix socket and optional Prometheus metrics. A restarted agent reuses the pinned
 /// connection table and replaces the attached program in place, so established flows keep
-/// their backends. Log level: RUST_LOG (default "info").
+/// their backends. SIGHUP (or `lbctl reload`) re-reads the file and applies the difference.
+/// Log level: RUST_LOG (default "info").
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -110,6 +111,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let opts = AgentOptions {
         keep_attached: args.keep_attached,
         bpffs_root: args.bpffs,
+        config_path: Some(args.config.clone()),
+        ..AgentOptions::default()
     };
     rt.block_on(agent::run(config, opts, shutdown_signal()))
 }

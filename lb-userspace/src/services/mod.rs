@@ -8,17 +8,20 @@
 //! that backend keeps `BACKEND_F_ALIVE`; taking a backend down clears the flag (after the new
 //! table is live) so its flows are re-picked, while a drained backend (weight 0) keeps it.
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    net::IpAddr,
-};
+use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     maglev::{build_table, MaglevBackend},
-    BackendInfo, VipAddrInfo, VipKey, VipMeta, ADDR_F_ECHO_REPLY, AF_INET, AF_INET6,
-    BACKEND_F_ALIVE, MAX_BACKENDS, MAX_VIPS,
+    BackendInfo, VipAddrInfo, VipKey, VipMeta, ADDR_F_ECHO_REPLY, BACKEND_F_ALIVE, MAX_BACKENDS,
+    MAX_VIPS,
 };
 use tokio::task::AbortHandle;
+
+mod keys;
+mod reload;
+pub use keys::addr16;
+use keys::{family, vip_key, Ids};
+pub use reload::ReloadSummary;
 
 use crate::{
     api::{BackendView, Counters, HealthState, StatsView, VipView},
@@ -76,36 +79,6 @@ struct Vip {
     backends: Vec<Backend>,
 }
 
-/// Smallest-free-first id allocator: the same config gives the same ids after a restart,
-/// which is what lets pinned connection-table entries keep pointing at the right backend.
-struct Ids {
-    used: BTreeSet<u32>,
-    limit: u32,
-    what: &'static str,
-}
-
-impl Ids {
-    fn new(limit: u32, what: &'static str) -> Self {
-        Self {
-            used: BTreeSet::new(),
-            limit,
-            what,
-        }
-    }
-
-    fn take(&mut self) -> Result<u32> {
-        let id = (0..self.limit)
-            .find(|i| !self.used.contains(i))
-            .ok_or(ServiceError::Exhausted(self.what))?;
-        self.used.insert(id);
-        Ok(id)
-    }
-
-    fn release(&mut self, id: u32) {
-        self.used.remove(&id);
-    }
-}
-
 /// All services and the datapath they are written to.
 pub struct Services {
     dp: Datapath,
@@ -114,36 +87,8 @@ pub struct Services {
     vip_ids: Ids,
     backend_ids: Ids,
     health: Option<HealthSpawner>,
-}
-
-/// 16-byte wire form of an address.
-pub fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => {
-            let mut out = [0u8; 16];
-            out[..4].copy_from_slice(&v4.octets());
-            out
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn family(a: IpAddr) -> u8 {
-    if a.is_ipv4() {
-        AF_INET
-    } else {
-        AF_INET6
-    }
-}
-
-fn vip_key(id: &VipId) -> VipKey {
-    VipKey {
-        addr: addr16(id.address),
-        port: id.port.to_be(),
-        proto: id.protocol.ip_proto(),
-        family: family(id.address),
-        _pad: [0; 4],
-    }
+    /// The file to re-read on reload.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Services {
@@ -157,13 +102,16 @@ impl Services {
             vip_ids: Ids::new(MAX_VIPS, "VIP"),
             backend_ids: Ids::new(MAX_BACKENDS, "backend"),
             health,
+            config_path: None,
         }
     }
 
-    pub fn datapath(&self) -> &Datapath {
-        &self.dp
+    /// Where [`Services::reload`] reads the configuration from.
+    pub fn set_config_path(&mut self, path: std::path::PathBuf) {
+        self.config_path = Some(path);
     }
 
+    /// The datapath (to attach its programs).
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.dp
     }
@@ -200,11 +148,13 @@ impl Services {
         }
     }
 
-    fn write_backend(&mut self, b: &Backend) -> Result<()> {
+    /// Writes a backend (and its egress port) to the datapath. Takes the datapath alone so
+    /// that `b` can be borrowed from `self.vips`.
+    fn write_backend(dp: &mut Datapath, b: &Backend) -> Result<()> {
         if b.hop.ifindex != 0 {
-            self.dp.add_tx_port(b.hop.ifindex)?;
+            dp.add_tx_port(b.hop.ifindex)?;
         }
-        self.dp.set_backend(b.id, &Self::backend_info(b))?;
+        dp.set_backend(b.id, &Self::backend_info(b))?;
         Ok(())
     }
 
@@ -231,8 +181,10 @@ impl Services {
             mode: vip.spec.mode as u8,
             ..VipMeta::default()
         };
-        let key = vip.key;
+        let (key, vip_name, members) = (vip.key, vip.spec.id(), members.len());
+        let started = std::time::Instant::now();
         self.dp.set_vip(&key, meta, &table)?;
+        tracing::debug!(vip = %vip_name, members, took = ?started.elapsed(), "Maglev table installed");
         Ok(())
     }
 
@@ -289,9 +241,9 @@ impl Services {
     pub fn add_vip(&mut self, mut spec: VipSpec, fresh_counters: bool) -> Result<()> {
         let id = spec.id();
         spec.validate(&self.agent)
-            .map_err(|message| ServiceError::Invalid {
+            .map_err(|e| ServiceError::Invalid {
                 what: format!("VIP {id}"),
-                message,
+                message: e.message,
             })?;
         if self.vips.iter().any(|v| v.spec.id() == id) {
             return Err(ServiceError::DuplicateVip(id));
@@ -312,16 +264,17 @@ impl Services {
         let vip_id = self.vip_ids.take()?;
         let mut backends = Vec::new();
         for (b, hop) in backend_specs.into_iter().zip(hops) {
-            backends.push(self.new_backend(b, hop)?);
-        }
-        for b in &backends {
-            self.write_backend(b)?;
-            if fresh_counters {
-                self.dp.reset_stats(None, Some(b.id))?;
+            let mut b = self.new_backend(b, hop)?;
+            // At start-up, a backend that the previous run had taken down (same id, same
+            // address, ALIVE clear) stays down until its checks pass `rise` times.
+            if !fresh_counters && spec.health_check.is_some() {
+                let before = self.dp.backend(b.id)?;
+                if before.addr == addr16(b.spec.address) && before.flags & BACKEND_F_ALIVE == 0 {
+                    b.health = HealthState::Down;
+                    b.last_error = Some("down before the agent restarted".into());
+                }
             }
-        }
-        if fresh_counters {
-            self.dp.reset_stats(Some(vip_id), None)?;
+            backends.push(b);
         }
         self.vips.push(Vip {
             key: vip_key(&id),
@@ -330,8 +283,11 @@ impl Services {
             backends,
         });
         let vi = self.vips.len() - 1;
-        self.install_table(vi)?;
-        self.sync_vip_addr(id.address)?;
+        if let Err(e) = self.program_vip(vi, fresh_counters) {
+            // Leave nothing half-installed.
+            let _ = self.del_vip(&id);
+            return Err(e);
+        }
         let mut backends = std::mem::take(&mut self.vips[vi].backends);
         for b in &mut backends {
             self.start_check(&self.vips[vi], b);
@@ -339,6 +295,21 @@ impl Services {
         self.vips[vi].backends = backends;
         tracing::info!(vip = %id, vip_id, backends = self.vips[vi].backends.len(), "VIP added");
         Ok(())
+    }
+
+    /// Writes a new VIP's backends, table and address entry to the datapath.
+    fn program_vip(&mut self, vi: usize, fresh_counters: bool) -> Result<()> {
+        for b in &self.vips[vi].backends {
+            Self::write_backend(&mut self.dp, b)?;
+            if fresh_counters {
+                self.dp.reset_stats(None, Some(b.id))?;
+            }
+        }
+        if fresh_counters {
+            self.dp.reset_stats(Some(self.vips[vi].id), None)?;
+        }
+        self.install_table(vi)?;
+        self.sync_vip_addr(self.vips[vi].spec.address)
     }
 
     /// Removes a VIP: new packets to it pass to the kernel; its backends' flows end.
@@ -385,12 +356,23 @@ impl Services {
         }
         let hop = self.resolve(&spec)?;
         let address = spec.address;
-        let mut b = self.new_backend(spec, hop)?;
-        self.write_backend(&b)?;
-        self.dp.reset_stats(None, Some(b.id))?;
+        let b = self.new_backend(spec, hop)?;
+        let id = b.id;
+        self.vips[vi].backends.push(b);
+        let bi = self.vips[vi].backends.len() - 1;
+        let programmed = Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])
+            .and_then(|()| Ok(self.dp.reset_stats(None, Some(id))?))
+            .and_then(|()| self.install_table(vi));
+        if let Err(e) = programmed {
+            // Leave nothing half-installed.
+            let mut b = self.vips[vi].backends.pop().expect("just pushed");
+            let _ = self.install_table(vi);
+            let _ = self.retire_backend(&mut b);
+            return Err(e);
+        }
+        let mut b = self.vips[vi].backends.pop().expect("just pushed");
         self.start_check(&self.vips[vi], &mut b);
         self.vips[vi].backends.push(b);
-        self.install_table(vi)?;
         tracing::info!(vip = %vip, backend = %address, "backend added");
         Ok(())
     }
@@ -474,30 +456,49 @@ impl Services {
             b.health = HealthState::Down;
             let info = Self::backend_info(b);
             let id = b.id;
-            tracing::warn!(vip = %vip, backend = %address, error = ?b.last_error, "backend down");
+            tracing::warn!(
+                vip = %vip,
+                backend = %address,
+                error = b.last_error.as_deref().unwrap_or(""),
+                "backend down"
+            );
             // New table first, then its flows re-pick from it.
             self.install_table(vi)?;
             self.dp.set_backend(id, &info)?;
         } else {
+            // A backend that comes back may be a new machine behind the same address: look
+            // its MAC up again (keeping the old one if the lookup fails).
+            let spec = b.spec.clone();
+            if spec.mac.is_none() {
+                match self.resolve(&spec) {
+                    Ok(hop) => self.vips[vi].backends[bi].hop = hop,
+                    Err(e) => tracing::warn!(backend = %address, error = %e, "keeping the old MAC"),
+                }
+            }
+            let b = &mut self.vips[vi].backends[bi];
             b.health = HealthState::Up;
             b.last_error = None;
-            let info = Self::backend_info(b);
-            let id = b.id;
             tracing::info!(vip = %vip, backend = %address, "backend up");
-            self.dp.set_backend(id, &info)?;
+            Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])?;
             self.install_table(vi)?;
         }
         Ok(())
     }
 
-    /// Clears ALIVE on backend ids this agent does not use and removes VIPs it does not serve:
-    /// leftovers of a previous run with another configuration.
+    /// Removes VIPs and VIP addresses this agent does not serve and clears ALIVE on backend
+    /// ids it does not use: leftovers of a previous run with another configuration.
     pub fn remove_leftovers(&mut self) -> Result<()> {
         let keys: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
         for key in self.dp.vip_keys()? {
             if !keys.contains(&key) {
                 self.dp.remove_vip(&key)?;
                 tracing::info!(?key, "removed a VIP left by a previous run");
+            }
+        }
+        let addrs: HashSet<[u8; 16]> = self.vips.iter().map(|v| v.key.addr).collect();
+        for addr in self.dp.vip_addrs()? {
+            if !addrs.contains(&addr) {
+                self.dp.remove_vip_addr(&addr)?;
             }
         }
         for id in 0..MAX_BACKENDS {
@@ -552,6 +553,12 @@ impl Services {
         }
     }
 
+    /// Entries in the connection table (walks up to a million keys: for operators, not for
+    /// every metrics scrape).
+    pub fn count_flows(&self) -> Result<usize> {
+        Ok(self.dp.flow_count()?)
+    }
+
     pub fn list_vips(&self) -> Vec<VipView> {
         self.vips.iter().map(|v| self.vip_view(v)).collect()
     }
@@ -568,6 +575,8 @@ impl Services {
             .collect())
     }
 
+    /// Counters of every VIP and backend and the global reasons. `flows` is left out: counting
+    /// the connection table walks it, which [`Services::count_flows`] does on request.
     pub fn stats(&self) -> Result<StatsView> {
         let global = self.dp.global_stats()?;
         Ok(StatsView {
@@ -578,7 +587,7 @@ impl Services {
                 .filter(|(n, _)| **n != "unused")
                 .map(|(n, c)| (n.to_string(), c))
                 .collect(),
-            flows: self.dp.flow_count()?,
+            flows: None,
         })
     }
 }

@@ -10,14 +10,17 @@
 //! CLI's `vip add` and `backend add` go through the same checks as the file.
 
 use std::{
-    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
+
+mod values;
+pub use values::{
+    CheckKind, HumanDuration, MacAddr, Mode, Protocol, TableSize, VipId, XdpModeSetting,
+};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -95,188 +98,6 @@ impl Default for AgentSection {
     }
 }
 
-/// How `xdp_lb` is attached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeSetting {
-    /// Driver mode; fail if the driver cannot run XDP.
-    #[default]
-    Native,
-    /// Driver mode, falling back to generic (SKB) mode with a warning.
-    Auto,
-    /// Generic (SKB) mode.
-    Generic,
-}
-
-/// L4 protocol of a VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn ip_proto(self) -> u8 {
-        match self {
-            Self::Tcp => common::IPPROTO_TCP,
-            Self::Udp => common::IPPROTO_UDP,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-/// How packets reach a VIP's backends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Direct server return: rewrite the destination MAC.
-    #[default]
-    Dsr,
-    /// IPIP / IP6IP6 encapsulation to the backend's address.
-    Ipip,
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Dsr => "dsr",
-            Self::Ipip => "ipip",
-        })
-    }
-}
-
-/// A Maglev table size: a prime no larger than [`common::RING_SIZE_MAX`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "u32", into = "u32")]
-pub struct TableSize(u32);
-
-impl TableSize {
-    pub fn get(self) -> u32 {
-        self.0
-    }
-}
-
-impl Default for TableSize {
-    fn default() -> Self {
-        Self(common::RING_SIZE_DEFAULT)
-    }
-}
-
-impl TryFrom<u32> for TableSize {
-    type Error = String;
-    fn try_from(n: u32) -> Result<Self, String> {
-        if n > common::RING_SIZE_MAX {
-            return Err(format!(
-                "table_size {n} is larger than {}",
-                common::RING_SIZE_MAX
-            ));
-        }
-        if !common::maglev::is_prime(n) {
-            return Err(format!(
-                "table_size {n} is not a prime (Maglev needs a prime, e.g. 65537, 65521, 4099, 251)"
-            ));
-        }
-        Ok(Self(n))
-    }
-}
-
-impl From<TableSize> for u32 {
-    fn from(t: TableSize) -> u32 {
-        t.0
-    }
-}
-
-/// A duration written as `1s`, `500ms` or `2m`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct HumanDuration(pub Duration);
-
-impl TryFrom<String> for HumanDuration {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s or m)"))?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("duration {s:?} must start with a number"))?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            _ => return Err(format!("duration {s:?}: unit must be ms, s or m")),
-        };
-        if d.is_zero() {
-            return Err(format!("duration {s:?} must be positive"));
-        }
-        Ok(Self(d))
-    }
-}
-
-impl From<HumanDuration> for String {
-    fn from(d: HumanDuration) -> String {
-        format!("{}ms", d.0.as_millis())
-    }
-}
-
-/// A MAC address written `aa:bb:cc:dd:ee:ff`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MacAddr(pub [u8; 6]);
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut out = [0u8; 6];
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(format!(
-                "invalid MAC address {s:?} (want aa:bb:cc:dd:ee:ff)"
-            ));
-        }
-        for (o, p) in out.iter_mut().zip(parts) {
-            *o = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("invalid MAC address {s:?} (want aa:bb:cc:dd:ee:ff)"))?;
-        }
-        Ok(Self(out))
-    }
-}
-
-impl TryFrom<String> for MacAddr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<MacAddr> for String {
-    fn from(m: MacAddr) -> String {
-        m.to_string()
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
 /// `[[vip]]`: a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -306,72 +127,6 @@ impl VipSpec {
             protocol: self.protocol,
         }
     }
-}
-
-/// Names a VIP: `10.0.0.10:80/tcp` (`[2001:db8::1]:443/tcp` for IPv6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct VipId {
-    pub address: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-impl fmt::Display for VipId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            SocketAddr::new(self.address, self.port),
-            self.protocol
-        )
-    }
-}
-
-impl FromStr for VipId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, proto) = match s.rsplit_once('/') {
-            Some((a, p)) => (a, p),
-            None => (s, "tcp"),
-        };
-        let protocol = match proto {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            _ => return Err(format!("VIP {s:?}: protocol must be tcp or udp")),
-        };
-        let sa: SocketAddr = addr.parse().map_err(|_| {
-            format!("invalid VIP {s:?} (want ADDRESS:PORT[/tcp|udp], e.g. 10.0.0.10:80/tcp)")
-        })?;
-        Ok(Self {
-            address: sa.ip(),
-            port: sa.port(),
-            protocol,
-        })
-    }
-}
-
-impl TryFrom<String> for VipId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<VipId> for String {
-    fn from(v: VipId) -> String {
-        v.to_string()
-    }
-}
-
-/// Kind of health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckKind {
-    /// A TCP connect succeeds.
-    Tcp,
-    /// `GET path` answers with `expect_status`.
-    Http,
 }
 
 /// `[vip.health_check]`.
@@ -493,7 +248,29 @@ impl BackendSpec {
 
 impl VipSpec {
     /// Checks the VIP alone (not against other VIPs); `agent` supplies the IPIP sources.
-    pub fn validate(&self, agent: &AgentSection) -> Result<(), String> {
+    pub fn validate(&self, agent: &AgentSection) -> Result<(), SpecError> {
+        self.validate_vip(agent).map_err(|message| SpecError {
+            backend: None,
+            message,
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for (j, b) in self.backends.iter().enumerate() {
+            let checked = b.validate(self).and_then(|()| {
+                if seen.insert(b.address) {
+                    Ok(())
+                } else {
+                    Err(format!("backend {} appears twice", b.address))
+                }
+            });
+            checked.map_err(|message| SpecError {
+                backend: Some(j),
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_vip(&self, agent: &AgentSection) -> Result<(), String> {
         if self.port == 0 {
             return Err("port must not be 0".into());
         }
@@ -511,18 +288,19 @@ impl VipSpec {
                 ));
             }
         }
-        if let Some(hc) = &self.health_check {
-            hc.validate()?;
+        match &self.health_check {
+            Some(hc) => hc.validate(),
+            None => Ok(()),
         }
-        let mut seen = std::collections::HashSet::new();
-        for b in &self.backends {
-            b.validate(self)?;
-            if !seen.insert(b.address) {
-                return Err(format!("backend {} appears twice", b.address));
-            }
-        }
-        Ok(())
     }
+}
+
+/// A problem with a VIP or, when `backend` is set, with its backend at that index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub backend: Option<usize>,
+    pub message: String,
 }
 
 impl Config {
@@ -564,16 +342,28 @@ impl Config {
                 format!("{} VIPs; at most {}", self.vips.len(), common::MAX_VIPS),
             ));
         }
-        let headers = vip_header_lines(text);
+        let headers = array_header_lines(text, "vip");
+        let backend_headers = array_header_lines(text, "vip.backend");
+        let at = |line: Option<&usize>| line.map(|l| format!(", line {l}")).unwrap_or_default();
         let mut seen = std::collections::HashSet::new();
         for (i, vip) in self.vips.iter().enumerate() {
-            let line = headers
-                .get(i)
-                .map(|l| format!(", line {l}"))
-                .unwrap_or_default();
-            let where_ = format!("{file}: vip[{i}] {}{line}", vip.id());
-            vip.validate(&self.agent)
-                .map_err(|m| invalid(where_.clone(), m))?;
+            let where_ = format!("{file}: vip[{i}] {}{}", vip.id(), at(headers.get(i)));
+            if let Err(e) = vip.validate(&self.agent) {
+                let Some(j) = e.backend else {
+                    return Err(invalid(where_, e.message));
+                };
+                // This VIP's `[[vip.backend]]` headers lie between its header and the next.
+                let start = headers.get(i).copied().unwrap_or(0);
+                let end = headers.get(i + 1).copied().unwrap_or(usize::MAX);
+                let line = backend_headers
+                    .iter()
+                    .filter(|l| (start..end).contains(*l))
+                    .nth(j);
+                return Err(invalid(
+                    format!("{file}: vip[{i}] {} backend[{j}]{}", vip.id(), at(line)),
+                    e.message,
+                ));
+            }
             if !seen.insert(vip.id()) {
                 return Err(invalid(where_, "the same VIP appears twice".into()));
             }
@@ -582,16 +372,16 @@ impl Config {
     }
 }
 
-/// Line numbers (1-based) of the `[[vip]]` headers, in order.
-fn vip_header_lines(text: &str) -> Vec<usize> {
+/// Line numbers (1-based) of the `[[name]]` array-of-tables headers, in order.
+fn array_header_lines(text: &str, name: &str) -> Vec<usize> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| {
-            let l = l.trim_start();
-            l.starts_with("[[") && l[2..].trim_start().starts_with("vip") && {
-                let rest = l[2..].trim_start()[3..].trim_start();
-                rest.starts_with("]]")
-            }
+            let l = l.trim();
+            let inner = l.strip_prefix("[[").and_then(|l| l.split_once("]]"));
+            inner.is_some_and(|(key, rest)| {
+                key.trim() == name && (rest.trim().is_empty() || rest.trim().starts_with('#'))
+            })
         })
         .map(|(n, _)| n + 1)
         .collect()
@@ -685,14 +475,24 @@ table_size = 251
         let dup = GOOD.replace("10.0.1.2", "10.0.1.1");
         let e = parse(&dup).unwrap_err().to_string();
         assert!(
-            e.contains("10.0.1.1 appears twice") && e.contains("line 7"),
+            e.contains("10.0.1.1 appears twice") && e.contains("backend[1], line 17"),
             "{e}"
         );
+        let heavy = GOOD.replace("weight = 3", "weight = 5000");
+        let e = parse(&heavy).unwrap_err().to_string();
+        assert!(e.contains("weight 5000") && e.contains("line 17"), "{e}");
         let no_src = GOOD.replace("ipip_src_v4 = \"10.0.0.2\"", "");
         let e = parse(&no_src).unwrap_err().to_string();
         assert!(e.contains("ipip_src_v4") && e.contains("line 22"), "{e}");
         let v6 = GOOD.replace("10.0.1.1\"", "2001:db8::1\"");
         assert!(parse(&v6).unwrap_err().to_string().contains("families"));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let c = parse(include_str!("../../lb.example.toml")).unwrap();
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[1].mode, Mode::Ipip);
     }
 
     #[test]
