@@ -117,47 +117,10 @@ where
     B::Error: Into<BoxError>,
 {
     // Phase: sanitize.
-    if req.version() <= Version::HTTP_11 {
-        if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
-            return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
-        }
-    }
-    if let Err(why) = headers::check_framing(req.headers()) {
-        return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
-    }
-    let upgrade = match req.version() {
-        Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
-        _ => None,
+    let upgrade = match sanitize(&mut req, conn, host, trace) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return refusal,
     };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    trace.request_id = headers::ensure_request_id(req.headers_mut());
-    headers::remove_hop_by_hop(req.headers_mut());
-    headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
-    // The authority of an absolute-form (or HTTP/2) target is the host routing used; the
-    // upstream must see the same one.
-    if let Some(authority) = req.uri().authority().cloned() {
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
-    match headers::normalize_path(req.uri().path()) {
-        Ok(None) => {}
-        Ok(Some(path)) => {
-            let target = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = target.parse().ok();
-            match Uri::from_parts(parts) {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(_) => {
-                    return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into())
-                }
-            }
-        }
-        Err(why) => return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n")),
-    }
 
     // Phase: route match.
     let Some(route) = route_match(state, &req, host) else {
@@ -214,7 +177,7 @@ where
                 group: &ctx.upstream_group,
                 strip_prefix: strip_prefix.as_deref(),
                 rewrite_path: rewrite.as_deref(),
-                upgrade: upgrade.zip(client_upgrade),
+                upgrade,
             };
             upstream_phase(state, metrics, conn, &route.name, req, target, trace).await
         }
@@ -222,6 +185,52 @@ where
 
     // Phase: response policies.
     policies.run_response(resp, &mut ctx, policies.len()).await
+}
+
+/// The sanitize phase: refuses ambiguous framing and bad paths, sets the request id, removes
+/// hop-by-hop headers, adds the forwarding headers and aligns `Host` with the routing host.
+/// Returns the `Upgrade` protocol and the client side of the upgrade for upgrade requests.
+// The refusal is the response itself, returned once per refused request: not worth boxing.
+#[allow(clippy::result_large_err)]
+fn sanitize<B>(
+    req: &mut Request<B>,
+    conn: &ConnInfo,
+    host: &str,
+    trace: &mut Trace,
+) -> Result<Option<(HeaderValue, hyper::upgrade::OnUpgrade)>, Response<ProxyBody>> {
+    let bad_request =
+        |why: &str| text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+    if req.version() <= Version::HTTP_11 {
+        if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
+            return Err(bad_request(why));
+        }
+    }
+    headers::check_framing(req.headers()).map_err(bad_request)?;
+    let upgrade = match req.version() {
+        Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
+        _ => None,
+    };
+    let upgrade = upgrade.map(|proto| (proto, hyper::upgrade::on(&mut *req)));
+    trace.request_id = headers::ensure_request_id(req.headers_mut());
+    headers::remove_hop_by_hop(req.headers_mut());
+    headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
+    // The authority of an absolute-form (or HTTP/2) target is the host routing uses; the
+    // upstream must see the same one.
+    if let Some(authority) = req.uri().authority().cloned() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Some(path) = headers::normalize_path(req.uri().path()).map_err(bad_request)? {
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = target.parse().ok();
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad_request("request target"))?;
+    }
+    Ok(upgrade)
 }
 
 /// Where and how a `forward` route sends the request.

@@ -161,6 +161,16 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(seen["host"], "svc.example.com");
     assert!(!seen.contains_key("x-secret"));
 
+    let a = get(&c, addr, "svc.example.com", "/hop").await;
+    assert_eq!(a.upstream(), "up");
+    for name in ["x-private-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !a.headers.contains_key(name),
+            "{name} leaked: {:?}",
+            a.headers
+        );
+    }
+
     let a = get(&c, addr, "svc.example.com", "/").await;
     let generated = a.headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(generated.len(), 36, "uuid v4: {generated}");

@@ -158,15 +158,25 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let echo = req.uri().path().starts_with("/echo");
+    let hop = req.uri().path().starts_with("/hop");
     let body = req
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    Ok(Response::builder()
+    let mut resp = Response::builder()
         .status(status)
-        .header("x-upstream", &name)
+        .header("x-upstream", &name);
+    if hop {
+        // Connection-scoped headers the proxy must not pass on.
+        resp = resp
+            .header("connection", "x-private-hop")
+            .header("x-private-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic");
+    }
+    Ok(resp
         .body(Full::new(if echo { body } else { Bytes::from(name) }))
         .unwrap())
 }
