@@ -7,8 +7,8 @@
 //!
 //! Data out: an unknown or missing key answers 401 and never reaches the upstream. A valid key
 //! puts [`ApiKeyId`] into [`RequestCtx::extensions`] (the rate limiter can key on it), sets
-//! `id_header` (if configured) to the key's id, and removes the key itself from the header
-//! before forwarding.
+//! `id_header` (if configured) to the key's id, and removes the key itself (header and query
+//! parameter) before forwarding.
 
 use std::collections::HashMap;
 
@@ -124,6 +124,24 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `uri` without query parameter `param`, or `None` when it has none.
+fn without_param(uri: &http::Uri, param: &str) -> Option<http::Uri> {
+    let query = uri.query()?;
+    let is_param = |pair: &&str| pair.split('=').next() == Some(param);
+    if !query.split('&').any(|pair| is_param(&pair)) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|pair| !is_param(pair)).collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
 /// Hex SHA-256 of a key, as the config stores it.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -155,6 +173,13 @@ impl Policy for ApiKeyPolicy {
             ));
         };
         req.headers_mut().remove(&self.header);
+        if let Some(uri) = self
+            .query_param
+            .as_deref()
+            .and_then(|p| without_param(req.uri(), p))
+        {
+            *req.uri_mut() = uri;
+        }
         if let Some(name) = &self.id_header {
             req.headers_mut().remove(name);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
@@ -174,6 +199,16 @@ mod tests {
     fn decodes_query_values() {
         assert_eq!(percent_decode("a%20b+c"), "a b c");
         assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn strips_the_key_parameter() {
+        let uri: http::Uri = "/a?x=1&api_key=k&y=2".parse().unwrap();
+        assert_eq!(without_param(&uri, "api_key").unwrap(), "/a?x=1&y=2");
+        let uri: http::Uri = "/a?api_key=k".parse().unwrap();
+        assert_eq!(without_param(&uri, "api_key").unwrap(), "/a");
+        let uri: http::Uri = "/a?x=1".parse().unwrap();
+        assert!(without_param(&uri, "api_key").is_none());
     }
 
     #[test]

@@ -420,10 +420,10 @@ impl Policy for CachePolicy {
             Err(ReadError::TooLarge { body }) => return miss(Response::from_parts(parts, body)),
             Err(ReadError::Body(e)) => {
                 tracing::debug!(error = %e, "cache: upstream body failed");
-                return miss(Response::from_parts(
-                    parts,
-                    super::respond::error_response(StatusCode::BAD_GATEWAY, "upstream body failed")
-                        .into_body(),
+                // The upstream's head promised a body it did not deliver.
+                return miss(super::respond::error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream body failed",
                 ));
             }
         };

@@ -100,6 +100,8 @@ struct KeySet {
     keys: Vec<Arc<VerifyKey>>,
     /// When `jwks_url` is due to be fetched again.
     next_refresh: Instant,
+    /// Last fetch attempt of `jwks_url`.
+    fetched_at: Option<Instant>,
 }
 
 /// Wait between attempts to fetch a JWKS URL that failed.
@@ -152,6 +154,7 @@ impl JwtPolicy {
                 keys,
                 // A file's keys are final; a URL is fetched on first use.
                 next_refresh: Instant::now(),
+                fetched_at: None,
             })),
             forward,
             refreshing: tokio::sync::Mutex::new(()),
@@ -165,13 +168,19 @@ impl JwtPolicy {
     /// Returns the current keys, fetching them from `jwks_url` when they are due: on first use,
     /// every `jwks_refresh_secs` after a success, and at most every [`JWKS_RETRY`] after a
     /// failure (the previous keys stay in use). While one request refreshes, others keep using
-    /// the keys they have instead of waiting, unless there are none yet.
-    async fn current_keys(&self) -> Arc<KeySet> {
+    /// the keys they have instead of waiting, unless there are none yet. `unknown_kid` (a token
+    /// names a key we lack, as after a rotation) makes a fetch due early, at most every
+    /// [`JWKS_RETRY`].
+    async fn current_keys(&self, unknown_kid: bool) -> Arc<KeySet> {
         let keys = self.key_set();
         let Some(url) = &self.config.jwks_url else {
             return keys;
         };
-        if Instant::now() < keys.next_refresh {
+        let due = |k: &KeySet| {
+            Instant::now() >= k.next_refresh
+                || (unknown_kid && k.fetched_at.is_none_or(|t| t.elapsed() >= JWKS_RETRY))
+        };
+        if !due(&keys) {
             return keys;
         }
         let _one_fetch = if keys.keys.is_empty() {
@@ -183,7 +192,7 @@ impl JwtPolicy {
             }
         };
         let keys = self.key_set();
-        if Instant::now() < keys.next_refresh {
+        if !due(&keys) {
             return keys; // another request refreshed while we waited
         }
         let refresh = Duration::from_secs(self.config.jwks_refresh_secs);
@@ -191,12 +200,14 @@ impl JwtPolicy {
             Ok(fresh) => KeySet {
                 keys: fresh,
                 next_refresh: Instant::now() + refresh,
+                fetched_at: Some(Instant::now()),
             },
             Err(e) => {
                 tracing::warn!(url, error = %e, "jwt: JWKS fetch failed; keeping previous keys");
                 KeySet {
                     keys: keys.keys.clone(),
                     next_refresh: Instant::now() + refresh.min(JWKS_RETRY),
+                    fetched_at: Some(Instant::now()),
                 }
             }
         };
@@ -214,7 +225,12 @@ impl JwtPolicy {
                 header.alg
             )));
         }
-        let keys = self.current_keys().await;
+        let mut keys = self.current_keys(false).await;
+        if let Some(kid) = &header.kid {
+            if !keys.keys.iter().any(|k| k.kid.as_ref() == Some(kid)) {
+                keys = self.current_keys(true).await;
+            }
+        }
         let candidates = keys.keys.iter().filter(|k| {
             k.algorithms.contains(&header.alg)
                 && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
