@@ -239,13 +239,13 @@ const MIX: &[Step] = &[
         jwt: false,
     },
     Step {
-        route: "/api/v1/orders",
-        path: "/api/v1/orders",
+        route: "/v1/orders (deprecated)",
+        path: "/v1/orders",
         jwt: false,
     },
     Step {
-        route: "/api/v2/orders",
-        path: "/api/v2/orders",
+        route: "/v2/orders",
+        path: "/v2/orders",
         jwt: false,
     },
     Step {
@@ -266,6 +266,7 @@ struct Tally {
     by_gateway: BTreeMap<String, usize>,
     by_service: BTreeMap<String, usize>,
     cache: BTreeMap<String, usize>,
+    deprecated: usize,
     errors: BTreeMap<String, usize>,
     done: usize,
 }
@@ -332,6 +333,7 @@ async fn client(
                         if let Some(c) = r.cache {
                             *t.cache.entry(c).or_default() += 1;
                         }
+                        t.deprecated += r.deprecated as usize;
                     }
                     Err(e) => *t.errors.entry(e.to_string()).or_default() += 1,
                 }
@@ -370,6 +372,7 @@ async fn client(
         .map(|(_, n)| n)
         .sum();
     println!("\n== Rate-limit rejections (429): {rejected}");
+    println!("== Responses marked Deprecation (API v1): {}", t.deprecated);
     if !t.errors.is_empty() {
         println!("\n== Client errors");
         for (e, n) in &t.errors {
@@ -416,6 +419,7 @@ fn tls_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>> {
 
 struct Outcome {
     status: u16,
+    deprecated: bool,
     gateway: String,
     service: Option<String>,
     cache: Option<String>,
@@ -452,6 +456,7 @@ async fn one_request(
     let gateway = header("x-gateway").unwrap_or_else(|| "(no X-Gateway header)".into());
     let mut service = header("x-service");
     let cache = header("x-cache");
+    let deprecated = header("deprecation").is_some();
     let body = resp.into_body().collect().await?.to_bytes();
     if service.is_none() && status == 200 {
         // The aggregated route answers with one object keyed by service.
@@ -463,6 +468,7 @@ async fn one_request(
     }
     Ok(Outcome {
         status,
+        deprecated,
         gateway,
         service,
         cache,

@@ -255,11 +255,14 @@ fn run_demo(root: &Path, bin: &Path, keep: bool) -> Result<()> {
             "redis",
             "svc",
             Path::new("/usr/bin/redis-server"),
+            // An isolated namespace and no password: protected mode would refuse the gateways.
             &[
                 "--bind",
                 "10.77.0.20",
                 "--port",
                 "6379",
+                "--protected-mode",
+                "no",
                 "--save",
                 "",
                 "--appendonly",
