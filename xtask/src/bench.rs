@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 pub enum Which {
     /// XDP program cost against a trivial XDP_TX program (BPF_PROG_TEST_RUN).
     L4,
+    /// Real packets through xdp_lb in network namespaces, next to HAProxy in TCP mode.
+    L4Live,
     /// Our L7 proxy against nginx and HAProxy on the same cores.
     L7,
     All,
@@ -44,6 +46,38 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );
         let path = out_dir.join("l4.md");
+        std::fs::write(&path, &md)?;
+        println!("{md}");
+        eprintln!("wrote {}", path.display());
+    }
+    if matches!(which, Which::L4Live | Which::All) {
+        crate::apt_install_missing(&["haproxy"])?;
+        let cmd = "cargo run --release -p integration-tests --bin bench_l4_live";
+        eprintln!("bench l4-live: {cmd}");
+        let out = Command::new("cargo")
+            .current_dir(root)
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "integration-tests",
+                "--bin",
+                "bench_l4_live",
+            ])
+            .output()
+            .context("running bench_l4_live")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "bench_l4_live failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let md = format!(
+            "# L4 live\n\nCommand: `{cmd}` (via `cargo xtask bench l4-live`).\n\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let path = out_dir.join("l4-live.md");
         std::fs::write(&path, &md)?;
         println!("{md}");
         eprintln!("wrote {}", path.display());
@@ -252,27 +286,7 @@ fn h2load(url: &str) -> Result<(f64, f64, f64)> {
 }
 
 pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
-    let missing: Vec<&str> = ["nginx-light", "haproxy", "wrk", "nghttp2-client"]
-        .into_iter()
-        .filter(|p| {
-            !Command::new("dpkg")
-                .args(["-s", p])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("bench l7: installing {}", missing.join(" "));
-        crate::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    crate::apt_install_missing(&["nginx-light", "haproxy", "wrk", "nghttp2-client"])?;
     crate::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",

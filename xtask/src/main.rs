@@ -138,9 +138,9 @@ fn cargo_bin() -> PathBuf {
     home.join("bin")
 }
 
-/// Installs what is missing, printing each step.
-fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages that are not installed yet, saying which.
+pub fn apt_install_missing(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
@@ -154,6 +154,12 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .context("apt-get install (run as root)")?;
     }
+    Ok(())
+}
+
+/// Installs what is missing, printing each step.
+fn setup() -> Result<()> {
+    apt_install_missing(APT_PACKAGES)?;
     let has_nightly = Command::new("rustup")
         .args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])
         .output()
