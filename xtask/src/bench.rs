@@ -65,6 +65,8 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
                 "--bin",
                 "bench_l4_live",
             ])
+            // The table goes to stdout; keep the agent's info logs out of it.
+            .env("RUST_LOG", "warn")
             .output()
             .context("running bench_l4_live")?;
         if !out.status.success() {
