@@ -20,83 +20,79 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
     let out_dir = root.join("bench-results");
     std::fs::create_dir_all(&out_dir)?;
     if matches!(which, Which::L4 | Which::All) {
-        let cmd = format!("cargo run --release -p integration-tests --bin bench_l4 -- {repeat}");
-        eprintln!("bench l4: {cmd}");
-        let out = Command::new("cargo")
-            .current_dir(root)
-            .args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "integration-tests",
-                "--bin",
-                "bench_l4",
-                "--",
-            ])
-            .arg(repeat.to_string())
-            .output()
-            .context("running bench_l4")?;
-        if !out.status.success() {
-            anyhow::bail!("bench_l4 failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        let table = String::from_utf8_lossy(&out.stdout);
-        let md = format!(
-            "# L4 program cost\n\nCommand: `{cmd}` (via `cargo xtask bench l4`), {} CPUs.\n\n{table}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-        );
-        let path = out_dir.join("l4.md");
-        std::fs::write(&path, &md)?;
-        println!("{md}");
-        eprintln!("wrote {}", path.display());
+        let table = bench_bin(root, "bench_l4", &[&repeat.to_string()])?;
+        report(
+            &out_dir,
+            "l4",
+            "L4 program cost",
+            "cargo xtask bench l4",
+            &table,
+        )?;
     }
     if matches!(which, Which::L4Live | Which::All) {
         crate::apt_install_missing(&["haproxy"])?;
-        let cmd = "cargo run --release -p integration-tests --bin bench_l4_live";
-        eprintln!("bench l4-live: {cmd}");
-        let out = Command::new("cargo")
-            .current_dir(root)
-            .args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "integration-tests",
-                "--bin",
-                "bench_l4_live",
-            ])
-            // The table goes to stdout; keep the agent's info logs out of it.
-            .env("RUST_LOG", "warn")
-            .output()
-            .context("running bench_l4_live")?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "bench_l4_live failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let md = format!(
-            "# L4 live\n\nCommand: `{cmd}` (via `cargo xtask bench l4-live`).\n\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let path = out_dir.join("l4-live.md");
-        std::fs::write(&path, &md)?;
-        println!("{md}");
-        eprintln!("wrote {}", path.display());
+        let table = bench_bin(root, "bench_l4_live", &[])?;
+        report(
+            &out_dir,
+            "l4-live",
+            "L4 live",
+            "cargo xtask bench l4-live",
+            &table,
+        )?;
     }
     if matches!(which, Which::L7 | Which::All) {
         let table = l7(root, &out_dir)?;
-        let md = format!(
-            "# L7 proxies\n\nCommand: `cargo xtask bench l7`, {} CPUs.\n\n{table}",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0)
-        );
-        let path = out_dir.join("l7.md");
-        std::fs::write(&path, &md)?;
-        println!("{md}");
-        eprintln!("wrote {}", path.display());
+        report(&out_dir, "l7", "L7 proxies", "cargo xtask bench l7", &table)?;
     }
+    Ok(())
+}
+
+/// Runs a benchmark binary of the `integration-tests` crate (release) and returns its stdout:
+/// a Markdown table that names the command behind it.
+fn bench_bin(root: &Path, bin: &str, args: &[&str]) -> Result<String> {
+    let cmd = format!(
+        "cargo run --release -p integration-tests --bin {bin} -- {}",
+        args.join(" ")
+    );
+    eprintln!("bench: {cmd}");
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "integration-tests",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(args)
+        // The table goes to stdout; keep the agent's info logs out of it.
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("running {bin}"))?;
+    if !out.status.success() {
+        anyhow::bail!("{bin} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(format!(
+        "Command: `{cmd}`.\n\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    ))
+}
+
+/// Writes bench-results/<name>.md and prints it.
+fn report(out_dir: &Path, name: &str, title: &str, how: &str, table: &str) -> Result<()> {
+    let md = format!(
+        "# {title}\n\nRun with `{how}` on {} CPUs.\n\n{table}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let path = out_dir.join(format!("{name}.md"));
+    std::fs::write(&path, &md)?;
+    println!("{md}");
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 
