@@ -49,6 +49,17 @@ enum Cmd {
         #[arg(long)]
         fixed_body: Option<usize>,
     },
+    /// Print an HS256 JWT (iss, aud, sub, one hour) signed with SECRET.
+    Token {
+        #[arg(long)]
+        secret: String,
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        aud: String,
+        #[arg(long, default_value = "")]
+        scope: String,
+    },
     /// Attach `xdp_pass` to IFACE and hold it until killed: a veth receives XDP_TX frames only
     /// when its peer runs an XDP program.
     XdpPass {
@@ -86,6 +97,15 @@ async fn main() -> Result<()> {
             fixed_body,
         } => service(name, listen, fixed_body).await,
         Cmd::XdpPass { iface } => xdp_pass(&iface).await,
+        Cmd::Token {
+            secret,
+            iss,
+            aud,
+            scope,
+        } => {
+            println!("{}", token(&secret, &iss, &aud, &scope)?);
+            Ok(())
+        }
         Cmd::Client {
             vip,
             host,
@@ -95,6 +115,24 @@ async fn main() -> Result<()> {
             jwt_secret,
         } => client(vip, host, ca, requests, concurrency, jwt_secret).await,
     }
+}
+
+/// An HS256 token for `sub = demo-user`, valid for an hour.
+fn token(secret: &str, iss: &str, aud: &str, scope: &str) -> Result<String> {
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({
+            "sub": "demo-user",
+            "iss": iss,
+            "aud": aud,
+            "exp": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + 3600,
+            "scope": scope,
+        }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 async fn xdp_pass(iface: &str) -> Result<()> {
@@ -165,7 +203,10 @@ async fn service(name: String, listen: Vec<SocketAddr>, fixed_body: Option<usize
                         let (name, fixed) = (name.clone(), fixed.clone());
                         async move {
                             match fixed {
-                                Some(body) => Ok(Response::new(Full::new(body))),
+                                Some(body) => Ok(Response::builder()
+                                    .header("content-type", "text/plain")
+                                    .body(Full::new(body))
+                                    .expect("static response")),
                                 None => answer(name, addr, req).await,
                             }
                         }
@@ -280,20 +321,7 @@ async fn client(
     jwt_secret: String,
 ) -> Result<()> {
     let tls = tls_config(&ca)?;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({
-            "sub": "demo-user",
-            "iss": "xdplb-demo",
-            "aud": "payments",
-            "exp": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs()
-                + 3600,
-            "scope": "payments:read",
-        }),
-        &jsonwebtoken::EncodingKey::from_secret(jwt_secret.as_bytes()),
-    )?;
+    let token = token(&jwt_secret, "xdplb-demo", "payments", "payments:read")?;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();

@@ -13,6 +13,8 @@ pub enum Which {
     L4Live,
     /// Our L7 proxy against nginx and HAProxy on the same cores.
     L7,
+    /// What the gateway policy chain (JWT + rate limit + cache miss + compression) costs.
+    Policies,
     All,
 }
 
@@ -43,6 +45,16 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
     if matches!(which, Which::L7 | Which::All) {
         let table = l7(root, &out_dir)?;
         report(&out_dir, "l7", "L7 proxies", "cargo xtask bench l7", &table)?;
+    }
+    if matches!(which, Which::Policies | Which::All) {
+        let table = policy_cost(root, &out_dir)?;
+        report(
+            &out_dir,
+            "policies",
+            "Gateway policy chain cost",
+            "cargo xtask bench policies",
+            &table,
+        )?;
     }
     Ok(())
 }
@@ -418,4 +430,128 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
 HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the same with `-c16 -H 'Connection: close'` (one TLS handshake per request); HTTP/2: `h2load -c16 -m10 -D{L7_SECONDS}`.\n"
     );
     Ok(md)
+}
+
+/// The same proxy serves `/plain/` (no policy) and `/chain/` (jwt, rate_limit with a limit
+/// far above the load, cache that misses because the upstream does not allow caching, and
+/// gzip compression of the 1 KiB text body); wrk sends the same token and Accept-Encoding to
+/// both. Runs alternate, three each, and the table reports the medians.
+pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
+    crate::apt_install_missing(&["wrk"])?;
+    crate::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "l7-proxy",
+        "-p",
+        "demo",
+    ]))?;
+    let bin = root.join("target/release");
+    let dir = out_dir.join("policies-work");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let secret = "bench-secret";
+    std::fs::write(
+        dir.join("jwks.json"),
+        r#"{"keys":[{"kty":"oct","alg":"HS256","k":"YmVuY2gtc2VjcmV0"}]}"#,
+    )?;
+    let out = Command::new(bin.join("lbdemo"))
+        .args([
+            "token", "--secret", secret, "--iss", "bench", "--aud", "bench",
+        ])
+        .output()?;
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    std::fs::write(
+        dir.join("chain.toml"),
+        format!(
+            r#"[[listeners]]
+name = "plain"
+address = "127.0.0.1:18031"
+[[upstreams]]
+name = "up"
+members = [{{ address = "{UPSTREAM}" }}]
+[[routes]]
+name = "plain"
+match = {{ path = {{ prefix = "/plain/" }} }}
+action = {{ forward = {{ group = "up" }} }}
+[[routes]]
+name = "chain"
+match = {{ path = {{ prefix = "/chain/" }} }}
+action = {{ forward = {{ group = "up" }} }}
+policies = [
+  {{ type = "jwt", jwks_file = "{d}/jwks.json", algorithms = ["HS256"], issuers = ["bench"], audiences = ["bench"] }},
+  {{ type = "rate_limit", requests = 1000000000, period_secs = 1, key = "jwt_sub" }},
+  {{ type = "compress", algorithms = ["gzip"], min_size = 256 }},
+  {{ type = "cache", max_bytes = 16777216 }},
+]
+"#
+        ),
+    )?;
+    let mut upstream = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(bin.join("lbdemo"))
+        .args([
+            "service",
+            "--name",
+            "up",
+            "--listen",
+            UPSTREAM,
+            "--fixed-body",
+            "1024",
+        ])
+        .spawn()?;
+    wait_port(18080)?;
+    let mut proxy = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(bin.join("l7-proxy"))
+        .arg("--config")
+        .arg(dir.join("chain.toml"))
+        .args(["--log", "warn"])
+        .spawn()?;
+    let result = (|| -> Result<(Vec<f64>, Vec<f64>)> {
+        wait_port(18031)?;
+        let auth = format!("Authorization: Bearer {token}");
+        let run = |path: &str| -> Result<f64> {
+            let out = Command::new("taskset")
+                .args(["-c", "1", "wrk", "-t1", "-c32"])
+                .arg(format!("-d{}s", L7_SECONDS / 2))
+                .args(["-H", &auth, "-H", "Accept-Encoding: gzip"])
+                .arg(format!("http://127.0.0.1:18031{path}"))
+                .output()
+                .context("running wrk")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("Non-2xx") {
+                anyhow::bail!("{path} answered errors:\n{text}");
+            }
+            Ok(text
+                .lines()
+                .find_map(|l| l.strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN))
+        };
+        let (mut plain, mut chain) = (Vec::new(), Vec::new());
+        run("/plain/x")?;
+        for _ in 0..3 {
+            plain.push(run("/plain/x")?);
+            chain.push(run("/chain/x")?);
+        }
+        Ok((plain, chain))
+    })();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let (mut plain, mut chain) = result?;
+    plain.sort_by(f64::total_cmp);
+    chain.sort_by(f64::total_cmp);
+    let (p, c) = (plain[1], chain[1]);
+    Ok(format!(
+        "| route | req/s (median of 3) | vs plain |\n|---|---:|---:|\n\
+         | plain proxying | {p:.0} | 1.00x |\n\
+         | jwt + rate_limit + cache (miss) + compress (gzip) | {c:.0} | {:.2}x (cost {:.0}%) |\n\n\
+         One l7-proxy on CPU 0; wrk (`-t1 -c32`, same JWT and `Accept-Encoding: gzip` on both routes) and the 1 KiB text upstream on CPU 1. Runs alternate between the routes.\n",
+        c / p,
+        (1.0 - c / p) * 100.0
+    ))
 }
