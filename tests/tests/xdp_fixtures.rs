@@ -699,3 +699,48 @@ fn removed_vip_stops_its_established_flows() {
     assert_eq!(&r.packet[12..14], &[0x08, 0x00]);
     assert_eq!(r.packet[14 + 9], 4, "now encapsulated (IPIP mode)");
 }
+
+/// Collects the program's aya-log records.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn rare_drops_are_logged_through_aya_log() {
+    require_bpf!();
+    let mut f = Fixture::new();
+    let records = Records::default();
+    let mut logger =
+        aya_log::EbpfLogger::init_with_logger(f.dp.ebpf_mut(), records.clone()).unwrap();
+    f.add_vip(
+        vip_key_v4(VIP4, 80, IPPROTO_TCP),
+        5,
+        ForwardMode::L2Dsr,
+        &[],
+        251,
+    );
+    assert_action(
+        f.lb(&tcp4(CLIENT4, 1, VIP4, 80)).action,
+        XDP_DROP,
+        "no backend",
+    );
+    logger.flush();
+    let got = records.0.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .any(|l| l.starts_with("WARN") && l.contains("VIP 5 has no backend")),
+        "{got:?}"
+    );
+}

@@ -23,6 +23,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, backend: &BackendI
         rewrite_macs(ctx, backend)
     };
     if rewritten.is_err() {
+        aya_log_ebpf::warn!(ctx, "encapsulation to backend failed: packet dropped");
         count(reason::DROP_ENCAP_FAILED);
         return xdp_action::XDP_DROP;
     }

@@ -193,7 +193,11 @@ pub(crate) fn balance(
 ) -> u32 {
     match select_backend(vip, flow, lookup) {
         Some((id, backend, new_flow)) => deliver(ctx, pkt, vip, id, backend, new_flow),
-        None => drop(reason::DROP_NO_BACKEND),
+        None => {
+            // Rare (an empty table): worth a line in the agent's log.
+            aya_log_ebpf::warn!(ctx, "VIP {} has no backend: packet dropped", vip.vip_id);
+            drop(reason::DROP_NO_BACKEND)
+        }
     }
 }
 
