@@ -64,6 +64,36 @@ pub fn run(root: &Path, which: Which, repeat: u32) -> Result<()> {
     Ok(())
 }
 
+/// Ports of one bench run: `base + 80` is the upstream; ours listens on `base + 1` (plain) and
+/// `+ 2` (TLS), nginx on `+ 11`/`+ 12`, HAProxy on `+ 21`/`+ 22`. The base is 18000, or
+/// `L7_BENCH_PORT_BASE` when a run needs other ports.
+#[derive(Clone, Copy)]
+struct Ports {
+    base: u16,
+}
+
+impl Ports {
+    fn from_env() -> Result<Self> {
+        let base = match std::env::var("L7_BENCH_PORT_BASE") {
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|b: &u16| b.checked_add(100).is_some())
+                .with_context(|| format!("L7_BENCH_PORT_BASE={v} is not a port below 65436"))?,
+            Err(_) => 18000,
+        };
+        Ok(Self { base })
+    }
+
+    fn upstream(self) -> String {
+        format!("127.0.0.1:{}", self.base + 80)
+    }
+
+    fn all(self) -> [u16; 7] {
+        [1, 2, 11, 12, 21, 22, 80].map(|p| self.base + p)
+    }
+}
+
 /// One proxy under test: how to start it and where it listens.
 struct Proxy {
     name: &'static str,
@@ -80,25 +110,26 @@ struct Sample {
     peak_rss_kib: u64,
 }
 
-const UPSTREAM: &str = "127.0.0.1:18080";
 const L7_SECONDS: u32 = 8;
 
-fn write_configs(dir: &Path) -> Result<()> {
+fn write_configs(dir: &Path, ports: Ports) -> Result<()> {
     let d = dir.display();
+    let upstream = ports.upstream();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, _] = ports.all();
     std::fs::write(
         dir.join("ours.toml"),
         format!(
             r#"[[listeners]]
 name = "plain"
-address = "127.0.0.1:18001"
+address = "127.0.0.1:{ours}"
 [[listeners]]
 name = "tls"
-address = "127.0.0.1:18002"
+address = "127.0.0.1:{ours_tls}"
 [listeners.tls]
 certs = [{{ cert = "{d}/server.pem", key = "{d}/server.key" }}]
 [[upstreams]]
 name = "up"
-members = [{{ address = "{UPSTREAM}" }}]
+members = [{{ address = "{upstream}" }}]
 [[routes]]
 name = "all"
 action = {{ forward = {{ group = "up" }} }}
@@ -115,10 +146,14 @@ error_log stderr warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  upstream up {{ server {UPSTREAM}; keepalive 64; }}
+  # nginx closes a client connection (HTTP/1.1 and, since 1.19.7, HTTP/2) after
+  # keepalive_requests requests, 1000 by default; h2load does not reconnect, so the HTTP/2
+  # run would stop after 16000 requests. The other proxies have no such limit.
+  keepalive_requests 1000000;
+  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
   server {{
-    listen 127.0.0.1:18011;
-    listen 127.0.0.1:18012 ssl http2;
+    listen 127.0.0.1:{nginx};
+    listen 127.0.0.1:{nginx_tls} ssl http2;
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -148,20 +183,22 @@ defaults
   timeout client 30s
   timeout server 30s
 frontend fe
-  bind 127.0.0.1:18021
-  bind 127.0.0.1:18022 ssl crt {d}/haproxy.pem alpn h2,http/1.1
+  bind 127.0.0.1:{haproxy}
+  bind 127.0.0.1:{haproxy_tls} ssl crt {d}/haproxy.pem alpn h2,http/1.1
   default_backend be
 backend be
   http-reuse always
-  server s1 {UPSTREAM}
+  server s1 {upstream}
 "#
         ),
     )?;
     Ok(())
 }
 
+/// Peak RSS of `pid` and all its descendants: nginx serves from a worker process, a child of
+/// the master we started.
 fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let own: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -169,7 +206,50 @@ fn peak_rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
-        .unwrap_or(0)
+        .unwrap_or(0);
+    own + children(pid).into_iter().map(peak_rss_kib).sum::<u64>()
+}
+
+/// Child processes of `pid` (threads of a process share its parent, so the main thread's
+/// list is the process's).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Stops a proxy and waits for it. SIGTERM first: nginx's master only stops its workers on a
+/// signal it can catch, and a SIGKILLed master leaves a worker that keeps the ports.
+fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Fails when something already listens on a bench port: the run would measure that instead.
+fn ensure_ports_free(ports: Ports) -> Result<()> {
+    for port in ports.all() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            anyhow::bail!(
+                "127.0.0.1:{port} is already in use (a proxy or upstream left from an earlier \
+                 run?); stop it or set L7_BENCH_PORT_BASE to use other ports"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -273,15 +353,29 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    crate::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "l7-proxy",
-        "-p",
-        "demo",
-    ]))?;
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(root)
+        .args(["build", "--release", "-q", "-p", "l7-proxy", "-p", "demo"]);
+    // `cargo xtask` runs us with xtask's package variables set (CARGO_PKG_NAME, ...). ring's
+    // build script reruns when those change, so passing them on rebuilt ring (and all that
+    // depends on it) on every switch between `cargo build` and `cargo xtask bench`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+        {
+            build.env_remove(name);
+        }
+    }
+    crate::run(&mut build)?;
     let bin = root.join("target/release");
     let dir = out_dir.join("l7-work");
     std::fs::create_dir_all(&dir)?;
@@ -292,7 +386,11 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             .arg(&dir)
             .args(["--name", "localhost"]),
     )?;
-    write_configs(&dir)?;
+    let ports = Ports::from_env()?;
+    ensure_ports_free(ports)?;
+    write_configs(&dir, ports)?;
+    let upstream_addr = ports.upstream();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, upstream_port] = ports.all();
     // The upstream runs on CPU 1 next to the load generator; each proxy gets CPU 0 alone.
     let mut upstream = Command::new("taskset")
         .args(["-c", "1"])
@@ -302,18 +400,18 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             "--name",
             "up",
             "--listen",
-            UPSTREAM,
+            &upstream_addr,
             "--fixed-body",
             "1024",
         ])
         .spawn()?;
-    wait_port(18080)?;
+    wait_port(upstream_port)?;
     let d = dir.display().to_string();
     let proxies = [
         Proxy {
             name: "l7-proxy (ours)",
-            plain: 18001,
-            tls: 18002,
+            plain: ours,
+            tls: ours_tls,
             cmd: vec![
                 bin.join("l7-proxy").display().to_string(),
                 "--config".into(),
@@ -324,14 +422,14 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
         },
         Proxy {
             name: "nginx",
-            plain: 18011,
-            tls: 18012,
+            plain: nginx,
+            tls: nginx_tls,
             cmd: vec!["nginx".into(), "-c".into(), format!("{d}/nginx.conf")],
         },
         Proxy {
             name: "HAProxy",
-            plain: 18021,
-            tls: 18022,
+            plain: haproxy,
+            tls: haproxy_tls,
             cmd: vec!["haproxy".into(), "-f".into(), format!("{d}/haproxy.cfg")],
         },
     ];
@@ -377,12 +475,10 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             };
             Ok([keepalive, handshakes, h2])
         })();
-        let _ = child.kill();
-        let _ = child.wait();
+        stop(&mut child);
         rows.push((p.name.to_string(), result?));
     }
-    let _ = upstream.kill();
-    let _ = upstream.wait();
+    stop(&mut upstream);
 
     let mut md = String::from(
         "| proxy | HTTP/1.1 keep-alive 1 KiB req/s | p50 / p99 ms | vs nginx | HTTPS new connection (handshakes/s) | p50 / p99 ms | vs nginx | HTTP/2 (TLS) req/s | mean / max ms | vs nginx | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
