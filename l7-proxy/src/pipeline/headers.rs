@@ -10,16 +10,17 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1). Names,
+/// not strings: removing by `&str` parses the name again on every call.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Rejects requests whose body framing is ambiguous, which different servers could read
@@ -67,6 +68,10 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("request path must start with /");
     };
+    // Without a `.` there is no dot segment, and without a `%` no encoded one.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Ok(None);
+    }
     let segments: Vec<&str> = rest.split('/').collect();
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     let mut changed = false;
@@ -121,7 +126,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
