@@ -263,6 +263,83 @@ fn wait_port(port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Starts proxy `p` on CPU 0, runs the three loads against it and stops it.
+fn measure(p: &Proxy, dir: &Path) -> Result<[Sample; 3]> {
+    let mut child = Command::new("taskset")
+        .args(["-c", "0"])
+        .args(&p.cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{}.log", p.plain)))?)
+        .spawn()
+        .with_context(|| format!("starting {}", p.name))?;
+    let result = (|| -> Result<[Sample; 3]> {
+        wait_port(p.plain)?;
+        wait_port(p.tls)?;
+        // Warm up pools and caches.
+        let _ = Command::new("wrk")
+            .args(["-t1", "-c8", "-d1s"])
+            .arg(format!("http://127.0.0.1:{}/", p.plain))
+            .output();
+        let (rps, p50, p99) = wrk(&format!("http://127.0.0.1:{}/", p.plain), 32, false)?;
+        let keepalive = Sample {
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        let (rps, p50, p99) = wrk(&format!("https://127.0.0.1:{}/", p.tls), 16, true)?;
+        let handshakes = Sample {
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        let (rps, mean, max) = h2load(&format!("https://127.0.0.1:{}/", p.tls))?;
+        let h2 = Sample {
+            rps,
+            p50_ms: mean,
+            p99_ms: max,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        Ok([keepalive, handshakes, h2])
+    })();
+    stop(&mut child);
+    result
+}
+
+/// Rounds per proxy: `L7_BENCH_ROUNDS`, 3 by default.
+fn bench_rounds() -> Result<u32> {
+    match std::env::var("L7_BENCH_ROUNDS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("L7_BENCH_ROUNDS={v} is not a positive number")),
+        Err(_) => Ok(3),
+    }
+}
+
+/// For each of the three loads, the round with the median req/s (the upper one of an even
+/// count); peak RSS is the highest seen in any round.
+fn median_per_test(mut rounds: Vec<[Sample; 3]>) -> [Sample; 3] {
+    let peak = rounds
+        .iter()
+        .flatten()
+        .map(|s| s.peak_rss_kib)
+        .max()
+        .unwrap_or(0);
+    std::array::from_fn(|test| {
+        rounds.sort_by(|a, b| a[test].rps.total_cmp(&b[test].rps));
+        let mid = &rounds[rounds.len() / 2][test];
+        Sample {
+            rps: mid.rps,
+            p50_ms: mid.p50_ms,
+            p99_ms: mid.p99_ms,
+            peak_rss_kib: peak,
+        }
+    })
+}
+
 /// `wrk` latency values such as `1.23ms`, `850.00us` or `1.02s`, in ms.
 fn wrk_ms(v: &str) -> f64 {
     let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
@@ -433,52 +510,28 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             cmd: vec!["haproxy".into(), "-f".into(), format!("{d}/haproxy.cfg")],
         },
     ];
+    // Other work on the machine comes and goes: a proxy measured during a busy minute loses to
+    // one measured during a quiet one. Rounds interleave the proxies and each cell reports
+    // the round with the median req/s.
+    let rounds = bench_rounds()?;
     type Row = (String, [Sample; 3]);
-    let mut rows: Vec<Row> = Vec::new();
-    for p in &proxies {
-        eprintln!("bench l7: {}", p.name);
-        let mut child = Command::new("taskset")
-            .args(["-c", "0"])
-            .args(&p.cmd)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{}.log", p.plain)))?)
-            .spawn()
-            .with_context(|| format!("starting {}", p.name))?;
-        let result = (|| -> Result<[Sample; 3]> {
-            wait_port(p.plain)?;
-            wait_port(p.tls)?;
-            // Warm up pools and caches.
-            let _ = Command::new("wrk")
-                .args(["-t1", "-c8", "-d1s"])
-                .arg(format!("http://127.0.0.1:{}/", p.plain))
-                .output();
-            let (rps, p50, p99) = wrk(&format!("http://127.0.0.1:{}/", p.plain), 32, false)?;
-            let keepalive = Sample {
-                rps,
-                p50_ms: p50,
-                p99_ms: p99,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            let (rps, p50, p99) = wrk(&format!("https://127.0.0.1:{}/", p.tls), 16, true)?;
-            let handshakes = Sample {
-                rps,
-                p50_ms: p50,
-                p99_ms: p99,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            let (rps, mean, max) = h2load(&format!("https://127.0.0.1:{}/", p.tls))?;
-            let h2 = Sample {
-                rps,
-                p50_ms: mean,
-                p99_ms: max,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            Ok([keepalive, handshakes, h2])
-        })();
-        stop(&mut child);
-        rows.push((p.name.to_string(), result?));
-    }
+    let mut runs: Vec<Vec<[Sample; 3]>> = proxies.iter().map(|_| Vec::new()).collect();
+    let measured = (|| -> Result<()> {
+        for round in 1..=rounds {
+            for (p, samples) in proxies.iter().zip(&mut runs) {
+                eprintln!("bench l7: {} (round {round}/{rounds})", p.name);
+                samples.push(measure(p, &dir)?);
+            }
+        }
+        Ok(())
+    })();
     stop(&mut upstream);
+    measured?;
+    let rows: Vec<Row> = proxies
+        .iter()
+        .zip(runs)
+        .map(|(p, samples)| (p.name.to_string(), median_per_test(samples)))
+        .collect();
 
     let mut md = String::from(
         "| proxy | HTTP/1.1 keep-alive 1 KiB req/s | p50 / p99 ms | vs nginx | HTTPS new connection (handshakes/s) | p50 / p99 ms | vs nginx | HTTP/2 (TLS) req/s | mean / max ms | vs nginx | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -498,7 +551,8 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
         );
     }
     md += &format!(
-        "\nEach proxy alone on CPU 0 (one worker/thread: nginx `worker_processes 1`, HAProxy `nbthread 1`, ours a tokio runtime pinned by taskset); wrk/h2load and the 1 KiB upstream share CPU 1. \
+        "\nEach proxy alone on CPU 0 (one worker/thread: nginx `worker_processes 1`, HAProxy `nbthread 1`, ours a current-thread tokio runtime, as it picks when pinned to one CPU); wrk/h2load and the 1 KiB upstream share CPU 1. \
+Each cell is the median of {rounds} rounds that interleave the proxies. \
 HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the same with `-c16 -H 'Connection: close'` (one TLS handshake per request); HTTP/2: `h2load -c16 -m10 -D{L7_SECONDS}`.\n"
     );
     Ok(md)
