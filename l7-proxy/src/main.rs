@@ -48,10 +48,31 @@ fn init_tracing(args: &Args) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The runtime for the CPUs this process may run on. Pinned to one CPU (as under
+/// `taskset -c 0`), a current-thread runtime does the same work as a one-worker multi-thread
+/// runtime without handing I/O events and tasks between the worker and the main thread, and
+/// without the atomics of work stealing; with more CPUs there is one worker per CPU.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(cpus);
+        builder
+    };
+    builder.enable_all().build()
+}
+
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args);
+    runtime()
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.check {
         l7_proxy::Config::from_file(&args.config)
             .with_context(|| format!("checking {}", args.config.display()))?;

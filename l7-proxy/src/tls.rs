@@ -4,8 +4,9 @@
 //! Certificates are chosen by SNI ([`SniResolver`]): the first configured certificate that is
 //! valid for the client's server name (wildcards included, checked with webpki) is served; a
 //! client without SNI, or with a name no certificate covers, gets the first one. Only TLS 1.2
-//! and 1.3 are offered, ALPN offers `h2` and `http/1.1`, and with `client_ca` set the client
-//! must present a certificate issued by one of those CAs (mTLS). Certificates are read again on
+//! and 1.3 are offered (in the server's suite order), ALPN offers `h2` and `http/1.1`, and
+//! with `client_ca` set the client must present a certificate issued by one of those CAs
+//! (mTLS). Certificates are read again on
 //! every reload, since the whole config is rebuilt.
 
 use std::sync::Arc;
@@ -20,9 +21,18 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigError, TlsConfig};
 
-/// The crypto provider used everywhere (ring).
+/// The crypto provider used everywhere (ring), with `TLS13_AES_128_GCM_SHA256` first.
+///
+/// Servers that follow the client's order end up on `TLS13_AES_256_GCM_SHA384`, the first
+/// choice of OpenSSL clients, whose SHA-384 key schedule has no hardware support in ring on
+/// many CPUs; SHA-256 uses the SHA extensions. AES-128-GCM is TLS 1.3's mandatory suite and
+/// the first choice of Go's TLS stack, for example. Every suite stays on offer.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Picks a certificate by SNI.
@@ -47,9 +57,13 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = client_hello.server_name() {
-            if let Some(key) = self.keys.iter().find(|k| Self::covers(k, name)) {
-                return Some(key.clone());
+        // With one certificate the answer is that one whatever the name: skip parsing it
+        // again on every handshake.
+        if self.keys.len() > 1 {
+            if let Some(name) = client_hello.server_name() {
+                if let Some(key) = self.keys.iter().find(|k| Self::covers(k, name)) {
+                    return Some(key.clone());
+                }
             }
         }
         self.keys.first().cloned()
@@ -122,5 +136,7 @@ pub fn build_acceptor(
     };
     let mut server_config = builder.with_cert_resolver(Arc::new(SniResolver { keys }));
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Our suite order (see [`provider`]) rather than the client's.
+    server_config.ignore_client_order = true;
     Ok(TlsAcceptor::from(Arc::new(server_config)))
 }

@@ -108,6 +108,36 @@ fn report(out_dir: &Path, name: &str, title: &str, how: &str, table: &str) -> Re
     Ok(())
 }
 
+/// Ports of one bench run: `base + 80` is the upstream; ours listens on `base + 1` (plain) and
+/// `+ 2` (TLS), nginx on `+ 11`/`+ 12`, HAProxy on `+ 21`/`+ 22`. The base is 18000, or
+/// `L7_BENCH_PORT_BASE` when a run needs other ports.
+#[derive(Clone, Copy)]
+struct Ports {
+    base: u16,
+}
+
+impl Ports {
+    fn from_env() -> Result<Self> {
+        let base = match std::env::var("L7_BENCH_PORT_BASE") {
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|b: &u16| b.checked_add(100).is_some())
+                .with_context(|| format!("L7_BENCH_PORT_BASE={v} is not a port below 65436"))?,
+            Err(_) => 18000,
+        };
+        Ok(Self { base })
+    }
+
+    fn upstream(self) -> String {
+        format!("127.0.0.1:{}", self.base + 80)
+    }
+
+    fn all(self) -> [u16; 7] {
+        [1, 2, 11, 12, 21, 22, 80].map(|p| self.base + p)
+    }
+}
+
 /// One proxy under test: how to start it and where it listens.
 struct Proxy {
     name: &'static str,
@@ -124,25 +154,26 @@ struct Sample {
     peak_rss_kib: u64,
 }
 
-const UPSTREAM: &str = "127.0.0.1:18080";
 const L7_SECONDS: u32 = 8;
 
-fn write_configs(dir: &Path) -> Result<()> {
+fn write_configs(dir: &Path, ports: Ports) -> Result<()> {
     let d = dir.display();
+    let upstream = ports.upstream();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, _] = ports.all();
     std::fs::write(
         dir.join("ours.toml"),
         format!(
             r#"[[listeners]]
 name = "plain"
-address = "127.0.0.1:18001"
+address = "127.0.0.1:{ours}"
 [[listeners]]
 name = "tls"
-address = "127.0.0.1:18002"
+address = "127.0.0.1:{ours_tls}"
 [listeners.tls]
 certs = [{{ cert = "{d}/server.pem", key = "{d}/server.key" }}]
 [[upstreams]]
 name = "up"
-members = [{{ address = "{UPSTREAM}" }}]
+members = [{{ address = "{upstream}" }}]
 [[routes]]
 name = "all"
 action = {{ forward = {{ group = "up" }} }}
@@ -159,10 +190,14 @@ error_log stderr warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  upstream up {{ server {UPSTREAM}; keepalive 64; }}
+  # nginx closes a client connection (HTTP/1.1 and, since 1.19.7, HTTP/2) after
+  # keepalive_requests requests, 1000 by default; h2load does not reconnect, so the HTTP/2
+  # run would stop after 16000 requests. The other proxies have no such limit.
+  keepalive_requests 1000000;
+  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
   server {{
-    listen 127.0.0.1:18011;
-    listen 127.0.0.1:18012 ssl http2;
+    listen 127.0.0.1:{nginx};
+    listen 127.0.0.1:{nginx_tls} ssl http2;
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -192,20 +227,22 @@ defaults
   timeout client 30s
   timeout server 30s
 frontend fe
-  bind 127.0.0.1:18021
-  bind 127.0.0.1:18022 ssl crt {d}/haproxy.pem alpn h2,http/1.1
+  bind 127.0.0.1:{haproxy}
+  bind 127.0.0.1:{haproxy_tls} ssl crt {d}/haproxy.pem alpn h2,http/1.1
   default_backend be
 backend be
   http-reuse always
-  server s1 {UPSTREAM}
+  server s1 {upstream}
 "#
         ),
     )?;
     Ok(())
 }
 
+/// Peak RSS of `pid` and all its descendants: nginx serves from a worker process, a child of
+/// the master we started.
 fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let own: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -213,7 +250,50 @@ fn peak_rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
-        .unwrap_or(0)
+        .unwrap_or(0);
+    own + children(pid).into_iter().map(peak_rss_kib).sum::<u64>()
+}
+
+/// Child processes of `pid` (threads of a process share its parent, so the main thread's
+/// list is the process's).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Stops a proxy and waits for it. SIGTERM first: nginx's master only stops its workers on a
+/// signal it can catch, and a SIGKILLed master leaves a worker that keeps the ports.
+fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Fails when something already listens on a bench port: the run would measure that instead.
+fn ensure_ports_free(ports: Ports) -> Result<()> {
+    for port in ports.all() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            anyhow::bail!(
+                "127.0.0.1:{port} is already in use (a proxy or upstream left from an earlier \
+                 run?); stop it or set L7_BENCH_PORT_BASE to use other ports"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -225,6 +305,83 @@ fn wait_port(port: u16) -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Starts proxy `p` on CPU 0, runs the three loads against it and stops it.
+fn measure(p: &Proxy, dir: &Path) -> Result<[Sample; 3]> {
+    let mut child = Command::new("taskset")
+        .args(["-c", "0"])
+        .args(&p.cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{}.log", p.plain)))?)
+        .spawn()
+        .with_context(|| format!("starting {}", p.name))?;
+    let result = (|| -> Result<[Sample; 3]> {
+        wait_port(p.plain)?;
+        wait_port(p.tls)?;
+        // Warm up pools and caches.
+        let _ = Command::new("wrk")
+            .args(["-t1", "-c8", "-d1s"])
+            .arg(format!("http://127.0.0.1:{}/", p.plain))
+            .output();
+        let (rps, p50, p99) = wrk(&format!("http://127.0.0.1:{}/", p.plain), 32, false)?;
+        let keepalive = Sample {
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        let (rps, p50, p99) = wrk(&format!("https://127.0.0.1:{}/", p.tls), 16, true)?;
+        let handshakes = Sample {
+            rps,
+            p50_ms: p50,
+            p99_ms: p99,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        let (rps, mean, max) = h2load(&format!("https://127.0.0.1:{}/", p.tls))?;
+        let h2 = Sample {
+            rps,
+            p50_ms: mean,
+            p99_ms: max,
+            peak_rss_kib: peak_rss_kib(child.id()),
+        };
+        Ok([keepalive, handshakes, h2])
+    })();
+    stop(&mut child);
+    result
+}
+
+/// Rounds per proxy: `L7_BENCH_ROUNDS`, 3 by default.
+fn bench_rounds() -> Result<u32> {
+    match std::env::var("L7_BENCH_ROUNDS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("L7_BENCH_ROUNDS={v} is not a positive number")),
+        Err(_) => Ok(3),
+    }
+}
+
+/// For each of the three loads, the round with the median req/s (the upper one of an even
+/// count); peak RSS is the highest seen in any round.
+fn median_per_test(mut rounds: Vec<[Sample; 3]>) -> [Sample; 3] {
+    let peak = rounds
+        .iter()
+        .flatten()
+        .map(|s| s.peak_rss_kib)
+        .max()
+        .unwrap_or(0);
+    std::array::from_fn(|test| {
+        rounds.sort_by(|a, b| a[test].rps.total_cmp(&b[test].rps));
+        let mid = &rounds[rounds.len() / 2][test];
+        Sample {
+            rps: mid.rps,
+            p50_ms: mid.p50_ms,
+            p99_ms: mid.p99_ms,
+            peak_rss_kib: peak,
+        }
+    })
 }
 
 /// `wrk` latency values such as `1.23ms`, `850.00us` or `1.02s`, in ms.
@@ -297,15 +454,7 @@ fn h2load(url: &str) -> Result<(f64, f64, f64)> {
 
 pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["nginx-light", "haproxy", "wrk", "nghttp2-client"])?;
-    crate::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "l7-proxy",
-        "-p",
-        "demo",
-    ]))?;
+    crate::cargo_release(root, &["l7-proxy", "demo"])?;
     let bin = root.join("target/release");
     let dir = out_dir.join("l7-work");
     std::fs::create_dir_all(&dir)?;
@@ -316,7 +465,11 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             .arg(&dir)
             .args(["--name", "localhost"]),
     )?;
-    write_configs(&dir)?;
+    let ports = Ports::from_env()?;
+    ensure_ports_free(ports)?;
+    write_configs(&dir, ports)?;
+    let upstream_addr = ports.upstream();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, upstream_port] = ports.all();
     // The upstream runs on CPU 1 next to the load generator; each proxy gets CPU 0 alone.
     let mut upstream = Command::new("taskset")
         .args(["-c", "1"])
@@ -326,18 +479,18 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
             "--name",
             "up",
             "--listen",
-            UPSTREAM,
+            &upstream_addr,
             "--fixed-body",
             "1024",
         ])
         .spawn()?;
-    wait_port(18080)?;
+    wait_port(upstream_port)?;
     let d = dir.display().to_string();
     let proxies = [
         Proxy {
             name: "l7-proxy (ours)",
-            plain: 18001,
-            tls: 18002,
+            plain: ours,
+            tls: ours_tls,
             cmd: vec![
                 bin.join("l7-proxy").display().to_string(),
                 "--config".into(),
@@ -348,65 +501,39 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
         },
         Proxy {
             name: "nginx",
-            plain: 18011,
-            tls: 18012,
+            plain: nginx,
+            tls: nginx_tls,
             cmd: vec!["nginx".into(), "-c".into(), format!("{d}/nginx.conf")],
         },
         Proxy {
             name: "HAProxy",
-            plain: 18021,
-            tls: 18022,
+            plain: haproxy,
+            tls: haproxy_tls,
             cmd: vec!["haproxy".into(), "-f".into(), format!("{d}/haproxy.cfg")],
         },
     ];
+    // Other work on the machine comes and goes: a proxy measured during a busy minute loses to
+    // one measured during a quiet one. Rounds interleave the proxies and each cell reports
+    // the round with the median req/s.
+    let rounds = bench_rounds()?;
     type Row = (String, [Sample; 3]);
-    let mut rows: Vec<Row> = Vec::new();
-    for p in &proxies {
-        eprintln!("bench l7: {}", p.name);
-        let mut child = Command::new("taskset")
-            .args(["-c", "0"])
-            .args(&p.cmd)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{}.log", p.plain)))?)
-            .spawn()
-            .with_context(|| format!("starting {}", p.name))?;
-        let result = (|| -> Result<[Sample; 3]> {
-            wait_port(p.plain)?;
-            wait_port(p.tls)?;
-            // Warm up pools and caches.
-            let _ = Command::new("wrk")
-                .args(["-t1", "-c8", "-d1s"])
-                .arg(format!("http://127.0.0.1:{}/", p.plain))
-                .output();
-            let (rps, p50, p99) = wrk(&format!("http://127.0.0.1:{}/", p.plain), 32, false)?;
-            let keepalive = Sample {
-                rps,
-                p50_ms: p50,
-                p99_ms: p99,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            let (rps, p50, p99) = wrk(&format!("https://127.0.0.1:{}/", p.tls), 16, true)?;
-            let handshakes = Sample {
-                rps,
-                p50_ms: p50,
-                p99_ms: p99,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            let (rps, mean, max) = h2load(&format!("https://127.0.0.1:{}/", p.tls))?;
-            let h2 = Sample {
-                rps,
-                p50_ms: mean,
-                p99_ms: max,
-                peak_rss_kib: peak_rss_kib(child.id()),
-            };
-            Ok([keepalive, handshakes, h2])
-        })();
-        let _ = child.kill();
-        let _ = child.wait();
-        rows.push((p.name.to_string(), result?));
-    }
-    let _ = upstream.kill();
-    let _ = upstream.wait();
+    let mut runs: Vec<Vec<[Sample; 3]>> = proxies.iter().map(|_| Vec::new()).collect();
+    let measured = (|| -> Result<()> {
+        for round in 1..=rounds {
+            for (p, samples) in proxies.iter().zip(&mut runs) {
+                eprintln!("bench l7: {} (round {round}/{rounds})", p.name);
+                samples.push(measure(p, &dir)?);
+            }
+        }
+        Ok(())
+    })();
+    stop(&mut upstream);
+    measured?;
+    let rows: Vec<Row> = proxies
+        .iter()
+        .zip(runs)
+        .map(|(p, samples)| (p.name.to_string(), median_per_test(samples)))
+        .collect();
 
     let mut md = String::from(
         "| proxy | HTTP/1.1 keep-alive 1 KiB req/s | p50 / p99 ms | vs nginx | HTTPS new connection (handshakes/s) | p50 / p99 ms | vs nginx | HTTP/2 (TLS) req/s | mean / max ms | vs nginx | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -426,7 +553,8 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
         );
     }
     md += &format!(
-        "\nEach proxy alone on CPU 0 (one worker/thread: nginx `worker_processes 1`, HAProxy `nbthread 1`, ours a tokio runtime pinned by taskset); wrk/h2load and the 1 KiB upstream share CPU 1. \
+        "\nEach proxy alone on CPU 0 (one worker/thread: nginx `worker_processes 1`, HAProxy `nbthread 1`, ours a current-thread tokio runtime, as it picks when pinned to one CPU); wrk/h2load and the 1 KiB upstream share CPU 1. \
+Each cell is the median of {rounds} rounds that interleave the proxies. \
 HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the same with `-c16 -H 'Connection: close'` (one TLS handshake per request); HTTP/2: `h2load -c16 -m10 -D{L7_SECONDS}`.\n"
     );
     Ok(md)
@@ -438,15 +566,11 @@ HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the s
 /// both. Runs alternate, three each, and the table reports the medians.
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["wrk"])?;
-    crate::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "l7-proxy",
-        "-p",
-        "demo",
-    ]))?;
+    crate::cargo_release(root, &["l7-proxy", "demo"])?;
+    let ports = Ports::from_env()?;
+    ensure_ports_free(ports)?;
+    let upstream_addr = ports.upstream();
+    let proxy_port = ports.base + 31;
     let bin = root.join("target/release");
     let dir = out_dir.join("policies-work");
     std::fs::create_dir_all(&dir)?;
@@ -467,10 +591,10 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         format!(
             r#"[[listeners]]
 name = "plain"
-address = "127.0.0.1:18031"
+address = "127.0.0.1:{proxy_port}"
 [[upstreams]]
 name = "up"
-members = [{{ address = "{UPSTREAM}" }}]
+members = [{{ address = "{upstream_addr}" }}]
 [[routes]]
 name = "plain"
 match = {{ path = {{ prefix = "/plain/" }} }}
@@ -496,12 +620,12 @@ policies = [
             "--name",
             "up",
             "--listen",
-            UPSTREAM,
+            &upstream_addr,
             "--fixed-body",
             "1024",
         ])
         .spawn()?;
-    wait_port(18080)?;
+    wait_port(ports.base + 80)?;
     let mut proxy = Command::new("taskset")
         .args(["-c", "0"])
         .arg(bin.join("l7-proxy"))
@@ -510,14 +634,14 @@ policies = [
         .args(["--log", "warn"])
         .spawn()?;
     let result = (|| -> Result<(Vec<f64>, Vec<f64>)> {
-        wait_port(18031)?;
+        wait_port(proxy_port)?;
         let auth = format!("Authorization: Bearer {token}");
         let run = |path: &str| -> Result<f64> {
             let out = Command::new("taskset")
                 .args(["-c", "1", "wrk", "-t1", "-c32"])
                 .arg(format!("-d{}s", L7_SECONDS / 2))
                 .args(["-H", &auth, "-H", "Accept-Encoding: gzip"])
-                .arg(format!("http://127.0.0.1:18031{path}"))
+                .arg(format!("http://127.0.0.1:{proxy_port}{path}"))
                 .output()
                 .context("running wrk")?;
             let text = String::from_utf8_lossy(&out.stdout);
@@ -538,10 +662,8 @@ policies = [
         }
         Ok((plain, chain))
     })();
-    let _ = proxy.kill();
-    let _ = proxy.wait();
-    let _ = upstream.kill();
-    let _ = upstream.wait();
+    stop(&mut proxy);
+    stop(&mut upstream);
     let (mut plain, mut chain) = result?;
     plain.sort_by(f64::total_cmp);
     chain.sort_by(f64::total_cmp);

@@ -120,12 +120,7 @@ pub fn run(root: &Path, keep: bool) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     step("building lb-agent, lbctl, l7-proxy and the demo services (release)");
-    crate::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["build", "--release", "-q"])
-            .args(["-p", "lb-userspace", "-p", "l7-proxy", "-p", "demo"]),
-    )?;
+    crate::cargo_release(root, &["lb-userspace", "l7-proxy", "demo"])?;
     let bin = root.join("target/release");
     down()?;
     std::fs::create_dir_all(WORK)?;

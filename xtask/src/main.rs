@@ -138,6 +138,34 @@ fn cargo_bin() -> PathBuf {
     home.join("bin")
 }
 
+/// `cargo build --release` of `packages`. `cargo xtask` runs us with xtask's package variables
+/// set (CARGO_PKG_NAME, ...); ring's build script reruns when those change, so passing them on
+/// would rebuild ring (and all that depends on it) on every switch between `cargo build` and
+/// an xtask command.
+pub fn cargo_release(root: &Path, packages: &[&str]) -> Result<()> {
+    let mut build = Command::new("cargo");
+    build.current_dir(root).args(["build", "--release", "-q"]);
+    for p in packages {
+        build.args(["-p", p]);
+    }
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+        {
+            build.env_remove(name);
+        }
+    }
+    run(&mut build)
+}
+
 /// Installs the Debian packages that are not installed yet, saying which.
 pub fn apt_install_missing(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages

@@ -46,6 +46,10 @@ impl AccessRecord {
     }
 
     fn emit(&self, bytes: u64, complete: bool) {
+        // With the access log filtered out, skip formatting the fields.
+        if !tracing::enabled!(target: "l7_proxy::access", tracing::Level::INFO) {
+            return;
+        }
         let upstream = self.upstream.map(|a| a.to_string());
         tracing::info!(
             target: "l7_proxy::access",

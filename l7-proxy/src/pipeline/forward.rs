@@ -70,14 +70,14 @@ pub async fn forward(
         tried.push(index);
         let member = &group.members[index];
         let uri = Uri::builder()
-            .scheme("http")
-            .authority(member.addr.to_string())
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(member.authority.clone())
             .path_and_query(
                 parts
                     .uri
                     .path_and_query()
-                    .map(|pq| pq.as_str())
-                    .unwrap_or("/"),
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
             )
             .build();
         let Ok(uri) = uri else {

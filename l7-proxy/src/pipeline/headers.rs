@@ -10,16 +10,17 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1). Names,
+/// not strings: removing by `&str` parses the name again on every call.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Rejects requests whose body framing is ambiguous, which different servers could read
@@ -67,6 +68,10 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("request path must start with /");
     };
+    // Without a `.` there is no dot segment, and without a `%` no encoded one.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Ok(None);
+    }
     let segments: Vec<&str> = rest.split('/').collect();
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     let mut changed = false;
@@ -121,57 +126,86 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
 /// Keeps the client's `X-Request-Id` if it is sane, else generates a UUID v4.
+///
+/// The id only correlates log lines; it is not a secret, so it comes from the thread-local
+/// fast generator rather than a `getrandom` system call per request.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
     if let Some(id) = headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if !id.is_empty() && id.len() <= 128 {
             return id.to_string();
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let uuid = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid.hyphenated().encode_lower(&mut text);
+    if let Some(v) = header_value(id.to_string()) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
-    id
+    id.to_string()
+}
+
+/// A header value from built text, if valid; the bytes move into the value without a copy.
+fn header_value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, tls: bool, host: &str) {
+    use std::fmt::Write;
+
     let proto = if tls { "https" } else { "http" };
     let ip = client.ip();
+    let mut ip_text = String::with_capacity(48);
+    let _ = write!(ip_text, "{ip}");
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.to_string(),
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip_text}"),
+        _ => ip_text.clone(),
     };
     headers.remove(&X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = header_value(xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
+    let previous = headers
+        .get(header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .filter(|prev| !prev.trim().is_empty());
+    let mut forwarded = String::with_capacity(
+        previous.map_or(0, |p| p.len() + 2) + ip_text.len() + host.len() + 32,
+    );
+    if let Some(prev) = previous {
+        forwarded.push_str(prev);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str("for=");
+    match ip {
+        IpAddr::V4(_) => forwarded.push_str(&ip_text),
+        IpAddr::V6(_) => {
+            forwarded.push_str("\"[");
+            forwarded.push_str(&ip_text);
+            forwarded.push_str("]\"");
+        }
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
     if !host.is_empty()
         && host
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
-        element.push_str(&format!(";host=\"{host}\""));
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
     }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
     headers.remove(header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = header_value(forwarded) {
         headers.insert(header::FORWARDED, v);
     }
 }

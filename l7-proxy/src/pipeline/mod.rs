@@ -312,18 +312,17 @@ fn request_host<B>(req: &Request<B>) -> String {
     let raw = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_string())
+        .map(|a| a.as_str())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
         })
         .unwrap_or_default();
     let without_port = if let Some(rest) = raw.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
-        raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h)
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
     without_port.to_ascii_lowercase()
 }

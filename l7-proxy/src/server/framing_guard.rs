@@ -5,7 +5,8 @@
 //! `Content-Length`s into one, so the pipeline cannot see those smuggling markers in the
 //! parsed headers. This wrapper follows the byte stream of an HTTP/1 connection — heads,
 //! fixed-length bodies, chunked bodies — parses each head with `httparse`, and queues one
-//! [`FramingVerdict`] per request in order. The sanitize phase pops the verdict for its
+//! [`FramingVerdict`] per request in order. A head that arrives in one read is parsed where it
+//! lies, without copying; only heads split over reads are collected first. The sanitize phase pops the verdict for its
 //! request and answers `400` to an ambiguous one, which is therefore never forwarded.
 //!
 //! Whenever the stream stops being plain HTTP/1 requests (an HTTP/2 preface, an upgrade or
@@ -14,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -107,20 +109,33 @@ impl<S> FramingGuard<S> {
                         if bytes.is_empty() {
                             return;
                         }
-                    }
-                    let search_from = self.pending.len().saturating_sub(3);
-                    self.pending.extend_from_slice(bytes);
-                    let Some(end) = find(&self.pending[search_from..], b"\r\n\r\n") else {
-                        if self.pending.len() > MAX_HEAD {
-                            self.stop();
+                        // Common case: the whole head came in one read. Parse it in place.
+                        match self.parse_head(bytes) {
+                            Some(head_len) => bytes = &bytes[head_len..],
+                            None => {
+                                self.pending.extend_from_slice(bytes);
+                                self.stop_if_too_long();
+                                return;
+                            }
                         }
-                        return;
-                    };
-                    let head_len = search_from + end + 4;
-                    let consumed_now = bytes.len() - (self.pending.len() - head_len);
-                    bytes = &bytes[consumed_now..];
-                    let head = std::mem::take(&mut self.pending);
-                    self.on_head(&head[..head_len]);
+                    } else {
+                        // A head split over reads: parse again only once a blank line may
+                        // have arrived, so a head sent byte by byte costs linear time.
+                        let before = self.pending.len();
+                        self.pending.extend_from_slice(bytes);
+                        let may_end = find_blank_line(&self.pending[before.saturating_sub(3)..]);
+                        let pending = std::mem::take(&mut self.pending);
+                        match may_end.then(|| self.parse_head(&pending)).flatten() {
+                            Some(head_len) => {
+                                bytes = &bytes[head_len.saturating_sub(before).min(bytes.len())..];
+                            }
+                            None => {
+                                self.pending = pending;
+                                self.stop_if_too_long();
+                                return;
+                            }
+                        }
+                    }
                 }
                 State::FixedBody(remaining) => {
                     let n = remaining.min(bytes.len() as u64);
@@ -166,6 +181,12 @@ impl<S> FramingGuard<S> {
         }
     }
 
+    fn stop_if_too_long(&mut self) {
+        if self.pending.len() > MAX_HEAD {
+            self.stop();
+        }
+    }
+
     fn stop(&mut self) {
         self.state = State::Stopped;
         self.pending = Vec::new();
@@ -189,33 +210,44 @@ impl<S> FramingGuard<S> {
         }
     }
 
-    fn on_head(&mut self, head: &[u8]) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            _ => return self.stop(),
-        }
-        let (mut cl, mut te) = (Vec::new(), Vec::new());
+    /// Parses the head at the start of `buf` and queues its verdict. `None` when the head is
+    /// not complete yet; otherwise how many bytes it took (after a parse error the guard
+    /// stops, and the number does not matter).
+    fn parse_head(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => {
+                self.stop();
+                return Some(buf.len());
+            }
+        };
+        let (mut cl_count, mut te_count) = (0usize, 0usize);
+        let (mut cl, mut te): (Option<&[u8]>, Option<&[u8]>) = (None, None);
         let (mut upgrade, mut connection_upgrade) = (false, false);
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                cl.push(h.value);
+                cl_count += 1;
+                cl.get_or_insert(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te.push(h.value);
+                te_count += 1;
+                te.get_or_insert(h.value);
             } else if h.name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
             } else if h.name.eq_ignore_ascii_case("connection") {
-                connection_upgrade |= String::from_utf8_lossy(h.value)
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+                connection_upgrade |= h
+                    .value
+                    .split(|b| *b == b',')
+                    .any(|t| trim_crlf(t).eq_ignore_ascii_case(b"upgrade"));
             }
         }
-        let verdict = if !cl.is_empty() && !te.is_empty() {
+        let verdict = if cl_count > 0 && te_count > 0 {
             FramingVerdict::Reject("both Content-Length and Transfer-Encoding")
-        } else if cl.len() > 1 {
+        } else if cl_count > 1 {
             FramingVerdict::Reject("repeated Content-Length")
-        } else if te.len() > 1 {
+        } else if te_count > 1 {
             FramingVerdict::Reject("repeated Transfer-Encoding")
         } else {
             FramingVerdict::Ok
@@ -225,15 +257,16 @@ impl<S> FramingGuard<S> {
             || (upgrade && connection_upgrade)
             || verdict != FramingVerdict::Ok
         {
-            return self.stop();
+            self.stop();
+            return Some(head_len);
         }
-        self.state = if let Some(te) = te.first() {
+        self.state = if let Some(te) = te {
             if trim_crlf(te).eq_ignore_ascii_case(b"chunked") {
                 State::ChunkSize
             } else {
                 State::Stopped
             }
-        } else if let Some(cl) = cl.first() {
+        } else if let Some(cl) = cl {
             match std::str::from_utf8(cl)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -245,6 +278,7 @@ impl<S> FramingGuard<S> {
         } else {
             State::Head
         };
+        Some(head_len)
     }
 }
 
@@ -258,8 +292,9 @@ fn trim_crlf(mut s: &[u8]) -> &[u8] {
     s
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Whether `bytes` holds the end of a head: an empty line (`\n\n` or `\n\r\n`).
+fn find_blank_line(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {

@@ -31,6 +31,8 @@ fn now_ms() -> u64 {
 /// One upstream server and its health.
 pub struct Member {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once instead of per request.
+    pub authority: http::uri::Authority,
     pub weight: u32,
     labels: MemberLabels,
     /// Set by active health checks (always true without them).
@@ -64,6 +66,10 @@ impl Member {
     fn new(group: &str, addr: SocketAddr, weight: u32) -> Self {
         Self {
             addr,
+            authority: addr
+                .to_string()
+                .parse()
+                .expect("a socket address is a valid authority"),
             weight,
             labels: MemberLabels {
                 group: group.to_string(),
