@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+/// mimalloc: per-request allocations (headers, bodies, futures) were ~7% of the proxy's CPU in
+/// glibc malloc/free, mostly freeing and coalescing.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
