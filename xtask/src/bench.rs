@@ -283,6 +283,17 @@ fn stop(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// The 1 KiB upstream, on CPU 1 next to the load generator (proxies get CPU 0 alone).
+fn start_upstream(bin: &Path, addr: &str) -> Result<std::process::Child> {
+    Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(bin.join("lbdemo"))
+        .args(["service", "--name", "up", "--listen", addr])
+        .args(["--fixed-body", "1024"])
+        .spawn()
+        .context("starting the upstream (lbdemo service)")
+}
+
 /// Fails when something already listens on a bench port: the run would measure that instead.
 fn ensure_ports_free(ports: Ports) -> Result<()> {
     for port in ports.all() {
@@ -471,19 +482,7 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
     let upstream_addr = ports.upstream();
     let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, upstream_port] = ports.all();
     // The upstream runs on CPU 1 next to the load generator; each proxy gets CPU 0 alone.
-    let mut upstream = Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(bin.join("lbdemo"))
-        .args([
-            "service",
-            "--name",
-            "up",
-            "--listen",
-            &upstream_addr,
-            "--fixed-body",
-            "1024",
-        ])
-        .spawn()?;
+    let mut upstream = start_upstream(&bin, &upstream_addr)?;
     wait_port(upstream_port)?;
     let d = dir.display().to_string();
     let proxies = [
@@ -612,19 +611,7 @@ policies = [
 "#
         ),
     )?;
-    let mut upstream = Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(bin.join("lbdemo"))
-        .args([
-            "service",
-            "--name",
-            "up",
-            "--listen",
-            &upstream_addr,
-            "--fixed-body",
-            "1024",
-        ])
-        .spawn()?;
+    let mut upstream = start_upstream(&bin, &upstream_addr)?;
     wait_port(ports.base + 80)?;
     let mut proxy = Command::new("taskset")
         .args(["-c", "0"])
