@@ -140,18 +140,11 @@ async fn xdp_pass(iface: &str) -> Result<()> {
     let pin_dir = std::path::Path::new("/sys/fs/bpf").join(format!("xdplb-demo-pass-{iface}"));
     lb_userspace::datapath::ensure_bpffs(std::path::Path::new("/sys/fs/bpf"))?;
     let _ = std::fs::remove_dir_all(&pin_dir);
-    std::fs::create_dir_all(&pin_dir)?;
-    // Only the program is needed: keep the maps it shares with xdp_lb tiny.
-    let mut ebpf = aya::EbpfLoader::new()
-        .default_map_pin_directory(&pin_dir)
-        .map_max_entries(common::map_names::CONN_TABLE, 16)
-        .map_max_entries(common::map_names::RINGS, 16)
-        .load(lb_userspace::EBPF_OBJECT)?;
+    let mut ebpf = lb_userspace::datapath::load_helper_programs(&pin_dir)?;
     let prog: &mut Xdp = ebpf
         .program_mut(common::prog_names::PASS)
         .context("xdp_pass missing")?
         .try_into()?;
-    prog.load()?;
     let name = std::ffi::CString::new(iface)?;
     prog.attach(name.as_c_str(), XdpMode::Driver)
         .with_context(|| format!("attaching xdp_pass to {iface}"))?;

@@ -371,3 +371,34 @@ pub fn ensure_bpffs(mount_point: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Loads only the helper programs (`xdp_pass`, `xdp_decap`) from the embedded object, for
+/// hosts that do not balance: backends that decapsulate, and veth peers that must receive
+/// XDP_TX frames. The maps they share with `xdp_lb` are created tiny in `pin_dir`, which the
+/// caller may remove once the programs are attached.
+pub fn load_helper_programs(pin_dir: &Path) -> Result<Ebpf> {
+    std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(names::CONN_TABLE, 16)
+        .map_max_entries(names::RINGS, 16)
+        .load(crate::EBPF_OBJECT)?;
+    for name in [common::prog_names::PASS, common::prog_names::DECAP] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: name.into(),
+                source,
+            })?;
+        prog.load().map_err(|source| DatapathError::Program {
+            name: name.into(),
+            source,
+        })?;
+    }
+    Ok(ebpf)
+}

@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     programs::{Xdp, XdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 
 use crate::netns::{disable_tx_checksum, unique_name, Netns};
@@ -58,17 +58,8 @@ struct HelperPrograms {
 impl HelperPrograms {
     fn load() -> Self {
         let pin_dir = Path::new("/sys/fs/bpf").join(unique_name("helpers"));
-        std::fs::create_dir_all(&pin_dir).expect("creating the helper pin dir (is bpffs mounted?)");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .map_max_entries(common::map_names::CONN_TABLE, 16)
-            .map_max_entries(common::map_names::RINGS, 16)
-            .load(lb_userspace::EBPF_OBJECT)
-            .expect("loading the XDP object");
-        for name in [common::prog_names::PASS, common::prog_names::DECAP] {
-            let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            p.load().expect("loading helper program");
-        }
+        let ebpf = lb_userspace::datapath::load_helper_programs(&pin_dir)
+            .expect("loading the helper programs (is bpffs mounted?)");
         Self { ebpf, pin_dir }
     }
 
