@@ -6,8 +6,17 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context};
 
-/// Must match xdp-ebpf/rust-toolchain.toml.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-07-15";
+/// The eBPF toolchain, as pinned by `xdp-ebpf/rust-toolchain.toml` (its `channel`).
+fn ebpf_toolchain(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = ebpf_dir.join("rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_string)
+        .with_context(|| format!("{}: no channel", path.display()))
+}
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -15,10 +24,12 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = root.join("xdp-ebpf");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let target_dir = out_dir.join("ebpf-target");
+    let toolchain = ebpf_toolchain(&ebpf_dir)?;
 
     for p in [
         "xdp-ebpf/src",
         "xdp-ebpf/Cargo.toml",
+        "xdp-ebpf/rust-toolchain.toml",
         "common/src",
         "common/Cargo.toml",
     ] {
@@ -36,7 +47,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&ebpf_dir)
-        .args(["run", EBPF_TOOLCHAIN, "cargo", "build", "--release"])
+        .args(["run", &toolchain, "cargo", "build", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -55,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         .context("running rustup to build the eBPF program (run `cargo xtask setup`)")?;
     if !status.success() {
         bail!(
-            "building xdp-ebpf failed ({status}); `cargo xtask setup` installs {EBPF_TOOLCHAIN} with rust-src and bpf-linker"
+            "building xdp-ebpf failed ({status}); `cargo xtask setup` installs {toolchain} with rust-src and bpf-linker"
         );
     }
     let obj = target_dir.join("bpfel-unknown-none/release/xdp-ebpf");

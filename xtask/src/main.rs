@@ -15,8 +15,6 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 
-/// Must match xdp-ebpf/rust-toolchain.toml.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-15";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2 for the network-namespace tests;
@@ -185,11 +183,24 @@ pub fn apt_install_missing(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The eBPF toolchain, as pinned by `xdp-ebpf/rust-toolchain.toml` (its `channel`).
+fn ebpf_toolchain() -> Result<String> {
+    let path = workspace_root().join("xdp-ebpf/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_string)
+        .with_context(|| format!("{}: no channel", path.display()))
+}
+
 /// Installs what is missing, printing each step.
 fn setup() -> Result<()> {
+    let toolchain = ebpf_toolchain()?;
     apt_install_missing(APT_PACKAGES)?;
     let has_nightly = Command::new("rustup")
-        .args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])
+        .args(["run", &toolchain, "rustc", "--print", "sysroot"])
         .output()
         .ok()
         .filter(|o| o.status.success())
@@ -200,11 +211,11 @@ fn setup() -> Result<()> {
         })
         .unwrap_or(false);
     if !has_nightly {
-        eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src (eBPF toolchain)");
+        eprintln!("setup: installing {toolchain} with rust-src (eBPF toolchain)");
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            EBPF_TOOLCHAIN,
+            &toolchain,
             "--profile",
             "minimal",
             "--component",
@@ -242,7 +253,7 @@ fn setup() -> Result<()> {
 fn build_ebpf(root: &Path, release: bool) -> Result<()> {
     let mut cmd = Command::new("rustup");
     cmd.current_dir(root.join("xdp-ebpf"))
-        .args(["run", EBPF_TOOLCHAIN, "cargo", "build"])
+        .args(["run", &ebpf_toolchain()?, "cargo", "build"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(root.join("target"));
