@@ -25,17 +25,24 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// The test JWKS, written once per process: tests run in parallel, and rewriting the file for
+/// each of them let a reader see it truncated (a JWKS missing its last key).
 fn jwks_file() -> std::path::PathBuf {
-    use base64::Engine;
-    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HS_SECRET);
-    let jwks = json!({ "keys": [
-        { "kty": "oct", "kid": "hs", "k": k },
-        { "kty": "RSA", "kid": "rs", "n": RSA_N, "e": RSA_E },
-        { "kty": "EC", "kid": "es", "crv": "P-256", "x": EC_X, "y": EC_Y },
-    ]});
-    let path = std::env::temp_dir().join(format!("policy_auth_jwks_{}.json", std::process::id()));
-    std::fs::write(&path, jwks.to_string()).unwrap();
-    path
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        use base64::Engine;
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HS_SECRET);
+        let jwks = json!({ "keys": [
+            { "kty": "oct", "kid": "hs", "k": k },
+            { "kty": "RSA", "kid": "rs", "n": RSA_N, "e": RSA_E },
+            { "kty": "EC", "kid": "es", "crv": "P-256", "x": EC_X, "y": EC_Y },
+        ]});
+        let path =
+            std::env::temp_dir().join(format!("policy_auth_jwks_{}.json", std::process::id()));
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        path
+    })
+    .clone()
 }
 
 fn token(alg: Algorithm, kid: &str, claims: serde_json::Value) -> String {
