@@ -29,6 +29,12 @@ async fn compress_gateway() -> (Upstream, SocketAddr) {
         let body = text_body();
         match parts.uri.path() {
             "/small" => reply(200, &[("content-type", "text/plain")], "tiny"),
+            // Known length under the one-shot limit: compressed whole, sent with a length.
+            "/short" => reply(
+                200,
+                &[("content-type", "application/json")],
+                body[..20_000].to_vec(),
+            ),
             "/range" => reply(
                 206,
                 &[
@@ -100,6 +106,28 @@ async fn each_algorithm_round_trips_byte_for_byte() {
             "{encoding}: {} bytes",
             got.body.len()
         );
+        assert!(
+            decode(encoding, &got.body) == original,
+            "{encoding}: decoded body differs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn short_known_length_bodies_get_a_compressed_content_length() {
+    let (_up, gw) = compress_gateway().await;
+    let original = &text_body()[..20_000];
+    // Twice per algorithm: the second response comes from the reused per-thread encoder.
+    for encoding in ["gzip", "br", "zstd", "gzip", "br", "zstd"] {
+        let got = get(gw, "/short", &[("accept-encoding", encoding)]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-encoding"), Some(encoding));
+        assert_eq!(
+            got.header("content-length"),
+            Some(got.body.len().to_string().as_str()),
+            "{encoding}: content-length must be the compressed size"
+        );
+        assert!(got.body.len() < original.len() / 2, "{encoding}");
         assert!(
             decode(encoding, &got.body) == original,
             "{encoding}: decoded body differs"

@@ -50,25 +50,37 @@ pub enum ReadError {
     Body(BoxError),
 }
 
-/// Reads `body` completely if it holds at most `limit` bytes.
+/// Reads `body` completely if it holds at most `limit` bytes. A body that arrives in one
+/// frame is returned without copying.
 pub async fn read_limited(body: ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
     let mut stream = BodyStream::new(body);
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(frame) = stream.next().await {
         let frame = frame.map_err(ReadError::Body)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers are dropped from buffered bodies
         };
-        buf.extend_from_slice(&data);
-        if buf.len() > limit {
-            let prefix = futures_util::stream::once(async move { Ok(Frame::data(buf.freeze())) });
+        let len = first.as_ref().map_or(0, Bytes::len) + buf.len() + data.len();
+        if first.is_none() && buf.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(f) = first.take() {
+                buf.reserve(len.min(limit + 1));
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&data);
+        }
+        if len > limit {
+            let read = first.take().unwrap_or_else(|| buf.split().freeze());
+            let prefix = futures_util::stream::once(async move { Ok(Frame::data(read)) });
             let replay = StreamBody::new(prefix.chain(stream));
             return Err(ReadError::TooLarge {
                 body: BodyExt::boxed(replay),
             });
         }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// The `Content-Length` of a message, when present and valid.
