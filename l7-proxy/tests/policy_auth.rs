@@ -436,3 +436,64 @@ async fn jwks_url_refresh_picks_up_rotated_keys() {
     );
     assert_eq!(keys.hits(), 2);
 }
+
+/// A verified token is remembered, but its `exp` is still checked on every request.
+#[tokio::test]
+async fn remembered_token_is_refused_once_it_expires() {
+    let up = echo_upstream().await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\nleeway_secs = 0",
+        jwks_file().display()
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let exp = now() + 2;
+    let auth = bearer(&token(
+        Algorithm::RS256,
+        "rs",
+        json!({ "sub": "alice", "exp": exp }),
+    ));
+    for _ in 0..3 {
+        assert_eq!(get(gw, "/", &[("authorization", &auth)]).await.status, 200);
+    }
+    while now() <= exp {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_invalid(gw, &auth, "expired after being remembered").await;
+    assert_eq!(up.hits(), 3);
+}
+
+/// A remembered token stops working when the key that signed it leaves the JWKS.
+#[tokio::test]
+async fn remembered_token_is_refused_after_its_key_is_withdrawn() {
+    use std::sync::{Arc, Mutex};
+    let full_jwks = std::fs::read_to_string(jwks_file()).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&full_jwks).unwrap();
+    let only_hs = json!({ "keys": [parsed["keys"][0].clone()] });
+    let served = Arc::new(Mutex::new(full_jwks));
+    let current = served.clone();
+    let keys = upstream(move |_, _| {
+        let jwks = current.lock().unwrap().clone();
+        async move { reply(200, &[("content-type", "application/json")], jwks) }
+    })
+    .await;
+    let up = echo_upstream().await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 1",
+        keys.addr
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+    let hs = bearer(&token(Algorithm::HS256, "hs", good_claims()));
+    for auth in [&rs, &rs, &hs] {
+        assert_eq!(get(gw, "/", &[("authorization", auth)]).await.status, 200);
+    }
+    *served.lock().unwrap() = only_hs.to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(get(gw, "/", &[("authorization", &hs)]).await.status, 200);
+    assert!(keys.hits() >= 2, "the JWKS was fetched again");
+    assert_eq!(
+        get(gw, "/", &[("authorization", &rs)]).await.status,
+        401,
+        "a token of a withdrawn key must not be served from memory"
+    );
+}

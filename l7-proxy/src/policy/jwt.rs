@@ -10,6 +10,12 @@
 //! `WWW-Authenticate: Bearer error="invalid_token"`; a missing scope answers 403 with
 //! `error="insufficient_scope"`. No failure reaches the upstream.
 //!
+//! A verified token is remembered (up to `cache_size` tokens, as Envoy's `jwt_cache_config`),
+//! so a client that sends the same token again is not re-verified: the repeat costs a lookup
+//! and the `exp`/`nbf` check against the current time. The entry is keyed by the whole token
+//! (a forged token differs from the genuine one, so it is never a hit), holds only tokens that
+//! passed every check, and is void once the key set changes (a JWKS refresh or rotation).
+//!
 //! Data out: the verified claims go into [`RequestCtx::extensions`] as [`JwtClaims`] (the rate
 //! limiter keys on `sub` from there), and claims listed in `forward_claims` are copied into
 //! request headers; client-sent copies of those headers are removed first so they cannot be
@@ -17,8 +23,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -65,7 +72,17 @@ pub struct JwtConfig {
     /// Claim name → request header that receives its value.
     #[serde(default)]
     pub forward_claims: BTreeMap<String, String>,
+    /// Verified tokens remembered; 0 verifies every request from scratch.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: u64,
 }
+
+fn default_cache_size() -> u64 {
+    4096
+}
+
+/// Longer tokens are verified every time rather than remembered.
+const CACHE_MAX_TOKEN: usize = 4096;
 
 fn default_refresh_secs() -> u64 {
     300
@@ -98,6 +115,8 @@ struct VerifyKey {
 
 struct KeySet {
     keys: Vec<Arc<VerifyKey>>,
+    /// Changes whenever the set is replaced; remembered tokens of an older set are void.
+    generation: u64,
     /// When `jwks_url` is due to be fetched again.
     next_refresh: Instant,
     /// Last fetch attempt of `jwks_url`.
@@ -110,8 +129,26 @@ const JWKS_RETRY: Duration = Duration::from_secs(10);
 pub struct JwtPolicy {
     config: JwtConfig,
     keys: RwLock<Arc<KeySet>>,
+    generations: AtomicU64,
     forward: Vec<(String, HeaderName)>,
     refreshing: tokio::sync::Mutex<()>,
+    /// One prepared `Validation` per accepted algorithm.
+    validations: Vec<(Algorithm, Validation)>,
+    verified: Option<moka::sync::Cache<String, Arc<Verified>>>,
+}
+
+/// A token that passed every check, with the times to re-check on reuse.
+struct Verified {
+    claims: Arc<Value>,
+    exp: u64,
+    nbf: Option<u64>,
+    generation: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 enum AuthError {
@@ -148,9 +185,23 @@ impl JwtPolicy {
                     .map_err(|e| err(format!("forward_claims.{claim}: {e}")))
             })
             .collect::<Result<_, _>>()?;
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|&alg| (alg, validation(&config, alg)))
+            .collect();
+        let verified = (config.cache_size > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.cache_size)
+                .build()
+        });
         Ok(Self {
             config,
+            generations: AtomicU64::new(1),
+            validations,
+            verified,
             keys: RwLock::new(Arc::new(KeySet {
+                generation: 0,
                 keys,
                 // A file's keys are final; a URL is fetched on first use.
                 next_refresh: Instant::now(),
@@ -199,6 +250,7 @@ impl JwtPolicy {
         let set = match fetch_jwks(url).await {
             Ok(fresh) => KeySet {
                 keys: fresh,
+                generation: self.generations.fetch_add(1, Ordering::Relaxed),
                 next_refresh: Instant::now() + refresh,
                 fetched_at: Some(Instant::now()),
             },
@@ -206,6 +258,7 @@ impl JwtPolicy {
                 tracing::warn!(url, error = %e, "jwt: JWKS fetch failed; keeping previous keys");
                 KeySet {
                     keys: keys.keys.clone(),
+                    generation: keys.generation,
                     next_refresh: Instant::now() + refresh.min(JWKS_RETRY),
                     fetched_at: Some(Instant::now()),
                 }
@@ -216,7 +269,43 @@ impl JwtPolicy {
         set
     }
 
-    async fn verify(&self, token: &str) -> Result<Value, AuthError> {
+    /// Verifies `token`, or finds it among the tokens verified before with the current keys.
+    async fn verify(&self, token: &str) -> Result<Arc<Value>, AuthError> {
+        let Some(cache) = &self.verified else {
+            return self.verify_fully(token).await.map(|(claims, _)| claims);
+        };
+        let generation = self.current_keys(false).await.generation;
+        if let Some(hit) = cache.get(token) {
+            let now = unix_now();
+            let leeway = self.config.leeway_secs;
+            if hit.generation == generation
+                && hit.exp.saturating_add(leeway) >= now
+                && hit.nbf.is_none_or(|nbf| nbf <= now.saturating_add(leeway))
+            {
+                return Ok(hit.claims.clone());
+            }
+            cache.invalidate(token);
+        }
+        let (claims, generation) = self.verify_fully(token).await?;
+        // `exp` is required, so a verified token has one; a non-integer one is not remembered.
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            if token.len() <= CACHE_MAX_TOKEN {
+                let nbf = claims.get("nbf").and_then(Value::as_u64);
+                let entry = Verified {
+                    claims: claims.clone(),
+                    exp,
+                    nbf,
+                    generation,
+                };
+                cache.insert(token.to_string(), Arc::new(entry));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Full verification: signature, time, issuer, audience, claims and scopes. Returns the
+    /// claims and the generation of the key set that verified them.
+    async fn verify_fully(&self, token: &str) -> Result<(Arc<Value>, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("malformed token: {e}")))?;
         if !self.config.algorithms.contains(&header.alg) {
@@ -235,34 +324,20 @@ impl JwtPolicy {
             k.algorithms.contains(&header.alg)
                 && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
         });
-        let validation = self.validation(header.alg);
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
+            return Err(AuthError::Invalid("algorithm not accepted".into()));
+        };
         let mut last_error = String::from("no key matches the token");
         for key in candidates {
-            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
-                Ok(data) => return self.check_claims(data.claims),
+            match jsonwebtoken::decode::<Value>(token, &key.key, validation) {
+                Ok(data) => {
+                    let claims = self.check_claims(data.claims)?;
+                    return Ok((Arc::new(claims), keys.generation));
+                }
                 Err(e) => last_error = e.to_string(),
             }
         }
         Err(AuthError::Invalid(last_error))
-    }
-
-    fn validation(&self, alg: Algorithm) -> Validation {
-        let mut v = Validation::new(alg);
-        v.leeway = self.config.leeway_secs;
-        v.validate_nbf = true;
-        let mut required: HashSet<String> = HashSet::from(["exp".to_string()]);
-        if self.config.audiences.is_empty() {
-            v.validate_aud = false;
-        } else {
-            v.set_audience(&self.config.audiences);
-            required.insert("aud".into());
-        }
-        if !self.config.issuers.is_empty() {
-            v.set_issuer(&self.config.issuers);
-            required.insert("iss".into());
-        }
-        v.required_spec_claims = required;
-        v
     }
 
     fn check_claims(&self, claims: Value) -> Result<Value, AuthError> {
@@ -279,6 +354,26 @@ impl JwtPolicy {
         }
         Ok(claims)
     }
+}
+
+/// The checks of `config` for tokens signed with `alg`.
+fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = config.leeway_secs;
+    v.validate_nbf = true;
+    let mut required: HashSet<String> = HashSet::from(["exp".to_string()]);
+    if config.audiences.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&config.audiences);
+        required.insert("aud".into());
+    }
+    if !config.issuers.is_empty() {
+        v.set_issuer(&config.issuers);
+        required.insert("iss".into());
+    }
+    v.required_spec_claims = required;
+    v
 }
 
 /// Scopes from `scope` (space separated string) and `scp` (string or array).
@@ -424,7 +519,7 @@ impl Policy for JwtPolicy {
                 req.headers_mut().insert(name.clone(), v);
             }
         }
-        ctx.extensions.insert(JwtClaims(Arc::new(claims)));
+        ctx.extensions.insert(JwtClaims(claims));
         RequestOutcome::Continue(req)
     }
 }
