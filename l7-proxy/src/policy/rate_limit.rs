@@ -101,28 +101,45 @@ impl KeySource {
 
     /// The bucket key of a request; `None` when the request lacks it (those are limited
     /// together under one shared key rather than let through).
-    fn extract(&self, req: &Request<ProxyBody>, ctx: &RequestCtx) -> Option<String> {
+    /// Calls `f` with the request's key (`-` when the source is absent), without allocating.
+    fn with_key<R>(
+        &self,
+        req: &Request<ProxyBody>,
+        ctx: &RequestCtx,
+        f: impl FnOnce(&str) -> R,
+    ) -> R {
         match self {
-            Self::ClientIp => Some(ctx.client_addr.ip().to_canonical().to_string()),
-            Self::JwtSubject => ctx
+            Self::ClientIp => {
+                use std::io::Write;
+                let mut buf = [0u8; 64];
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                let _ = write!(cursor, "{}", ctx.client_addr.ip().to_canonical());
+                let len = cursor.position() as usize;
+                f(std::str::from_utf8(&buf[..len]).unwrap_or("-"))
+            }
+            Self::JwtSubject => f(ctx
                 .extensions
                 .get::<JwtClaims>()
-                .and_then(|c| c.subject().map(str::to_string)),
-            Self::ApiKey => ctx.extensions.get::<ApiKeyId>().map(|k| k.0.clone()),
-            Self::Header(h) => req
+                .and_then(JwtClaims::subject)
+                .unwrap_or("-")),
+            Self::ApiKey => f(ctx
+                .extensions
+                .get::<ApiKeyId>()
+                .map_or("-", |k| k.0.as_str())),
+            Self::Header(h) => f(req
                 .headers()
                 .get(h)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+                .unwrap_or("-")),
         }
     }
 }
 
-/// GCRA parameters in milliseconds.
+/// GCRA parameters in microseconds (milliseconds would cap a key at 1000 requests/s).
 #[derive(Debug, Clone, Copy)]
 pub struct Gcra {
     /// Time one request "costs".
-    pub emission_ms: u64,
+    pub emission_us: u64,
     pub burst: u64,
 }
 
@@ -131,10 +148,10 @@ pub struct Gcra {
 pub struct Decision {
     pub allowed: bool,
     pub remaining: u64,
-    /// Milliseconds until the bucket is full again.
-    pub reset_ms: u64,
-    /// Milliseconds until a request would be admitted (0 when allowed).
-    pub retry_after_ms: u64,
+    /// Microseconds until the bucket is full again.
+    pub reset_us: u64,
+    /// Microseconds until a request would be admitted (0 when allowed).
+    pub retry_after_us: u64,
 }
 
 impl Gcra {
@@ -142,35 +159,35 @@ impl Gcra {
     /// and the new TAT to store (unchanged when denied). The Lua script mirrors this.
     pub fn step(&self, tat: Option<u64>, now: u64) -> (Decision, Option<u64>) {
         let tat = tat.unwrap_or(now).max(now);
-        let new_tat = tat + self.emission_ms;
-        let window = self.burst * self.emission_ms;
+        let new_tat = tat.saturating_add(self.emission_us);
+        let window = self.burst.saturating_mul(self.emission_us);
         let allow_at = new_tat.saturating_sub(window);
         if allow_at > now {
             let d = Decision {
                 allowed: false,
                 remaining: 0,
-                reset_ms: tat - now,
-                retry_after_ms: allow_at - now,
+                reset_us: tat - now,
+                retry_after_us: allow_at - now,
             };
             return (d, None);
         }
         let d = Decision {
             allowed: true,
-            remaining: (now + window - new_tat) / self.emission_ms,
-            reset_ms: new_tat - now,
-            retry_after_ms: 0,
+            remaining: (now.saturating_add(window) - new_tat) / self.emission_us,
+            reset_us: new_tat - now,
+            retry_after_us: 0,
         };
         (d, Some(new_tat))
     }
 }
 
 /// Same algorithm as [`Gcra::step`], atomically in Redis with the server's clock so instances
-/// with skewed clocks agree. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+/// with skewed clocks agree. Returns {allowed, remaining, reset_us, retry_after_us}.
 const GCRA_LUA: &str = r#"
 local emission = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + emission
@@ -179,11 +196,11 @@ local allow_at = new_tat - window
 if allow_at > now then
   return {0, 0, tat - now, allow_at - now}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
 return {1, math.floor((now + window - new_tat) / emission), new_tat - now, 0}
 "#;
 
-/// In-process buckets: key → TAT in ms since `epoch`.
+/// In-process buckets: key → TAT in µs since `epoch`.
 struct LocalBuckets {
     epoch: Instant,
     tats: Mutex<HashMap<String, u64>>,
@@ -193,17 +210,26 @@ const LOCAL_PRUNE_AT: usize = 100_000;
 
 impl LocalBuckets {
     fn check(&self, gcra: Gcra, key: &str) -> Decision {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.epoch.elapsed().as_micros() as u64;
         let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
         if tats.len() >= LOCAL_PRUNE_AT {
             // A TAT in the past means a full bucket, the same as no entry.
             tats.retain(|_, tat| *tat > now);
         }
-        let (decision, new_tat) = gcra.step(tats.get(key).copied(), now);
-        if let Some(t) = new_tat {
-            tats.insert(key.to_string(), t);
+        match tats.get_mut(key) {
+            Some(tat) => {
+                let (decision, new_tat) = gcra.step(Some(*tat), now);
+                *tat = new_tat.unwrap_or(*tat);
+                decision
+            }
+            None => {
+                let (decision, new_tat) = gcra.step(None, now);
+                if let Some(t) = new_tat {
+                    tats.insert(key.to_string(), t);
+                }
+                decision
+            }
         }
-        decision
     }
 }
 
@@ -216,7 +242,8 @@ struct RedisBuckets {
 }
 
 impl RedisBuckets {
-    async fn check(&self, gcra: Gcra, key: &str) -> Result<Decision, String> {
+    /// `key` is the full Redis key (prefix included).
+    async fn check(&self, gcra: Gcra, key: String) -> Result<Decision, String> {
         let run = async {
             let conn = self
                 .conn
@@ -225,8 +252,8 @@ impl RedisBuckets {
             let mut conn = conn.clone();
             let r: Vec<i64> = self
                 .script
-                .key(format!("{}:{key}", self.prefix))
-                .arg(gcra.emission_ms)
+                .key(key)
+                .arg(gcra.emission_us)
                 .arg(gcra.burst)
                 .invoke_async(&mut conn)
                 .await?;
@@ -236,14 +263,14 @@ impl RedisBuckets {
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        let [allowed, remaining, reset_ms, retry_after_ms] = r[..] else {
+        let [allowed, remaining, reset_us, retry_after_us] = r[..] else {
             return Err(format!("unexpected script reply {r:?}"));
         };
         Ok(Decision {
             allowed: allowed == 1,
             remaining: remaining.max(0) as u64,
-            reset_ms: reset_ms.max(0) as u64,
-            retry_after_ms: retry_after_ms.max(0) as u64,
+            reset_us: reset_us.max(0) as u64,
+            retry_after_us: retry_after_us.max(0) as u64,
         })
     }
 }
@@ -253,8 +280,14 @@ enum Store {
     Redis(Box<RedisBuckets>),
 }
 
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 pub struct RateLimitPolicy {
     gcra: Gcra,
+    /// `RateLimit-Limit`, the same on every response.
+    limit_header: HeaderValue,
     key: KeySource,
     store: Store,
     on_redis_error: RedisErrorMode,
@@ -277,7 +310,7 @@ impl RateLimitPolicy {
         if burst == 0 {
             return Err(err("burst must be positive".into()));
         }
-        let emission_ms = (config.period_secs * 1000 / config.requests).max(1);
+        let emission_us = (config.period_secs.saturating_mul(1_000_000) / config.requests).max(1);
         let key = KeySource::parse(&config.key).map_err(err)?;
         let store = match &config.redis_url {
             Some(url) => Store::Redis(Box::new(RedisBuckets {
@@ -294,7 +327,8 @@ impl RateLimitPolicy {
             }),
         };
         Ok(Self {
-            gcra: Gcra { emission_ms, burst },
+            gcra: Gcra { emission_us, burst },
+            limit_header: HeaderValue::from(burst),
             key,
             store,
             on_redis_error: config.on_redis_error,
@@ -302,10 +336,12 @@ impl RateLimitPolicy {
     }
 
     fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
-        let secs = |ms: u64| HeaderValue::from(ms.div_ceil(1000));
-        headers.insert("ratelimit-limit", HeaderValue::from(self.gcra.burst));
-        headers.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
-        headers.insert("ratelimit-reset", secs(d.reset_ms));
+        headers.insert(RATELIMIT_LIMIT, self.limit_header.clone());
+        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+        headers.insert(
+            RATELIMIT_RESET,
+            HeaderValue::from(d.reset_us.div_ceil(1_000_000)),
+        );
     }
 }
 
@@ -316,25 +352,26 @@ impl Policy for RateLimitPolicy {
     }
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
-        let key = self
-            .key
-            .extract(&req, ctx)
-            .unwrap_or_else(|| "-".to_string());
         let decision = match &self.store {
-            Store::Local(local) => local.check(self.gcra, &key),
-            Store::Redis(redis) => match redis.check(self.gcra, &key).await {
-                Ok(d) => d,
-                Err(error) => {
-                    tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");
-                    if self.on_redis_error == RedisErrorMode::FailClosed {
-                        return RequestOutcome::Respond(error_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "rate limiter unavailable",
-                        ));
+            Store::Local(local) => self.key.with_key(&req, ctx, |k| local.check(self.gcra, k)),
+            Store::Redis(redis) => {
+                let key = self
+                    .key
+                    .with_key(&req, ctx, |k| format!("{}:{k}", redis.prefix));
+                match redis.check(self.gcra, key).await {
+                    Ok(d) => d,
+                    Err(error) => {
+                        tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");
+                        if self.on_redis_error == RedisErrorMode::FailClosed {
+                            return RequestOutcome::Respond(error_response(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "rate limiter unavailable",
+                            ));
+                        }
+                        return RequestOutcome::Continue(req);
                     }
-                    return RequestOutcome::Continue(req);
                 }
-            },
+            }
         };
         if !decision.allowed {
             let mut resp: Response<ProxyBody> =
@@ -342,7 +379,7 @@ impl Policy for RateLimitPolicy {
             self.set_headers(resp.headers_mut(), &decision);
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                HeaderValue::from(decision.retry_after_ms.div_ceil(1000).max(1)),
+                HeaderValue::from(decision.retry_after_us.div_ceil(1_000_000).max(1)),
             );
             return RequestOutcome::Respond(resp);
         }
@@ -369,7 +406,7 @@ mod tests {
     #[test]
     fn gcra_admits_burst_then_refills() {
         let g = Gcra {
-            emission_ms: 1000,
+            emission_us: 1_000_000,
             burst: 3,
         };
         let mut tat = None;
@@ -384,11 +421,26 @@ mod tests {
         let (d, t) = g.step(tat, 0);
         assert!(!d.allowed);
         assert_eq!(t, None);
-        assert_eq!(d.retry_after_ms, 1000);
+        assert_eq!(d.retry_after_us, 1_000_000);
         // One emission interval later one request fits again.
-        let (d, _) = g.step(tat, 1000);
+        let (d, _) = g.step(tat, 1_000_000);
         assert!(d.allowed);
         assert_eq!(d.remaining, 0);
+    }
+
+    #[test]
+    fn rates_above_1000_per_second_are_honoured() {
+        let config: RateLimitConfig =
+            toml::from_str("requests = 5000\nperiod_secs = 1\nburst = 1").unwrap();
+        let p = RateLimitPolicy::build(config).unwrap();
+        assert_eq!(p.gcra.emission_us, 200);
+        let (d, tat) = p.gcra.step(None, 0);
+        assert!(d.allowed);
+        assert!(!p.gcra.step(tat, 100).0.allowed, "half an interval later");
+        assert!(
+            p.gcra.step(tat, 200).0.allowed,
+            "one interval (200 µs) later"
+        );
     }
 
     #[test]
