@@ -206,3 +206,57 @@ async fn concurrent_misses_reach_the_upstream_once() {
     assert_eq!(misses, 1);
     assert!(bodies.iter().all(|b| b == "slow 1"), "{bodies:?}");
 }
+
+/// A key whose response cannot be stored stops coalescing (requests no longer queue behind
+/// one another: all of them are at the upstream together), and becomes cacheable again as
+/// soon as the upstream allows it.
+#[tokio::test]
+async fn uncacheable_keys_skip_coalescing_until_a_storable_response() {
+    use std::sync::atomic::AtomicBool;
+    let cacheable = Arc::new(AtomicBool::new(false));
+    let (in_flight, max_in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, now, max) = (cacheable.clone(), in_flight.clone(), max_in_flight.clone());
+    let up = upstream(move |_, _| {
+        let (c, now, max) = (c.clone(), now.clone(), max.clone());
+        async move {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            max.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            let cc = if c.load(Ordering::SeqCst) {
+                "max-age=60"
+            } else {
+                "no-store"
+            };
+            reply(200, &[("cache-control", cc)], "body")
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    assert_eq!(get(gw, "/t", &[]).await.header("x-cache"), Some("MISS"));
+    max_in_flight.store(0, Ordering::SeqCst);
+    let requests: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(gw, "/t", &[]).await }))
+        .collect();
+    for r in requests {
+        let got = r.await.unwrap();
+        assert_eq!((got.status, got.header("x-cache")), (200, Some("MISS")));
+    }
+    assert_eq!(up.hits(), 11);
+    assert_eq!(
+        max_in_flight.load(Ordering::SeqCst),
+        10,
+        "requests for a known-uncacheable key must not wait for one another"
+    );
+
+    cacheable.store(true, Ordering::SeqCst);
+    // The first storable response ends the uncacheable state; the next one is stored.
+    assert_eq!(get(gw, "/t", &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(get(gw, "/t", &[]).await.header("x-cache"), Some("MISS"));
+    let hit = get(gw, "/t", &[]).await;
+    assert_eq!(
+        (hit.header("x-cache"), &hit.body[..]),
+        (Some("HIT"), &b"body"[..])
+    );
+    assert_eq!(up.hits(), 13);
+}

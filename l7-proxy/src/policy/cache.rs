@@ -10,6 +10,10 @@
 //! Concurrent misses for one key are coalesced: the first goes upstream, the others wait for
 //! its result and answer from it (or go upstream themselves when it was not cacheable).
 //!
+//! A key whose last response could not be stored is remembered as uncacheable for
+//! `uncacheable_secs` (Varnish's hit-for-miss): its requests go to the upstream at once instead
+//! of queueing behind one another, and the first storable response ends that state.
+//!
 //! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
 //! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
 //! is stored in a bounded moka cache (weighed by body size) and sent with `X-Cache: MISS`.
@@ -48,6 +52,24 @@ pub struct CacheConfig {
     /// How long a coalesced request waits for the first one before going upstream itself.
     #[serde(default = "default_wait_ms")]
     pub coalesce_wait_ms: u64,
+    /// How long a key whose response was not storable skips coalescing (0 = never skip).
+    #[serde(default = "default_uncacheable_secs")]
+    pub uncacheable_secs: u64,
+}
+
+fn default_uncacheable_secs() -> u64 {
+    120
+}
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// What is known about a base key (method, host, path and query).
+#[derive(Debug)]
+enum KeyInfo {
+    /// Stored responses vary on these request headers.
+    Vary(Vec<HeaderName>),
+    /// The last response was not storable: requests skip coalescing until `until`.
+    Uncacheable { until: Instant },
 }
 
 fn default_max_bytes() -> u64 {
@@ -115,6 +137,8 @@ impl Drop for Leader {
 #[derive(Clone)]
 struct Pending {
     base_key: String,
+    /// The key is known uncacheable: the request went upstream without a lookup.
+    pass: bool,
     vary_key: String,
     leader: Option<Arc<Leader>>,
     /// Stale entry being revalidated with `If-None-Match`.
@@ -129,8 +153,8 @@ struct Pending {
 pub struct CachePolicy {
     config: CacheConfig,
     entries: Cache<String, Arc<Entry>>,
-    /// Base key → header names the stored response varies on.
-    vary: Cache<String, Arc<Vec<HeaderName>>>,
+    /// Base key → header names the stored response varies on, or its uncacheable state.
+    vary: Cache<String, Arc<KeyInfo>>,
     inflight: Arc<Mutex<HashMap<String, Waiters>>>,
 }
 
@@ -158,8 +182,54 @@ impl CachePolicy {
     }
 
     async fn vary_key(&self, base: &str, headers: &HeaderMap) -> String {
-        let names = self.vary.get(base).await.unwrap_or_default();
-        vary_key_with(base, &names, headers)
+        match self.vary.get(base).await.as_deref() {
+            Some(KeyInfo::Vary(names)) => vary_key_with(base, names, headers),
+            _ => base.to_string(),
+        }
+    }
+
+    /// Remembers that `base_key`'s response could not be stored.
+    async fn mark_uncacheable(&self, base_key: String) {
+        if self.config.uncacheable_secs > 0 {
+            let until = Instant::now() + Duration::from_secs(self.config.uncacheable_secs);
+            self.vary
+                .insert(base_key, Arc::new(KeyInfo::Uncacheable { until }))
+                .await;
+        }
+    }
+
+    /// Whether a response may be stored: status, `Cache-Control`, `Vary`, size and cookies.
+    /// Returns its freshness and the header names it varies on.
+    fn storable(
+        &self,
+        resp: &Response<ProxyBody>,
+        authorized: bool,
+    ) -> Option<((Duration, bool), Vec<HeaderName>)> {
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        let ttl = self.ttl(resp.headers(), authorized)?;
+        let vary_star = resp.headers().get_all(header::VARY).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii() == b"*")
+        });
+        let too_big = content_length(resp.headers())
+            .is_some_and(|len| len > self.config.max_body_bytes as u64);
+        // A cookie is meant for one client; storing it would hand it to everyone.
+        let sets_cookie = resp.headers().contains_key(header::SET_COOKIE);
+        if vary_star || too_big || sets_cookie {
+            return None;
+        }
+        let vary_names = resp
+            .headers()
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+            .collect();
+        Some((ttl, vary_names))
     }
 
     /// Freshness lifetime of a response, `None` when it must not be stored. A response to a
@@ -256,7 +326,7 @@ fn serve(entry: &Entry, if_none_match: Option<&HeaderValue>, head: bool) -> Resp
         *resp.status_mut() = entry.status;
     }
     resp.headers_mut()
-        .insert("x-cache", HeaderValue::from_static("HIT"));
+        .insert(X_CACHE, HeaderValue::from_static("HIT"));
     resp.headers_mut()
         .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
     resp
@@ -264,7 +334,7 @@ fn serve(entry: &Entry, if_none_match: Option<&HeaderValue>, head: bool) -> Resp
 
 fn miss(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp.headers_mut()
-        .insert("x-cache", HeaderValue::from_static("MISS"));
+        .insert(X_CACHE, HeaderValue::from_static("MISS"));
     resp
 }
 
@@ -311,7 +381,26 @@ impl Policy for CachePolicy {
         let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let head = method == Method::HEAD;
 
-        let mut vary_key = self.vary_key(&base_key, req.headers()).await;
+        let known = self.vary.get(&base_key).await;
+        if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
+            if Instant::now() < *until {
+                ctx.extensions.insert(Pending {
+                    base_key,
+                    pass: true,
+                    vary_key: String::new(),
+                    leader: None,
+                    revalidating: None,
+                    client_inm: None,
+                    authorized: req.headers().contains_key(header::AUTHORIZATION),
+                    request_headers: HeaderMap::new(),
+                });
+                return RequestOutcome::Continue(req);
+            }
+        }
+        let mut vary_key = match known.as_deref() {
+            Some(KeyInfo::Vary(names)) => vary_key_with(&base_key, names, req.headers()),
+            _ => base_key.clone(),
+        };
         let mut cached = self.entries.get(&vary_key).await;
         let mut leader = None;
         if cached.is_none() {
@@ -357,6 +446,7 @@ impl Policy for CachePolicy {
         }
         ctx.extensions.insert(Pending {
             base_key,
+            pass: false,
             vary_key,
             leader,
             revalidating,
@@ -384,40 +474,30 @@ impl Policy for CachePolicy {
                 }
                 let mut out = serve(entry, pending.client_inm.as_ref(), head);
                 out.headers_mut()
-                    .insert("x-cache", HeaderValue::from_static("REVALIDATED"));
+                    .insert(X_CACHE, HeaderValue::from_static("REVALIDATED"));
                 return out;
             }
         }
-        if resp.status() != StatusCode::OK {
+        let storable = self.storable(&resp, pending.authorized);
+        if pending.pass {
+            // Known uncacheable, so the request headers a Vary would need were not kept: a
+            // storable response ends the state, and the next request is looked up and stored.
+            if storable.is_some() {
+                self.vary.invalidate(&pending.base_key).await;
+            }
             return miss(resp);
         }
-        let Some((ttl, must_revalidate)) = self.ttl(resp.headers(), pending.authorized) else {
+        let Some(((ttl, must_revalidate), vary_names)) = storable else {
+            self.mark_uncacheable(pending.base_key.clone()).await;
             return miss(resp);
         };
-        let vary_names: Vec<HeaderName> = resp
-            .headers()
-            .get_all(header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-            .collect();
-        let vary_star = resp.headers().get_all(header::VARY).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii() == b"*")
-        });
-        let too_big = content_length(resp.headers())
-            .is_some_and(|len| len > self.config.max_body_bytes as u64);
-        // A cookie is meant for one client; storing it would hand it to everyone.
-        let sets_cookie = resp.headers().contains_key(header::SET_COOKIE);
-        if vary_star || too_big || sets_cookie {
-            return miss(resp);
-        }
         let (mut parts, body) = resp.into_parts();
         let body = match read_limited(body, self.config.max_body_bytes).await {
             Ok(body) => body,
-            Err(ReadError::TooLarge { body }) => return miss(Response::from_parts(parts, body)),
+            Err(ReadError::TooLarge { body }) => {
+                self.mark_uncacheable(pending.base_key.clone()).await;
+                return miss(Response::from_parts(parts, body));
+            }
             Err(ReadError::Body(e)) => {
                 tracing::debug!(error = %e, "cache: upstream body failed");
                 // The upstream's head promised a body it did not deliver.
@@ -444,7 +524,10 @@ impl Policy for CachePolicy {
         });
         let key = vary_key_with(&pending.base_key, &vary_names, &pending.request_headers);
         self.vary
-            .insert(pending.base_key.clone(), Arc::new(vary_names))
+            .insert(
+                pending.base_key.clone(),
+                Arc::new(KeyInfo::Vary(vary_names)),
+            )
             .await;
         self.entries.insert(key.clone(), entry.clone()).await;
         // Waiters share our key only if they share our Vary'd header values.
