@@ -16,7 +16,7 @@
 //!
 //! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
 //! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
-//! is stored in a bounded moka cache (weighed by body size) and sent with `X-Cache: MISS`.
+//! is stored in a bounded quick_cache cache (weighed by body size) and sent with `X-Cache: MISS`.
 //! Responses that set cookies, say `Vary: *`, or answer a request with `Authorization` without
 //! `public` / `s-maxage` / `must-revalidate` are not stored.
 
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use moka::future::Cache;
+use quick_cache::sync::Cache;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -133,6 +133,16 @@ impl Drop for Leader {
     }
 }
 
+/// Weighs an entry by its key and body, plus an allowance for its headers.
+#[derive(Clone)]
+struct EntryWeight;
+
+impl quick_cache::Weighter<String, Arc<Entry>> for EntryWeight {
+    fn weight(&self, key: &String, entry: &Arc<Entry>) -> u64 {
+        (key.len() + entry.body.len() + 256) as u64
+    }
+}
+
 /// Request-phase state for the response phase.
 #[derive(Clone)]
 struct Pending {
@@ -152,7 +162,7 @@ struct Pending {
 
 pub struct CachePolicy {
     config: CacheConfig,
-    entries: Cache<String, Arc<Entry>>,
+    entries: Cache<String, Arc<Entry>, EntryWeight>,
     /// Base key → header names the stored response varies on, or its uncacheable state.
     vary: Cache<String, Arc<KeyInfo>>,
     inflight: Arc<Mutex<HashMap<String, Waiters>>>,
@@ -160,19 +170,12 @@ pub struct CachePolicy {
 
 impl CachePolicy {
     pub fn build(config: CacheConfig) -> Result<Self, PolicyBuildError> {
-        let entries = Cache::builder()
-            .max_capacity(config.max_bytes)
-            .weigher(|k: &String, e: &Arc<Entry>| {
-                (k.len() + e.body.len() + 256)
-                    .try_into()
-                    .unwrap_or(u32::MAX)
-            })
-            .time_to_live(Duration::from_secs(config.max_ttl_secs.max(1)))
-            .build();
-        let vary = Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(Duration::from_secs(config.max_ttl_secs.max(1)))
-            .build();
+        let entries = Cache::with_weighter(
+            (config.max_bytes / 4096).clamp(64, 1 << 20) as usize,
+            config.max_bytes,
+            EntryWeight,
+        );
+        let vary = Cache::new(100_000);
         Ok(Self {
             config,
             entries,
@@ -181,20 +184,29 @@ impl CachePolicy {
         })
     }
 
-    async fn vary_key(&self, base: &str, headers: &HeaderMap) -> String {
-        match self.vary.get(base).await.as_deref() {
+    /// The entry stored under `key`, unless it outlived `max_ttl_secs` (then it is dropped).
+    fn lookup(&self, key: &str) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(key)?;
+        if entry.age() > Duration::from_secs(self.config.max_ttl_secs) {
+            self.entries.remove(key);
+            return None;
+        }
+        Some(entry)
+    }
+
+    fn vary_key(&self, base: &str, headers: &HeaderMap) -> String {
+        match self.vary.get(base).as_deref() {
             Some(KeyInfo::Vary(names)) => vary_key_with(base, names, headers),
             _ => base.to_string(),
         }
     }
 
     /// Remembers that `base_key`'s response could not be stored.
-    async fn mark_uncacheable(&self, base_key: String) {
+    fn mark_uncacheable(&self, base_key: String) {
         if self.config.uncacheable_secs > 0 {
             let until = Instant::now() + Duration::from_secs(self.config.uncacheable_secs);
             self.vary
-                .insert(base_key, Arc::new(KeyInfo::Uncacheable { until }))
-                .await;
+                .insert(base_key, Arc::new(KeyInfo::Uncacheable { until }));
         }
     }
 
@@ -381,7 +393,7 @@ impl Policy for CachePolicy {
         let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let head = method == Method::HEAD;
 
-        let known = self.vary.get(&base_key).await;
+        let known = self.vary.get(base_key.as_str());
         if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
             if Instant::now() < *until {
                 ctx.extensions.insert(Pending {
@@ -401,7 +413,7 @@ impl Policy for CachePolicy {
             Some(KeyInfo::Vary(names)) => vary_key_with(&base_key, names, req.headers()),
             _ => base_key.clone(),
         };
-        let mut cached = self.entries.get(&vary_key).await;
+        let mut cached = self.lookup(&vary_key);
         let mut leader = None;
         if cached.is_none() {
             // Coalesce: the first miss leads, later ones wait for its result.
@@ -429,8 +441,8 @@ impl Policy for CachePolicy {
                     return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
                 }
                 // The leader's response was not stored; recompute with what is known now.
-                vary_key = self.vary_key(&base_key, req.headers()).await;
-                cached = self.entries.get(&vary_key).await;
+                vary_key = self.vary_key(&base_key, req.headers());
+                cached = self.lookup(&vary_key);
             }
         }
         let mut revalidating = None;
@@ -483,19 +495,19 @@ impl Policy for CachePolicy {
             // Known uncacheable, so the request headers a Vary would need were not kept: a
             // storable response ends the state, and the next request is looked up and stored.
             if storable.is_some() {
-                self.vary.invalidate(&pending.base_key).await;
+                self.vary.remove(pending.base_key.as_str());
             }
             return miss(resp);
         }
         let Some(((ttl, must_revalidate), vary_names)) = storable else {
-            self.mark_uncacheable(pending.base_key.clone()).await;
+            self.mark_uncacheable(pending.base_key.clone());
             return miss(resp);
         };
         let (mut parts, body) = resp.into_parts();
         let body = match read_limited(body, self.config.max_body_bytes).await {
             Ok(body) => body,
             Err(ReadError::TooLarge { body }) => {
-                self.mark_uncacheable(pending.base_key.clone()).await;
+                self.mark_uncacheable(pending.base_key.clone());
                 return miss(Response::from_parts(parts, body));
             }
             Err(ReadError::Body(e)) => {
@@ -523,13 +535,11 @@ impl Policy for CachePolicy {
             must_revalidate,
         });
         let key = vary_key_with(&pending.base_key, &vary_names, &pending.request_headers);
-        self.vary
-            .insert(
-                pending.base_key.clone(),
-                Arc::new(KeyInfo::Vary(vary_names)),
-            )
-            .await;
-        self.entries.insert(key.clone(), entry.clone()).await;
+        self.vary.insert(
+            pending.base_key.clone(),
+            Arc::new(KeyInfo::Vary(vary_names)),
+        );
+        self.entries.insert(key.clone(), entry.clone());
         // Waiters share our key only if they share our Vary'd header values.
         if let Some(l) = &pending.leader {
             if key == pending.vary_key {

@@ -134,7 +134,7 @@ pub struct JwtPolicy {
     refreshing: tokio::sync::Mutex<()>,
     /// One prepared `Validation` per accepted algorithm.
     validations: Vec<(Algorithm, Validation)>,
-    verified: Option<moka::sync::Cache<String, Arc<Verified>>>,
+    verified: Option<quick_cache::sync::Cache<String, Arc<Verified>>>,
 }
 
 /// A token that passed every check, with the times to re-check on reuse.
@@ -190,11 +190,8 @@ impl JwtPolicy {
             .iter()
             .map(|&alg| (alg, validation(&config, alg)))
             .collect();
-        let verified = (config.cache_size > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(config.cache_size)
-                .build()
-        });
+        let verified = (config.cache_size > 0)
+            .then(|| quick_cache::sync::Cache::new(config.cache_size as usize));
         Ok(Self {
             config,
             generations: AtomicU64::new(1),
@@ -284,7 +281,7 @@ impl JwtPolicy {
             {
                 return Ok(hit.claims.clone());
             }
-            cache.invalidate(token);
+            cache.remove(token);
         }
         let (claims, generation) = self.verify_fully(token).await?;
         // `exp` is required, so a verified token has one; a non-integer one is not remembered.
