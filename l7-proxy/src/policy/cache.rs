@@ -248,20 +248,19 @@ impl CachePolicy {
     /// request with `Authorization` is stored only when it says `public`, `s-maxage` or
     /// `must-revalidate` (RFC 9111 section 3.5).
     fn ttl(&self, headers: &HeaderMap, authorized: bool) -> Option<(Duration, bool)> {
-        let cc = directives(headers);
-        if cc.iter().any(|(d, _)| d == "no-store" || d == "private") {
+        let cc = || directives(headers);
+        if has_directive(cc(), "no-store") || has_directive(cc(), "private") {
             return None;
         }
         let shareable = ["public", "s-maxage", "must-revalidate"];
-        if authorized && !cc.iter().any(|(d, _)| shareable.contains(&d.as_str())) {
+        if authorized && !shareable.iter().any(|d| has_directive(cc(), d)) {
             return None;
         }
         let secs = |name: &str| {
-            cc.iter()
-                .find(|(d, _)| d == name)
-                .and_then(|(_, v)| v.as_deref()?.parse::<u64>().ok())
+            cc().find(|(d, _)| d.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| v?.parse::<u64>().ok())
         };
-        let no_cache = cc.iter().any(|(d, _)| d == "no-cache");
+        let no_cache = has_directive(cc(), "no-cache");
         let ttl = secs("s-maxage")
             .or_else(|| secs("max-age"))
             .unwrap_or(self.config.default_ttl_secs)
@@ -285,11 +284,12 @@ fn vary_key_with(base: &str, names: &[HeaderName], headers: &HeaderMap) -> Strin
     key
 }
 
-/// `Cache-Control` directives, lowercased, with optional values.
-fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+/// `Cache-Control` directives with their optional values (quotes removed), as written.
+/// Compare names with `eq_ignore_ascii_case`.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
     headers
         .get_all(header::CACHE_CONTROL)
-        .iter()
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|d| {
@@ -298,14 +298,18 @@ fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
                 return None;
             }
             Some(match d.split_once('=') {
-                Some((n, v)) => (
-                    n.trim().to_ascii_lowercase(),
-                    Some(v.trim().trim_matches('"').to_string()),
-                ),
-                None => (d.to_ascii_lowercase(), None),
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (d, None),
             })
         })
-        .collect()
+}
+
+/// Whether `directives` include `name`.
+fn has_directive<'a>(
+    mut directives: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    name: &str,
+) -> bool {
+    directives.any(|(d, _)| d.eq_ignore_ascii_case(name))
 }
 
 fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
@@ -376,20 +380,23 @@ impl Policy for CachePolicy {
         if method != Method::GET && method != Method::HEAD {
             return RequestOutcome::Continue(req);
         }
-        let req_cc = directives(req.headers());
-        if req_cc.iter().any(|(d, _)| d == "no-store") {
+        if has_directive(directives(req.headers()), "no-store") {
             return RequestOutcome::Continue(req);
         }
-        let force_revalidate = req_cc.iter().any(|(d, _)| d == "no-cache");
+        let force_revalidate = has_directive(directives(req.headers()), "no-cache");
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or(req.uri().host())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+            .unwrap_or("");
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let base_key = format!("{method} {host}{path_and_query}");
+        let mut base_key =
+            String::with_capacity(method.as_str().len() + 1 + host.len() + path_and_query.len());
+        base_key.push_str(method.as_str());
+        base_key.push(' ');
+        base_key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        base_key.push_str(path_and_query);
         let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let head = method == Method::HEAD;
 
@@ -580,6 +587,9 @@ mod tests {
             Some((Duration::from_secs(5), false))
         );
         assert_eq!(ttl("no-store, max-age=60"), None);
+        // Directive names are case-insensitive; values may be quoted.
+        assert_eq!(ttl("MAX-AGE=\"7\""), Some((Duration::from_secs(7), false)));
+        assert_eq!(ttl("No-Store, max-age=60"), None);
         assert_eq!(ttl("private, max-age=60"), None);
         assert_eq!(p.ttl(&HeaderMap::new(), false), None);
         // Authorized requests need an explicit permission to share.
