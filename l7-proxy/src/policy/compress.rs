@@ -11,8 +11,9 @@
 //! Two paths, like nginx's sizing of zlib to the response:
 //! - A body whose `Content-Length` is at most [`ONE_SHOT_MAX`] is read (it is small and its size
 //!   is known) and compressed in one call by an encoder kept per thread and reset between
-//!   responses, then sent with the compressed `Content-Length`. Creating a deflate or zstd
-//!   state costs far more than compressing a few KiB; reusing one makes small responses cheap.
+//!   responses (for gzip, also sized to the body: [`super::small_gzip`]), then sent with the
+//!   compressed `Content-Length`. Creating a deflate or zstd state costs far more than
+//!   compressing a few KiB; reusing one makes small responses cheap.
 //! - Any other body is wrapped by an async-compression encoder chunk by chunk and never
 //!   buffered whole; `Content-Length` is removed (the response is chunked).
 
@@ -265,8 +266,6 @@ pub fn encode_body(body: ProxyBody, encoding: Encoding, levels: Levels) -> Proxy
 }
 
 thread_local! {
-    /// Per-thread gzip streams by level, reset between bodies.
-    static GZIP: RefCell<Vec<(u32, flate2::Compress)>> = const { RefCell::new(Vec::new()) };
     /// Per-thread zstd contexts by level; a context is reset by each one-shot compression.
     static ZSTD: RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
         const { RefCell::new(Vec::new()) };
@@ -275,30 +274,7 @@ thread_local! {
 /// Compresses a whole (small) body in one call with a reused per-thread encoder.
 pub fn encode_all(data: &[u8], encoding: Encoding, levels: Levels) -> std::io::Result<Vec<u8>> {
     match encoding {
-        Encoding::Gzip => GZIP.with_borrow_mut(|pool| {
-            let at = match pool.iter().position(|(l, _)| *l == levels.gzip) {
-                Some(at) => at,
-                None => {
-                    let level = flate2::Compression::new(levels.gzip);
-                    pool.push((levels.gzip, flate2::Compress::new_gzip(level, 15)));
-                    pool.len() - 1
-                }
-            };
-            let z = &mut pool[at].1;
-            z.reset();
-            // Incompressible input grows by a few bytes per 16 KiB block plus the gzip framing.
-            let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 64);
-            loop {
-                let consumed = z.total_in() as usize;
-                let status = z
-                    .compress_vec(&data[consumed..], &mut out, flate2::FlushCompress::Finish)
-                    .map_err(std::io::Error::other)?;
-                if status == flate2::Status::StreamEnd {
-                    return Ok(out);
-                }
-                out.reserve(out.capacity().max(64));
-            }
-        }),
+        Encoding::Gzip => super::small_gzip::gzip(data, levels.gzip),
         Encoding::Zstd => ZSTD.with_borrow_mut(|pool| {
             let at = match pool.iter().position(|(l, _)| *l == levels.zstd) {
                 Some(at) => at,

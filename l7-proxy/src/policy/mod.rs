@@ -38,6 +38,7 @@ pub mod jwt;
 pub mod rate_limit;
 pub mod respond;
 pub mod security;
+pub mod small_gzip;
 pub mod transform;
 pub mod version;
 

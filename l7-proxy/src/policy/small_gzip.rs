@@ -1,0 +1,175 @@
+//! gzip for small whole bodies, with zlib sized to the body as nginx does.
+//!
+//! A deflate stream's fixed costs (clearing its hash table on reset, above all) are set by its
+//! window and memory level, not by the input. flate2 always asks zlib for the largest of both
+//! (32 KiB window, memory level 8: a 64 KiB hash table cleared per body), which costs more than
+//! compressing a 1 KiB body. Here each body gets the smallest window that holds it and a memory
+//! level reduced with it (nginx's `ngx_http_gzip_filter` rule), and the streams are kept per
+//! thread and size class and reset between bodies. The output is ordinary gzip: the window
+//! size is not part of the format a decoder needs.
+//!
+//! This is the one place that calls zlib's C API directly (through `libz-sys`, the crate flate2
+//! itself uses), because flate2 does not expose the memory level.
+
+use std::cell::RefCell;
+use std::ptr;
+
+use libz_sys as z;
+
+/// One deflate stream with the gzip wrapper. Boxed because zlib keeps a pointer to it.
+struct Stream {
+    strm: Box<z::z_stream>,
+}
+
+unsafe extern "C" fn zalloc(_: z::voidpf, items: z::uInt, size: z::uInt) -> z::voidpf {
+    // SAFETY: plain C allocation for zlib, freed by `zfree`.
+    unsafe { libc::calloc(items as usize, size as usize) }
+}
+
+unsafe extern "C" fn zfree(_: z::voidpf, p: z::voidpf) {
+    // SAFETY: `p` came from `zalloc`.
+    unsafe { libc::free(p) }
+}
+
+impl Stream {
+    fn new(level: i32, window_bits: i32, mem_level: i32) -> std::io::Result<Self> {
+        let mut strm = Box::new(z::z_stream {
+            next_in: ptr::null_mut(),
+            avail_in: 0,
+            total_in: 0,
+            next_out: ptr::null_mut(),
+            avail_out: 0,
+            total_out: 0,
+            msg: ptr::null_mut(),
+            state: ptr::null_mut(),
+            zalloc,
+            zfree,
+            opaque: ptr::null_mut(),
+            data_type: 0,
+            adler: 0,
+            reserved: 0,
+        });
+        // SAFETY: `strm` is initialised as zlib requires and outlives the stream (it is
+        // boxed, so it does not move); the version and size are this build's.
+        let rc = unsafe {
+            z::deflateInit2_(
+                &mut *strm,
+                level,
+                z::Z_DEFLATED,
+                window_bits + 16, // +16: gzip header and trailer
+                mem_level,
+                z::Z_DEFAULT_STRATEGY,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if rc != z::Z_OK {
+            return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
+        }
+        Ok(Self { strm })
+    }
+
+    /// Compresses all of `data` into a complete gzip member.
+    fn compress(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        let s = &mut *self.strm;
+        // SAFETY: the stream was initialised by deflateInit2.
+        if unsafe { z::deflateReset(s) } != z::Z_OK {
+            return Err(std::io::Error::other("deflateReset failed"));
+        }
+        // SAFETY: deflateBound only reads the stream's parameters.
+        let bound = unsafe { z::deflateBound(s, data.len() as z::uLong) } as usize;
+        let mut out: Vec<u8> = Vec::with_capacity(bound);
+        s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
+        s.avail_in = data.len() as z::uInt;
+        s.next_out = out.as_mut_ptr();
+        s.avail_out = bound as z::uInt;
+        // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare capacity of
+        // `out`; with deflateBound's room one Z_FINISH call completes the stream.
+        let rc = unsafe { z::deflate(s, z::Z_FINISH) };
+        let written = bound - s.avail_out as usize;
+        s.next_in = ptr::null_mut();
+        s.next_out = ptr::null_mut();
+        if rc != z::Z_STREAM_END {
+            return Err(std::io::Error::other(format!("deflate failed ({rc})")));
+        }
+        // SAFETY: zlib initialised the first `written` bytes.
+        unsafe { out.set_len(written) };
+        Ok(out)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: the stream was initialised by deflateInit2 and is ended once.
+        unsafe { z::deflateEnd(&mut *self.strm) };
+    }
+}
+
+/// Window bits and memory level for a body of `len` bytes (nginx's rule).
+fn sizing(len: usize) -> (i32, i32) {
+    let (mut window_bits, mut mem_level) = (15, 8);
+    while window_bits > 9 && len < (1usize << (window_bits - 1)).saturating_sub(262) {
+        window_bits -= 1;
+        mem_level -= 1;
+    }
+    (window_bits, mem_level.max(1))
+}
+
+/// Level, window bits and memory level of a stream.
+type Params = (i32, i32, i32);
+
+thread_local! {
+    /// Streams by parameters: at most seven sizes per level.
+    static STREAMS: RefCell<Vec<(Params, Stream)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// gzip of `data` at `level` (1-9) with a reused stream sized to it.
+pub fn gzip(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
+    let (window_bits, mem_level) = sizing(data.len());
+    let key = (level as i32, window_bits, mem_level);
+    STREAMS.with_borrow_mut(|streams| {
+        let at = match streams.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                streams.push((key, Stream::new(key.0, window_bits, mem_level)?));
+                streams.len() - 1
+            }
+        };
+        streams[at].1.compress(data)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn sizing_follows_nginx() {
+        assert_eq!(sizing(100), (9, 2));
+        assert_eq!(sizing(1024), (11, 4));
+        assert_eq!(sizing(20_000), (15, 8));
+        assert_eq!(sizing(64 * 1024), (15, 8));
+    }
+
+    #[test]
+    fn every_size_class_round_trips() {
+        let text: Vec<u8> = (0..70_000u32)
+            .flat_map(|i| format!("{} ", i.wrapping_mul(2654435761) % 977).into_bytes())
+            .take(70_000)
+            .collect();
+        for len in [0, 1, 300, 700, 1024, 3000, 9000, 20_000, 40_000, 65_536] {
+            for level in [1, 6, 9] {
+                // Twice: the second call reuses the stream.
+                for _ in 0..2 {
+                    let gz = gzip(&text[..len], level).unwrap();
+                    let mut out = Vec::new();
+                    flate2::read::GzDecoder::new(&gz[..])
+                        .read_to_end(&mut out)
+                        .unwrap();
+                    assert!(out == text[..len], "len {len} level {level}");
+                }
+            }
+        }
+    }
+}
