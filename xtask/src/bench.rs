@@ -559,10 +559,11 @@ HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the s
     Ok(md)
 }
 
-/// The same proxy serves `/plain/` (no policy) and `/chain/` (jwt, rate_limit with a limit
-/// far above the load, cache that misses because the upstream does not allow caching, and
-/// gzip compression of the 1 KiB text body); wrk sends the same token and Accept-Encoding to
-/// both. Runs alternate, three each, and the table reports the medians.
+/// The same proxy serves `/plain/` (no policy), `/chain/` (jwt, rate_limit with a limit far
+/// above the load, cache that misses because the upstream does not allow caching, and gzip
+/// compression of the 1 KiB text body) and, to show where the cost lies, `/nogzip/` (the chain
+/// without compression) and `/gzip/` (compression alone); wrk sends the same token and
+/// Accept-Encoding to all. Runs alternate, three each, and the table reports the medians.
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["wrk"])?;
     crate::cargo_release(root, &["l7-proxy", "demo"])?;
@@ -602,13 +603,24 @@ action = {{ forward = {{ group = "up" }} }}
 name = "chain"
 match = {{ path = {{ prefix = "/chain/" }} }}
 action = {{ forward = {{ group = "up" }} }}
-policies = [
-  {{ type = "jwt", jwks_file = "{d}/jwks.json", algorithms = ["HS256"], issuers = ["bench"], audiences = ["bench"] }},
-  {{ type = "rate_limit", requests = 1000000000, period_secs = 1, key = "jwt_sub" }},
-  {{ type = "compress", algorithms = ["gzip"], min_size = 256 }},
-  {{ type = "cache", max_bytes = 16777216 }},
-]
-"#
+policies = [{jwt}, {rate_limit}, {compress}, {cache}]
+[[routes]]
+name = "nogzip"
+match = {{ path = {{ prefix = "/nogzip/" }} }}
+action = {{ forward = {{ group = "up" }} }}
+policies = [{jwt}, {rate_limit}, {cache}]
+[[routes]]
+name = "gzip"
+match = {{ path = {{ prefix = "/gzip/" }} }}
+action = {{ forward = {{ group = "up" }} }}
+policies = [{compress}]
+"#,
+            jwt = format_args!(
+                r#"{{ type = "jwt", jwks_file = "{d}/jwks.json", algorithms = ["HS256"], issuers = ["bench"], audiences = ["bench"] }}"#
+            ),
+            rate_limit = r#"{ type = "rate_limit", requests = 1000000000, period_secs = 1, key = "jwt_sub" }"#,
+            compress = r#"{ type = "compress", algorithms = ["gzip"], min_size = 256 }"#,
+            cache = r#"{ type = "cache", max_bytes = 16777216 }"#,
         ),
     )?;
     let mut upstream = start_upstream(&bin, &upstream_addr)?;
@@ -620,7 +632,16 @@ policies = [
         .arg(dir.join("chain.toml"))
         .args(["--log", "warn"])
         .spawn()?;
-    let result = (|| -> Result<(Vec<f64>, Vec<f64>)> {
+    const ROUTES: [(&str, &str); 4] = [
+        ("/plain/x", "plain proxying"),
+        ("/nogzip/x", "jwt + rate_limit + cache (miss)"),
+        ("/gzip/x", "compress (gzip) alone"),
+        (
+            "/chain/x",
+            "jwt + rate_limit + cache (miss) + compress (gzip)",
+        ),
+    ];
+    let result = (|| -> Result<Vec<Vec<f64>>> {
         wait_port(proxy_port)?;
         let auth = format!("Authorization: Bearer {token}");
         let run = |path: &str| -> Result<f64> {
@@ -641,26 +662,32 @@ policies = [
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(f64::NAN))
         };
-        let (mut plain, mut chain) = (Vec::new(), Vec::new());
+        let mut rps = vec![Vec::new(); ROUTES.len()];
         run("/plain/x")?;
         for _ in 0..3 {
-            plain.push(run("/plain/x")?);
-            chain.push(run("/chain/x")?);
+            for (i, (path, _)) in ROUTES.iter().enumerate() {
+                rps[i].push(run(path)?);
+            }
         }
-        Ok((plain, chain))
+        Ok(rps)
     })();
     stop(&mut proxy);
     stop(&mut upstream);
-    let (mut plain, mut chain) = result?;
-    plain.sort_by(f64::total_cmp);
-    chain.sort_by(f64::total_cmp);
-    let (p, c) = (plain[1], chain[1]);
-    Ok(format!(
-        "| route | req/s (median of 3) | vs plain |\n|---|---:|---:|\n\
-         | plain proxying | {p:.0} | 1.00x |\n\
-         | jwt + rate_limit + cache (miss) + compress (gzip) | {c:.0} | {:.2}x (cost {:.0}%) |\n\n\
-         One l7-proxy on CPU 0; wrk (`-t1 -c32`, same JWT and `Accept-Encoding: gzip` on both routes) and the 1 KiB text upstream on CPU 1. Runs alternate between the routes.\n",
-        c / p,
-        (1.0 - c / p) * 100.0
-    ))
+    let medians: Vec<f64> = result?
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[1]
+        })
+        .collect();
+    let mut md = String::from("| route | req/s (median of 3) | vs plain |\n|---|---:|---:|\n");
+    for ((_, name), r) in ROUTES.iter().zip(&medians) {
+        let ratio = r / medians[0];
+        md += &format!(
+            "| {name} | {r:.0} | {ratio:.2}x (cost {:.0}%) |\n",
+            (1.0 - ratio) * 100.0
+        );
+    }
+    md += "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `Accept-Encoding: gzip` on every route) and the 1 KiB text upstream on CPU 1. Runs alternate between the routes.\n";
+    Ok(md)
 }
