@@ -559,11 +559,15 @@ HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the s
     Ok(md)
 }
 
+/// Rounds of `bench policies`: each route runs this many times, interleaved.
+const POLICY_ROUNDS: usize = 5;
+
 /// The same proxy serves `/plain/` (no policy), `/chain/` (jwt, rate_limit with a limit far
 /// above the load, cache that misses because the upstream does not allow caching, and gzip
 /// compression of the 1 KiB text body) and, to show where the cost lies, `/nogzip/` (the chain
 /// without compression) and `/gzip/` (compression alone); wrk sends the same token and
-/// Accept-Encoding to all. Runs alternate, three each, and the table reports the medians.
+/// Accept-Encoding to all. Runs alternate, [`POLICY_ROUNDS`] each, and the table reports the
+/// medians.
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["wrk"])?;
     crate::cargo_release(root, &["l7-proxy", "demo"])?;
@@ -664,7 +668,7 @@ policies = [{compress}]
         };
         let mut rps = vec![Vec::new(); ROUTES.len()];
         run("/plain/x")?;
-        for _ in 0..3 {
+        for _ in 0..POLICY_ROUNDS {
             for (i, (path, _)) in ROUTES.iter().enumerate() {
                 rps[i].push(run(path)?);
             }
@@ -677,10 +681,11 @@ policies = [{compress}]
         .into_iter()
         .map(|mut v| {
             v.sort_by(f64::total_cmp);
-            v[1]
+            v[v.len() / 2]
         })
         .collect();
-    let mut md = String::from("| route | req/s (median of 3) | vs plain |\n|---|---:|---:|\n");
+    let mut md =
+        format!("| route | req/s (median of {POLICY_ROUNDS}) | vs plain |\n|---|---:|---:|\n");
     for ((_, name), r) in ROUTES.iter().zip(&medians) {
         let ratio = r / medians[0];
         md += &format!(
