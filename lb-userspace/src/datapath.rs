@@ -345,10 +345,14 @@ impl Datapath {
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Mounts bpffs at `mount_point` unless one is already there (pinning needs it).
+/// Mounts bpffs at `mount_point` unless one is already there (pinning needs it). Calls within
+/// one process are serialised, so two of them never stack two mounts (the second would hide
+/// what was pinned in the first).
 pub fn ensure_bpffs(mount_point: &Path) -> std::io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(mount_point)?;
     let c_path = CString::new(mount_point.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -375,8 +379,15 @@ pub fn ensure_bpffs(mount_point: &Path) -> std::io::Result<()> {
 /// Loads only the helper programs (`xdp_pass`, `xdp_decap`) from the embedded object, for
 /// hosts that do not balance: backends that decapsulate, and veth peers that must receive
 /// XDP_TX frames. The maps they share with `xdp_lb` are created tiny in `pin_dir`, which the
-/// caller may remove once the programs are attached.
+/// caller may remove once the programs are attached; `pin_dir`'s parent gets a bpffs mount if
+/// it is not on one.
 pub fn load_helper_programs(pin_dir: &Path) -> Result<Ebpf> {
+    if let Some(root) = pin_dir.parent() {
+        ensure_bpffs(root).map_err(|source| DatapathError::PinDir {
+            path: root.to_owned(),
+            source,
+        })?;
+    }
     std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
         path: pin_dir.to_owned(),
         source,
