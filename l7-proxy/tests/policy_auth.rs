@@ -401,25 +401,40 @@ async fn jwks_url_is_fetched_once_and_reused() {
     assert_eq!(keys.hits(), 1, "keys are fetched once per refresh interval");
 }
 
-#[tokio::test]
-async fn jwks_url_refresh_picks_up_rotated_keys() {
-    use std::sync::{Arc, Mutex};
-    let full_jwks: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(jwks_file()).unwrap()).unwrap();
-    let only_hs = json!({ "keys": [full_jwks["keys"][0].clone()] });
-    let served = Arc::new(Mutex::new(only_hs.to_string()));
-    let current = served.clone();
+/// The whole test JWKS, and one with only its HS256 key.
+fn full_and_hs_only_jwks() -> (String, String) {
+    let full = std::fs::read_to_string(jwks_file()).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&full).unwrap();
+    let only_hs = json!({ "keys": [parsed["keys"][0].clone()] });
+    (full, only_hs.to_string())
+}
+
+/// A JWKS server publishing what `served` holds at each request, and a gateway refreshing
+/// from it every second. Returns the JWKS server and the gateway address.
+async fn refreshing_jwt_gateway(
+    served: std::sync::Arc<std::sync::Mutex<String>>,
+    up: &Upstream,
+) -> (Upstream, std::net::SocketAddr) {
     let keys = upstream(move |_, _| {
-        let jwks = current.lock().unwrap().clone();
+        let jwks = served.lock().unwrap().clone();
         async move { reply(200, &[("content-type", "application/json")], jwks) }
     })
     .await;
-    let up = echo_upstream().await;
     let chain = chain_from_toml(&format!(
         "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 1",
         keys.addr
     ));
     let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    (keys, gw)
+}
+
+#[tokio::test]
+async fn jwks_url_refresh_picks_up_rotated_keys() {
+    use std::sync::{Arc, Mutex};
+    let (full_jwks, only_hs) = full_and_hs_only_jwks();
+    let served = Arc::new(Mutex::new(only_hs));
+    let up = echo_upstream().await;
+    let (keys, gw) = refreshing_jwt_gateway(served.clone(), &up).await;
     let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
     assert_eq!(
         get(gw, "/", &[("authorization", &rs)]).await.status,
@@ -427,7 +442,7 @@ async fn jwks_url_refresh_picks_up_rotated_keys() {
         "rs not published yet"
     );
 
-    *served.lock().unwrap() = full_jwks.to_string();
+    *served.lock().unwrap() = full_jwks;
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(
         get(gw, "/", &[("authorization", &rs)]).await.status,
@@ -466,28 +481,16 @@ async fn remembered_token_is_refused_once_it_expires() {
 #[tokio::test]
 async fn remembered_token_is_refused_after_its_key_is_withdrawn() {
     use std::sync::{Arc, Mutex};
-    let full_jwks = std::fs::read_to_string(jwks_file()).unwrap();
-    let parsed: serde_json::Value = serde_json::from_str(&full_jwks).unwrap();
-    let only_hs = json!({ "keys": [parsed["keys"][0].clone()] });
+    let (full_jwks, only_hs) = full_and_hs_only_jwks();
     let served = Arc::new(Mutex::new(full_jwks));
-    let current = served.clone();
-    let keys = upstream(move |_, _| {
-        let jwks = current.lock().unwrap().clone();
-        async move { reply(200, &[("content-type", "application/json")], jwks) }
-    })
-    .await;
     let up = echo_upstream().await;
-    let chain = chain_from_toml(&format!(
-        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_secs = 1",
-        keys.addr
-    ));
-    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let (keys, gw) = refreshing_jwt_gateway(served.clone(), &up).await;
     let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
     let hs = bearer(&token(Algorithm::HS256, "hs", good_claims()));
     for auth in [&rs, &rs, &hs] {
         assert_eq!(get(gw, "/", &[("authorization", auth)]).await.status, 200);
     }
-    *served.lock().unwrap() = only_hs.to_string();
+    *served.lock().unwrap() = only_hs;
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(get(gw, "/", &[("authorization", &hs)]).await.status, 200);
     assert!(keys.hits() >= 2, "the JWKS was fetched again");
