@@ -165,6 +165,10 @@ impl Policy for AggregatePolicy {
         "aggregate"
     }
 
+    fn has_response_phase(&self) -> bool {
+        false
+    }
+
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         let query = req.uri().query();
         let results =

@@ -153,6 +153,10 @@ impl Policy for ApiKeyPolicy {
         "api_key"
     }
 
+    fn has_response_phase(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         mut req: Request<ProxyBody>,

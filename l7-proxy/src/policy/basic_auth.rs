@@ -101,6 +101,10 @@ impl Policy for BasicAuthPolicy {
         "basic_auth"
     }
 
+    fn has_response_phase(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         mut req: Request<ProxyBody>,

@@ -473,6 +473,10 @@ impl Policy for JwtPolicy {
         "jwt"
     }
 
+    fn has_response_phase(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         mut req: Request<ProxyBody>,

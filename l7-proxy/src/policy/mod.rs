@@ -89,6 +89,12 @@ pub trait Policy: Send + Sync + 'static {
     /// Request phase.
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome;
 
+    /// Whether the policy has a response phase. Policies that only act on requests say
+    /// `false`, and the chain does not call (or allocate for) their [`Self::on_response`].
+    fn has_response_phase(&self) -> bool {
+        true
+    }
+
     /// Response phase; the default passes the response through.
     async fn on_response(
         &self,
@@ -140,7 +146,9 @@ impl PolicyChain {
         ran: usize,
     ) -> Response<ProxyBody> {
         for p in self.policies[..ran.min(self.policies.len())].iter().rev() {
-            resp = p.on_response(resp, ctx).await;
+            if p.has_response_phase() {
+                resp = p.on_response(resp, ctx).await;
+            }
         }
         resp
     }
