@@ -222,39 +222,21 @@ fn starts_with_ignore_case(haystack: &[u8], prefix: &[u8]) -> bool {
     haystack.len() >= prefix.len() && haystack[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// Levels of the three encoders.
-#[derive(Debug, Clone, Copy)]
-pub struct Levels {
-    pub gzip: u32,
-    pub brotli: i32,
-    pub zstd: i32,
-}
-
-impl Levels {
-    fn of(config: &CompressConfig) -> Self {
-        Self {
-            gzip: config.gzip_level,
-            brotli: config.brotli_quality,
-            zstd: config.zstd_level,
-        }
-    }
-}
-
-/// Wraps `body` in a streaming encoder.
-pub fn encode_body(body: ProxyBody, encoding: Encoding, levels: Levels) -> ProxyBody {
+/// Wraps `body` in a streaming encoder at `config`'s level for `encoding`.
+pub fn encode_body(body: ProxyBody, encoding: Encoding, config: &CompressConfig) -> ProxyBody {
     let input = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
     let encoder: Pin<Box<dyn AsyncRead + Send>> = match encoding {
         Encoding::Gzip => Box::pin(GzipEncoder::with_quality(
             input,
-            Level::Precise(levels.gzip as i32),
+            Level::Precise(config.gzip_level as i32),
         )),
         Encoding::Br => Box::pin(BrotliEncoder::with_quality(
             input,
-            Level::Precise(levels.brotli),
+            Level::Precise(config.brotli_quality),
         )),
         Encoding::Zstd => Box::pin(ZstdEncoder::with_quality(
             input,
-            Level::Precise(levels.zstd),
+            Level::Precise(config.zstd_level),
         )),
     };
     let frames = ReaderStream::new(encoder)
@@ -271,23 +253,38 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
 }
 
-/// Compresses a whole (small) body in one call with a reused per-thread encoder.
-pub fn encode_all(data: &[u8], encoding: Encoding, levels: Levels) -> std::io::Result<Vec<u8>> {
+/// The value for `key` in a small per-thread pool, made by `make` the first time.
+pub(super) fn pooled<K: PartialEq, V>(
+    pool: &mut Vec<(K, V)>,
+    key: K,
+    make: impl FnOnce() -> std::io::Result<V>,
+) -> std::io::Result<&mut V> {
+    let at = match pool.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            pool.push((key, make()?));
+            pool.len() - 1
+        }
+    };
+    Ok(&mut pool[at].1)
+}
+
+/// Compresses a whole (small) body in one call with a reused per-thread encoder, at
+/// `config`'s level for `encoding`.
+pub fn encode_all(
+    data: &[u8],
+    encoding: Encoding,
+    config: &CompressConfig,
+) -> std::io::Result<Vec<u8>> {
     match encoding {
-        Encoding::Gzip => super::small_gzip::gzip(data, levels.gzip),
+        Encoding::Gzip => super::small_gzip::gzip(data, config.gzip_level),
         Encoding::Zstd => ZSTD.with_borrow_mut(|pool| {
-            let at = match pool.iter().position(|(l, _)| *l == levels.zstd) {
-                Some(at) => at,
-                None => {
-                    pool.push((levels.zstd, zstd::bulk::Compressor::new(levels.zstd)?));
-                    pool.len() - 1
-                }
-            };
-            pool[at].1.compress(data)
+            let level = config.zstd_level;
+            pooled(pool, level, || zstd::bulk::Compressor::new(level))?.compress(data)
         }),
         Encoding::Br => {
             let params = brotli::enc::BrotliEncoderParams {
-                quality: levels.brotli,
+                quality: config.brotli_quality,
                 // The smallest window that holds the whole body (10..=24).
                 lgwin: (usize::BITS - data.len().leading_zeros()).clamp(10, 24) as i32,
                 size_hint: data.len(),
@@ -360,15 +357,14 @@ impl Policy for CompressPolicy {
                 }
             }
         }
-        let levels = Levels::of(&self.config);
         if neg.head {
             return Response::from_parts(parts, body);
         }
         let Some(len) = one_shot else {
-            return Response::from_parts(parts, encode_body(body, neg.encoding, levels));
+            return Response::from_parts(parts, encode_body(body, neg.encoding, &self.config));
         };
         let body = match read_limited(body, len as usize).await {
-            Ok(data) => match encode_all(&data, neg.encoding, levels) {
+            Ok(data) => match encode_all(&data, neg.encoding, &self.config) {
                 Ok(encoded) => {
                     parts
                         .headers
@@ -379,7 +375,7 @@ impl Policy for CompressPolicy {
             },
             // The upstream sent more than its Content-Length said; hyper fails such a body,
             // but stay correct anyway and stream the rest.
-            Err(ReadError::TooLarge { body }) => encode_body(body, neg.encoding, levels),
+            Err(ReadError::TooLarge { body }) => encode_body(body, neg.encoding, &self.config),
             Err(ReadError::Body(e)) => failed_body(e),
         };
         Response::from_parts(parts, body)
@@ -429,21 +425,18 @@ mod tests {
     fn one_shot_output_decodes_for_each_encoding() {
         use std::io::Read;
         let data: Vec<u8> = (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
-        let levels = Levels {
-            gzip: 6,
-            brotli: 4,
-            zstd: 3,
-        };
+        let config: CompressConfig =
+            toml::from_str("gzip_level = 6\nbrotli_quality = 4\nzstd_level = 3").unwrap();
         for _ in 0..2 {
-            let gz = encode_all(&data, Gzip, levels).unwrap();
+            let gz = encode_all(&data, Gzip, &config).unwrap();
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(&gz[..])
                 .read_to_end(&mut out)
                 .unwrap();
             assert_eq!(out, data);
-            let zs = encode_all(&data, Zstd, levels).unwrap();
+            let zs = encode_all(&data, Zstd, &config).unwrap();
             assert_eq!(zstd::stream::decode_all(&zs[..]).unwrap(), data);
-            let br = encode_all(&data, Br, levels).unwrap();
+            let br = encode_all(&data, Br, &config).unwrap();
             let mut out = Vec::new();
             brotli::Decompressor::new(&br[..], 4096)
                 .read_to_end(&mut out)

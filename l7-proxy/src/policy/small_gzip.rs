@@ -147,14 +147,8 @@ pub fn gzip(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
     let (window_bits, mem_level) = sizing(data.len());
     let key = (level as i32, window_bits, mem_level);
     STREAMS.with_borrow_mut(|streams| {
-        let at = match streams.iter().position(|(k, _)| *k == key) {
-            Some(at) => at,
-            None => {
-                streams.push((key, Stream::new(key.0, window_bits, mem_level)?));
-                streams.len() - 1
-            }
-        };
-        streams[at].1.compress(data)
+        super::compress::pooled(streams, key, || Stream::new(key.0, window_bits, mem_level))?
+            .compress(data)
     })
 }
 
