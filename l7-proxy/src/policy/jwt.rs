@@ -305,12 +305,13 @@ impl JwtPolicy {
     async fn verify_fully(&self, token: &str) -> Result<(Arc<Value>, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("malformed token: {e}")))?;
-        if !self.config.algorithms.contains(&header.alg) {
+        // One prepared Validation per accepted algorithm: finding none means not accepted.
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Err(AuthError::Invalid(format!(
                 "algorithm {:?} not accepted",
                 header.alg
             )));
-        }
+        };
         let mut keys = self.current_keys(false).await;
         if let Some(kid) = &header.kid {
             if !keys.keys.iter().any(|k| k.kid.as_ref() == Some(kid)) {
@@ -321,9 +322,6 @@ impl JwtPolicy {
             k.algorithms.contains(&header.alg)
                 && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
         });
-        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
-            return Err(AuthError::Invalid("algorithm not accepted".into()));
-        };
         let mut last_error = String::from("no key matches the token");
         for key in candidates {
             match jsonwebtoken::decode::<Value>(token, &key.key, validation) {
