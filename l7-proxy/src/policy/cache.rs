@@ -143,12 +143,18 @@ impl quick_cache::Weighter<String, Arc<Entry>> for EntryWeight {
     }
 }
 
+/// Request-phase state of a request for a key known uncacheable: it went upstream without a
+/// lookup, and its response is only checked for whether it ends that state.
+#[derive(Clone)]
+struct Passing {
+    base_key: String,
+    authorized: bool,
+}
+
 /// Request-phase state for the response phase.
 #[derive(Clone)]
 struct Pending {
     base_key: String,
-    /// The key is known uncacheable: the request went upstream without a lookup.
-    pass: bool,
     vary_key: String,
     leader: Option<Arc<Leader>>,
     /// Stale entry being revalidated with `If-None-Match`.
@@ -195,10 +201,7 @@ impl CachePolicy {
     }
 
     fn vary_key(&self, base: &str, headers: &HeaderMap) -> String {
-        match self.vary.get(base).as_deref() {
-            Some(KeyInfo::Vary(names)) => vary_key_with(base, names, headers),
-            _ => base.to_string(),
-        }
+        key_for(base, self.vary.get(base).as_deref(), headers)
     }
 
     /// Remembers that `base_key`'s response could not be stored.
@@ -267,6 +270,14 @@ impl CachePolicy {
             .min(self.config.max_ttl_secs);
         (ttl > 0 || (no_cache && headers.contains_key(header::ETAG)))
             .then_some((Duration::from_secs(ttl), no_cache))
+    }
+}
+
+/// The entry key of a request for `base`, given what is `known` about that base key.
+fn key_for(base: &str, known: Option<&KeyInfo>, headers: &HeaderMap) -> String {
+    match known {
+        Some(KeyInfo::Vary(names)) => vary_key_with(base, names, headers),
+        _ => base.to_string(),
     }
 }
 
@@ -403,23 +414,14 @@ impl Policy for CachePolicy {
         let known = self.vary.get(base_key.as_str());
         if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
             if Instant::now() < *until {
-                ctx.extensions.insert(Pending {
+                ctx.extensions.insert(Passing {
                     base_key,
-                    pass: true,
-                    vary_key: String::new(),
-                    leader: None,
-                    revalidating: None,
-                    client_inm: None,
                     authorized: req.headers().contains_key(header::AUTHORIZATION),
-                    request_headers: HeaderMap::new(),
                 });
                 return RequestOutcome::Continue(req);
             }
         }
-        let mut vary_key = match known.as_deref() {
-            Some(KeyInfo::Vary(names)) => vary_key_with(&base_key, names, req.headers()),
-            _ => base_key.clone(),
-        };
+        let mut vary_key = key_for(&base_key, known.as_deref(), req.headers());
         let mut cached = self.lookup(&vary_key);
         let mut leader = None;
         if cached.is_none() {
@@ -465,7 +467,6 @@ impl Policy for CachePolicy {
         }
         ctx.extensions.insert(Pending {
             base_key,
-            pass: false,
             vary_key,
             leader,
             revalidating,
@@ -481,6 +482,14 @@ impl Policy for CachePolicy {
         resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
+        if let Some(passing) = ctx.extensions.remove::<Passing>() {
+            // Known uncacheable, so the request headers a Vary would need were not kept: a
+            // storable response ends the state, and the next request is looked up and stored.
+            if self.storable(&resp, passing.authorized).is_some() {
+                self.vary.remove(passing.base_key.as_str());
+            }
+            return miss(resp);
+        }
         let Some(pending) = ctx.extensions.remove::<Pending>() else {
             return resp;
         };
@@ -497,16 +506,8 @@ impl Policy for CachePolicy {
                 return out;
             }
         }
-        let storable = self.storable(&resp, pending.authorized);
-        if pending.pass {
-            // Known uncacheable, so the request headers a Vary would need were not kept: a
-            // storable response ends the state, and the next request is looked up and stored.
-            if storable.is_some() {
-                self.vary.remove(pending.base_key.as_str());
-            }
-            return miss(resp);
-        }
-        let Some(((ttl, must_revalidate), vary_names)) = storable else {
+        let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, pending.authorized)
+        else {
             self.mark_uncacheable(pending.base_key.clone());
             return miss(resp);
         };
