@@ -99,9 +99,8 @@ impl KeySource {
         }
     }
 
-    /// The bucket key of a request; `None` when the request lacks it (those are limited
-    /// together under one shared key rather than let through).
-    /// Calls `f` with the request's key (`-` when the source is absent), without allocating.
+    /// Calls `f` with the request's bucket key, without allocating. Requests that lack the
+    /// key's source share the key `-` (they are limited together rather than let through).
     fn with_key<R>(
         &self,
         req: &Request<ProxyBody>,
