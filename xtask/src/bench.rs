@@ -406,19 +406,25 @@ fn wrk_ms(v: &str) -> f64 {
     }
 }
 
-fn wrk(url: &str, conns: u32, close: bool) -> Result<(f64, f64, f64)> {
+/// Runs `wrk` on CPU 1 against `url` for `seconds` with extra request `headers`; returns its
+/// report.
+fn wrk_report(url: &str, conns: u32, seconds: u32, headers: &[&str]) -> Result<String> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1", "wrk", "-t1", "--latency"])
         .arg(format!("-c{conns}"))
-        .arg(format!("-d{L7_SECONDS}s"));
-    if close {
-        cmd.args(["-H", "Connection: close"]);
+        .arg(format!("-d{seconds}s"));
+    for h in headers {
+        cmd.args(["-H", h]);
     }
     let out = cmd.arg(url).output().context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// req/s, p50 and p99 in ms from a `wrk --latency` report.
+fn wrk_figures(report: &str) -> (f64, f64, f64) {
     let mut rps = f64::NAN;
     let (mut p50, mut p99) = (f64::NAN, f64::NAN);
-    for line in text.lines() {
+    for line in report.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
             ["Requests/sec:", v] => rps = v.parse().unwrap_or(f64::NAN),
@@ -427,7 +433,12 @@ fn wrk(url: &str, conns: u32, close: bool) -> Result<(f64, f64, f64)> {
             _ => {}
         }
     }
-    Ok((rps, p50, p99))
+    (rps, p50, p99)
+}
+
+fn wrk(url: &str, conns: u32, close: bool) -> Result<(f64, f64, f64)> {
+    let headers: &[&str] = if close { &["Connection: close"] } else { &[] };
+    Ok(wrk_figures(&wrk_report(url, conns, L7_SECONDS, headers)?))
 }
 
 /// h2load over HTTP/2 (TLS, ALPN h2): req/s, mean and max request time in ms.
@@ -649,22 +660,13 @@ policies = [{compress}]
         wait_port(proxy_port)?;
         let auth = format!("Authorization: Bearer {token}");
         let run = |path: &str| -> Result<f64> {
-            let out = Command::new("taskset")
-                .args(["-c", "1", "wrk", "-t1", "-c32"])
-                .arg(format!("-d{}s", L7_SECONDS / 2))
-                .args(["-H", &auth, "-H", "Accept-Encoding: gzip"])
-                .arg(format!("http://127.0.0.1:{proxy_port}{path}"))
-                .output()
-                .context("running wrk")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("Non-2xx") {
-                anyhow::bail!("{path} answered errors:\n{text}");
+            let url = format!("http://127.0.0.1:{proxy_port}{path}");
+            let headers = [auth.as_str(), "Accept-Encoding: gzip"];
+            let report = wrk_report(&url, 32, L7_SECONDS / 2, &headers)?;
+            if report.contains("Non-2xx") {
+                anyhow::bail!("{path} answered errors:\n{report}");
             }
-            Ok(text
-                .lines()
-                .find_map(|l| l.strip_prefix("Requests/sec:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(f64::NAN))
+            Ok(wrk_figures(&report).0)
         };
         let mut rps = vec![Vec::new(); ROUTES.len()];
         run("/plain/x")?;
