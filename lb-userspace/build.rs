@@ -6,17 +6,7 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context};
 
-/// The eBPF toolchain, as pinned by `xdp-ebpf/rust-toolchain.toml` (its `channel`).
-fn ebpf_toolchain(ebpf_dir: &std::path::Path) -> anyhow::Result<String> {
-    let path = ebpf_dir.join("rust-toolchain.toml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("channel"))
-        .and_then(|rest| rest.split('"').nth(1))
-        .map(str::to_string)
-        .with_context(|| format!("{}: no channel", path.display()))
-}
+include!("../xdp-ebpf/toolchain.rs");
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -24,12 +14,13 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = root.join("xdp-ebpf");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let target_dir = out_dir.join("ebpf-target");
-    let toolchain = ebpf_toolchain(&ebpf_dir)?;
+    let toolchain = ebpf_toolchain_in(&ebpf_dir)?;
 
     for p in [
         "xdp-ebpf/src",
         "xdp-ebpf/Cargo.toml",
         "xdp-ebpf/rust-toolchain.toml",
+        "xdp-ebpf/toolchain.rs",
         "common/src",
         "common/Cargo.toml",
     ] {

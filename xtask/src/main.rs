@@ -183,16 +183,11 @@ pub fn apt_install_missing(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+include!("../../xdp-ebpf/toolchain.rs");
+
 /// The eBPF toolchain, as pinned by `xdp-ebpf/rust-toolchain.toml` (its `channel`).
 fn ebpf_toolchain() -> Result<String> {
-    let path = workspace_root().join("xdp-ebpf/rust-toolchain.toml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("channel"))
-        .and_then(|rest| rest.split('"').nth(1))
-        .map(str::to_string)
-        .with_context(|| format!("{}: no channel", path.display()))
+    ebpf_toolchain_in(&workspace_root().join("xdp-ebpf"))
 }
 
 /// Installs what is missing, printing each step.
