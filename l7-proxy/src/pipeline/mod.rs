@@ -132,17 +132,16 @@ where
     trace.route = Some(route.name.clone());
 
     // Phase: request policies.
-    let mut ctx = RequestCtx {
-        client_addr: conn.client_addr,
-        request_id: trace.request_id.clone(),
-        route_name: route.name.clone(),
-        upstream_group: match &route.action {
+    let mut ctx = RequestCtx::new(
+        conn.client_addr,
+        trace.request_id.clone(),
+        route.name.clone(),
+        match &route.action {
             RouteAction::Forward { group, .. } => group.clone(),
             _ => String::new(),
         },
-        tls: conn.tls,
-        extensions: http::Extensions::new(),
-    };
+        conn.tls,
+    );
     let req = req.map(|b| b.map_err(Into::into).boxed());
     let policies: &PolicyChain = &route.policies;
     let req = match policies.run_request(req, &mut ctx).await {

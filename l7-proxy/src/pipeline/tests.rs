@@ -11,7 +11,7 @@ use http_body_util::Full;
 use super::{run_phases, text_response, ConnInfo, Trace};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicyChain, ProxyBody, RequestCtx, RequestOutcome};
+use crate::policy::{AnyPolicy, Policy, PolicyChain, ProxyBody, RequestCtx, RequestOutcome};
 use crate::state::RuntimeState;
 use crate::upstream::client::ClientCache;
 
@@ -29,7 +29,6 @@ struct Recorder {
     log: Log,
 }
 
-#[async_trait::async_trait]
 impl Policy for Recorder {
     fn name(&self) -> &'static str {
         self.name
@@ -61,11 +60,11 @@ fn chain(log: &Log, acts: Vec<(&'static str, Act)>) -> PolicyChain {
     PolicyChain::new(
         acts.into_iter()
             .map(|(name, act)| {
-                Arc::new(Recorder {
+                AnyPolicy::Dyn(Arc::new(Recorder {
                     name,
                     act,
                     log: log.clone(),
-                }) as Arc<dyn Policy>
+                }))
             })
             .collect(),
     )

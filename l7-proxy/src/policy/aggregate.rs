@@ -159,7 +159,6 @@ impl AggregatePolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for AggregatePolicy {
     fn name(&self) -> &'static str {
         "aggregate"

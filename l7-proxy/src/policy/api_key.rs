@@ -6,7 +6,7 @@
 //! the lookup does not compare secrets byte by byte.
 //!
 //! Data out: an unknown or missing key answers 401 and never reaches the upstream. A valid key
-//! puts [`ApiKeyId`] into [`RequestCtx::extensions`] (the rate limiter can key on it), sets
+//! puts [`ApiKeyId`] into [`RequestCtx::identity`] (the rate limiter can key on it), sets
 //! `id_header` (if configured) to the key's id, and removes the key itself (header and query
 //! parameter) before forwarding.
 
@@ -147,7 +147,6 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-#[async_trait::async_trait]
 impl Policy for ApiKeyPolicy {
     fn name(&self) -> &'static str {
         "api_key"
@@ -190,7 +189,7 @@ impl Policy for ApiKeyPolicy {
                 req.headers_mut().insert(name.clone(), v);
             }
         }
-        ctx.extensions.insert(ApiKeyId(id.clone()));
+        ctx.identity.api_key = Some(ApiKeyId(id.clone()));
         RequestOutcome::Continue(req)
     }
 }

@@ -5,7 +5,7 @@
 //! Verification runs on the blocking pool because Argon2 is deliberately slow.
 //!
 //! Data out: bad or missing credentials answer 401 with `WWW-Authenticate: Basic realm=...`.
-//! A valid user goes into [`RequestCtx::extensions`] as [`BasicUser`], optionally into
+//! A valid user goes into [`RequestCtx::identity`] as [`BasicUser`], optionally into
 //! `user_header`, and the `Authorization` header is removed before forwarding.
 
 use std::collections::BTreeMap;
@@ -95,7 +95,6 @@ fn credentials(req: &Request<ProxyBody>) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
-#[async_trait::async_trait]
 impl Policy for BasicAuthPolicy {
     fn name(&self) -> &'static str {
         "basic_auth"
@@ -140,7 +139,7 @@ impl Policy for BasicAuthPolicy {
                 req.headers_mut().insert(h.clone(), v);
             }
         }
-        ctx.extensions.insert(BasicUser(user));
+        ctx.identity.basic_user = Some(BasicUser(user));
         RequestOutcome::Continue(req)
     }
 }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::respond::{content_length, full, read_limited, ReadError};
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
 #[derive(Debug, Clone, Deserialize)]
@@ -143,17 +143,23 @@ impl quick_cache::Weighter<String, Arc<Entry>> for EntryWeight {
     }
 }
 
-/// Request-phase state of a request for a key known uncacheable: it went upstream without a
-/// lookup, and its response is only checked for whether it ends that state.
-#[derive(Clone)]
-struct Passing {
+/// What a request phase keeps for the response phase.
+pub enum CacheState {
+    /// A key known uncacheable: the request went upstream without a lookup, and its response
+    /// is only checked for whether it ends that state.
+    Passing(Passing),
+    /// A lookup that missed (or found a stale entry to revalidate).
+    Pending(Box<Pending>),
+}
+
+/// See [`CacheState::Passing`].
+pub struct Passing {
     base_key: String,
     authorized: bool,
 }
 
-/// Request-phase state for the response phase.
-#[derive(Clone)]
-struct Pending {
+/// See [`CacheState::Pending`].
+pub struct Pending {
     base_key: String,
     vary_key: String,
     leader: Option<Arc<Leader>>,
@@ -376,7 +382,6 @@ const HOP_BY_HOP: [&str; 7] = [
     "proxy-connection",
 ];
 
-#[async_trait::async_trait]
 impl Policy for CachePolicy {
     fn name(&self) -> &'static str {
         "cache"
@@ -414,10 +419,10 @@ impl Policy for CachePolicy {
         let known = self.vary.get(base_key.as_str());
         if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
             if Instant::now() < *until {
-                ctx.extensions.insert(Passing {
+                ctx.set_state(PhaseState::Cache(CacheState::Passing(Passing {
                     base_key,
                     authorized: req.headers().contains_key(header::AUTHORIZATION),
-                });
+                })));
                 return RequestOutcome::Continue(req);
             }
         }
@@ -465,7 +470,7 @@ impl Policy for CachePolicy {
                 revalidating = Some(entry);
             }
         }
-        ctx.extensions.insert(Pending {
+        ctx.set_state(PhaseState::Cache(CacheState::Pending(Box::new(Pending {
             base_key,
             vary_key,
             leader,
@@ -473,7 +478,7 @@ impl Policy for CachePolicy {
             client_inm,
             authorized: req.headers().contains_key(header::AUTHORIZATION),
             request_headers: req.headers().clone(),
-        });
+        }))));
         RequestOutcome::Continue(req)
     }
 
@@ -482,16 +487,18 @@ impl Policy for CachePolicy {
         resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        if let Some(passing) = ctx.extensions.remove::<Passing>() {
-            // Known uncacheable, so the request headers a Vary would need were not kept: a
-            // storable response ends the state, and the next request is looked up and stored.
-            if self.storable(&resp, passing.authorized).is_some() {
-                self.vary.remove(passing.base_key.as_str());
+        let pending = match ctx.take_state() {
+            PhaseState::Cache(CacheState::Pending(pending)) => pending,
+            PhaseState::Cache(CacheState::Passing(passing)) => {
+                // Known uncacheable, so the request headers a Vary would need were not kept: a
+                // storable response ends the state, and the next request is looked up and
+                // stored.
+                if self.storable(&resp, passing.authorized).is_some() {
+                    self.vary.remove(passing.base_key.as_str());
+                }
+                return miss(resp);
             }
-            return miss(resp);
-        }
-        let Some(pending) = ctx.extensions.remove::<Pending>() else {
-            return resp;
+            _ => return resp,
         };
         let head = pending.base_key.starts_with("HEAD ");
         if let Some(entry) = &pending.revalidating {

@@ -1,7 +1,7 @@
 //! Response compression (gzip, br, zstd), streamed.
 //!
 //! Data in: the request's `Accept-Encoding` (with q-values) picks an encoding in the request
-//! phase; it travels to the response phase in [`RequestCtx::extensions`].
+//! phase; it travels to the response phase in the policy's [`PhaseState`] slot.
 //!
 //! Data out: a response is compressed when an encoding was negotiated, it is not already
 //! encoded, its `Content-Type` starts with one of `content_types`, it has a body (not HEAD,
@@ -32,7 +32,9 @@ use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::respond::{append_token, content_length, full, read_limited, ReadError};
-use super::{BoxError, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{
+    BoxError, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome,
+};
 
 /// `{ type = "compress", algorithms = ["zstd", "br", "gzip"], min_size = 1024, gzip_level = 1 }`
 #[derive(Debug, Clone, Deserialize)]
@@ -112,7 +114,7 @@ impl Encoding {
 
 /// What the request phase decided for the response phase.
 #[derive(Debug, Clone, Copy)]
-struct Negotiated {
+pub struct Negotiated {
     encoding: Encoding,
     head: bool,
 }
@@ -303,7 +305,6 @@ fn failed_body(error: BoxError) -> ProxyBody {
     BodyExt::boxed(StreamBody::new(sync_wrapper::SyncStream::new(once.boxed())))
 }
 
-#[async_trait::async_trait]
 impl Policy for CompressPolicy {
     fn name(&self) -> &'static str {
         "compress"
@@ -317,10 +318,10 @@ impl Policy for CompressPolicy {
                 .filter_map(|v| v.to_str().ok())
         };
         if let Some(encoding) = negotiate_values(values, &self.config.algorithms) {
-            ctx.extensions.insert(Negotiated {
+            ctx.set_state(PhaseState::Compress(Negotiated {
                 encoding,
                 head: req.method() == Method::HEAD,
-            });
+            }));
         }
         RequestOutcome::Continue(req)
     }
@@ -330,7 +331,7 @@ impl Policy for CompressPolicy {
         resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        let Some(neg) = ctx.extensions.get::<Negotiated>().copied() else {
+        let PhaseState::Compress(neg) = ctx.take_state() else {
             return resp;
         };
         if !self.compressible(&resp) {

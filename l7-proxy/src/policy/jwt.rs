@@ -16,7 +16,7 @@
 //! (a forged token differs from the genuine one, so it is never a hit), holds only tokens that
 //! passed every check, and is void once the key set changes (a JWKS refresh or rotation).
 //!
-//! Data out: the verified claims go into [`RequestCtx::extensions`] as [`JwtClaims`] (the rate
+//! Data out: the verified claims go into [`RequestCtx::identity`] as [`JwtClaims`] (the rate
 //! limiter keys on `sub` from there), and claims listed in `forward_claims` are copied into
 //! request headers; client-sent copies of those headers are removed first so they cannot be
 //! spoofed.
@@ -465,7 +465,6 @@ fn claim_header_value(v: &Value) -> Option<HeaderValue> {
     HeaderValue::try_from(text).ok()
 }
 
-#[async_trait::async_trait]
 impl Policy for JwtPolicy {
     fn name(&self) -> &'static str {
         "jwt"
@@ -518,7 +517,7 @@ impl Policy for JwtPolicy {
                 req.headers_mut().insert(name.clone(), v);
             }
         }
-        ctx.extensions.insert(JwtClaims(claims));
+        ctx.identity.jwt = Some(JwtClaims(claims));
         RequestOutcome::Continue(req)
     }
 }

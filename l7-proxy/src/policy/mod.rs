@@ -5,8 +5,15 @@
 //! configured order on the request ([`Policy::on_request`]); any of them may answer the request
 //! itself (401, 429, a cache hit, an aggregated body) instead of letting it reach the upstream.
 //! Responses then pass back through the same policies in reverse order
-//! ([`Policy::on_response`]). State a policy needs between the two phases (a cache key, the
-//! negotiated encoding) travels in [`RequestCtx::extensions`].
+//! ([`Policy::on_response`]). What a policy needs between its two phases (a cache key, the
+//! negotiated encoding) travels in its own [`PhaseState`] slot of the [`RequestCtx`]; who the
+//! request is authenticated as, which later policies read (the rate limiter's key), travels in
+//! [`RequestCtx::identity`].
+//!
+//! The built-in policies are dispatched statically ([`AnyPolicy`]): their phases are plain
+//! `async fn`s whose futures live inside the request's own future, so running a chain
+//! allocates nothing for the chain itself. Other policies plug in through [`DynPolicy`] at the
+//! cost of one boxed future per phase.
 //!
 //! # Policy types
 //!
@@ -42,11 +49,13 @@ pub mod small_gzip;
 pub mod transform;
 pub mod version;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 
 /// Error type of proxied bodies.
@@ -55,7 +64,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// What the proxy knows about a request besides the request itself.
-#[derive(Debug)]
 pub struct RequestCtx {
     /// The client's address (from the socket, or from the PROXY protocol header).
     pub client_addr: SocketAddr,
@@ -67,8 +75,88 @@ pub struct RequestCtx {
     pub upstream_group: String,
     /// True when the client connection is TLS.
     pub tls: bool,
-    /// Per-request state shared between a policy's request and response phases.
-    pub extensions: http::Extensions,
+    /// Who the request is authenticated as, set by the authentication policies.
+    pub identity: Identity,
+    /// One [`PhaseState`] per policy of the chain, indexed by position.
+    states: Vec<PhaseState>,
+    /// Position in the chain of the policy now running.
+    current: usize,
+}
+
+impl std::fmt::Debug for RequestCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestCtx")
+            .field("client_addr", &self.client_addr)
+            .field("request_id", &self.request_id)
+            .field("route_name", &self.route_name)
+            .field("upstream_group", &self.upstream_group)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestCtx {
+    pub fn new(
+        client_addr: SocketAddr,
+        request_id: String,
+        route_name: String,
+        upstream_group: String,
+        tls: bool,
+    ) -> Self {
+        Self {
+            client_addr,
+            request_id,
+            route_name,
+            upstream_group,
+            tls,
+            identity: Identity::default(),
+            states: Vec::new(),
+            current: 0,
+        }
+    }
+
+    /// Keeps `state` for the running policy's response phase.
+    pub fn set_state(&mut self, state: PhaseState) {
+        if self.states.len() <= self.current {
+            self.states
+                .resize_with(self.current + 1, PhaseState::default);
+        }
+        self.states[self.current] = state;
+    }
+
+    /// Takes what the running policy's request phase kept ([`PhaseState::None`] if nothing).
+    pub fn take_state(&mut self) -> PhaseState {
+        self.states
+            .get_mut(self.current)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// Who a request is authenticated as: what the authentication policies found, for the
+/// policies after them (the rate limiter keys on the JWT subject or the API key id).
+#[derive(Debug, Default)]
+pub struct Identity {
+    /// Verified JWT claims ([`jwt`]).
+    pub jwt: Option<jwt::JwtClaims>,
+    /// The matched API key's id ([`api_key`]).
+    pub api_key: Option<api_key::ApiKeyId>,
+    /// The HTTP basic auth user ([`basic_auth`]).
+    pub basic_user: Option<basic_auth::BasicUser>,
+}
+
+/// What a policy's request phase leaves for its response phase, in the policy's own slot of
+/// the [`RequestCtx`] ([`RequestCtx::set_state`], [`RequestCtx::take_state`]). Each policy
+/// that has such state owns one variant.
+#[derive(Default)]
+pub enum PhaseState {
+    #[default]
+    None,
+    Compress(compress::Negotiated),
+    Cors(HeaderValue),
+    Version(version::SelectedVersion),
+    RateLimit(rate_limit::Decision),
+    Cache(cache::CacheState),
 }
 
 /// The result of a request phase.
@@ -80,40 +168,153 @@ pub enum RequestOutcome {
     Respond(Response<ProxyBody>),
 }
 
-/// One gateway policy.
-#[async_trait::async_trait]
+/// One gateway policy. Implementations write the phases as `async fn`s.
 pub trait Policy: Send + Sync + 'static {
     /// Short name used in logs and metrics (`jwt`, `rate_limit`, ...).
     fn name(&self) -> &'static str;
 
     /// Request phase.
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome;
+    fn on_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> impl Future<Output = RequestOutcome> + Send;
 
     /// Whether the policy has a response phase. Policies that only act on requests say
-    /// `false`, and the chain does not call (or allocate for) their [`Self::on_response`].
+    /// `false`, and the chain does not call their [`Self::on_response`].
     fn has_response_phase(&self) -> bool {
         true
     }
 
     /// Response phase; the default passes the response through.
-    async fn on_response(
+    fn on_response(
         &self,
         resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> Response<ProxyBody> {
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
         let _ = ctx;
-        resp
+        std::future::ready(resp)
     }
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe form of [`Policy`], for policies that are not built in: every [`Policy`]
+/// is one, with its phases' futures boxed.
+pub trait DynPolicy: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn has_response_phase(&self) -> bool;
+    fn on_request_boxed<'a>(
+        &'a self,
+        req: Request<ProxyBody>,
+        ctx: &'a mut RequestCtx,
+    ) -> BoxFuture<'a, RequestOutcome>;
+    fn on_response_boxed<'a>(
+        &'a self,
+        resp: Response<ProxyBody>,
+        ctx: &'a mut RequestCtx,
+    ) -> BoxFuture<'a, Response<ProxyBody>>;
+}
+
+impl<P: Policy> DynPolicy for P {
+    fn name(&self) -> &'static str {
+        Policy::name(self)
+    }
+    fn has_response_phase(&self) -> bool {
+        Policy::has_response_phase(self)
+    }
+    fn on_request_boxed<'a>(
+        &'a self,
+        req: Request<ProxyBody>,
+        ctx: &'a mut RequestCtx,
+    ) -> BoxFuture<'a, RequestOutcome> {
+        Box::pin(self.on_request(req, ctx))
+    }
+    fn on_response_boxed<'a>(
+        &'a self,
+        resp: Response<ProxyBody>,
+        ctx: &'a mut RequestCtx,
+    ) -> BoxFuture<'a, Response<ProxyBody>> {
+        Box::pin(self.on_response(resp, ctx))
+    }
+}
+
+/// Generates [`AnyPolicy`] and its dispatch from the list of built-in policies.
+macro_rules! any_policy {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        /// One policy of a chain: a built-in one, dispatched statically, or another one behind
+        /// [`DynPolicy`].
+        #[derive(Clone)]
+        pub enum AnyPolicy {
+            $($variant(Arc<$ty>),)*
+            Dyn(Arc<dyn DynPolicy>),
+        }
+
+        impl AnyPolicy {
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(p) => Policy::name(&**p),)*
+                    Self::Dyn(p) => p.name(),
+                }
+            }
+
+            fn has_response_phase(&self) -> bool {
+                match self {
+                    $(Self::$variant(p) => Policy::has_response_phase(&**p),)*
+                    Self::Dyn(p) => p.has_response_phase(),
+                }
+            }
+
+            async fn on_request(
+                &self,
+                req: Request<ProxyBody>,
+                ctx: &mut RequestCtx,
+            ) -> RequestOutcome {
+                match self {
+                    $(Self::$variant(p) => p.on_request(req, ctx).await,)*
+                    Self::Dyn(p) => p.on_request_boxed(req, ctx).await,
+                }
+            }
+
+            async fn on_response(
+                &self,
+                resp: Response<ProxyBody>,
+                ctx: &mut RequestCtx,
+            ) -> Response<ProxyBody> {
+                match self {
+                    $(Self::$variant(p) => p.on_response(resp, ctx).await,)*
+                    Self::Dyn(p) => p.on_response_boxed(resp, ctx).await,
+                }
+            }
+        }
+    };
+}
+
+any_policy! {
+    Jwt(jwt::JwtPolicy),
+    ApiKey(api_key::ApiKeyPolicy),
+    BasicAuth(basic_auth::BasicAuthPolicy),
+    RateLimit(rate_limit::RateLimitPolicy),
+    Compress(compress::CompressPolicy),
+    Cache(cache::CachePolicy),
+    Transform(transform::TransformPolicy),
+    Aggregate(aggregate::AggregatePolicy),
+    Version(version::VersionPolicy),
+    IpFilter(security::IpFilterPolicy),
+    BodyLimit(security::BodyLimitPolicy),
+    Methods(security::MethodsPolicy),
+    Cors(security::CorsPolicy),
 }
 
 /// A route's policies in order.
 #[derive(Clone, Default)]
 pub struct PolicyChain {
-    policies: Vec<Arc<dyn Policy>>,
+    policies: Vec<AnyPolicy>,
 }
 
 impl PolicyChain {
-    pub fn new(policies: Vec<Arc<dyn Policy>>) -> Self {
+    pub fn new(policies: Vec<AnyPolicy>) -> Self {
         Self { policies }
     }
 
@@ -130,6 +331,7 @@ impl PolicyChain {
         ctx: &mut RequestCtx,
     ) -> Result<Request<ProxyBody>, (Response<ProxyBody>, usize)> {
         for (i, p) in self.policies.iter().enumerate() {
+            ctx.current = i;
             match p.on_request(req, ctx).await {
                 RequestOutcome::Continue(r) => req = r,
                 RequestOutcome::Respond(resp) => return Err((resp, i)),
@@ -145,8 +347,10 @@ impl PolicyChain {
         ctx: &mut RequestCtx,
         ran: usize,
     ) -> Response<ProxyBody> {
-        for p in self.policies[..ran.min(self.policies.len())].iter().rev() {
+        let ran = ran.min(self.policies.len());
+        for (i, p) in self.policies[..ran].iter().enumerate().rev() {
             if p.has_response_phase() {
+                ctx.current = i;
                 resp = p.on_response(resp, ctx).await;
             }
         }
@@ -219,20 +423,25 @@ pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildE
     Ok(PolicyChain::new(policies))
 }
 
-fn build_policy(config: &PolicyConfig) -> Result<Arc<dyn Policy>, PolicyBuildError> {
+fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
+    use AnyPolicy as P;
     Ok(match config.clone() {
-        PolicyConfig::Jwt(c) => Arc::new(jwt::JwtPolicy::build(c)?),
-        PolicyConfig::ApiKey(c) => Arc::new(api_key::ApiKeyPolicy::build(c)?),
-        PolicyConfig::BasicAuth(c) => Arc::new(basic_auth::BasicAuthPolicy::build(c)?),
-        PolicyConfig::RateLimit(c) => Arc::new(rate_limit::RateLimitPolicy::build(c)?),
-        PolicyConfig::Compress(c) => Arc::new(compress::CompressPolicy::build(c)?),
-        PolicyConfig::Cache(c) => Arc::new(cache::CachePolicy::build(c)?),
-        PolicyConfig::Transform(c) => Arc::new(transform::TransformPolicy::build(c)?),
-        PolicyConfig::Aggregate(c) => Arc::new(aggregate::AggregatePolicy::build(c)?),
-        PolicyConfig::Version(c) => Arc::new(version::VersionPolicy::build(c)?),
-        PolicyConfig::IpFilter(c) => Arc::new(security::IpFilterPolicy::build(c)?),
-        PolicyConfig::BodyLimit(c) => Arc::new(security::BodyLimitPolicy::build(c)?),
-        PolicyConfig::Methods(c) => Arc::new(security::MethodsPolicy::build(c)?),
-        PolicyConfig::Cors(c) => Arc::new(security::CorsPolicy::build(c)?),
+        PolicyConfig::Jwt(c) => P::Jwt(Arc::new(jwt::JwtPolicy::build(c)?)),
+        PolicyConfig::ApiKey(c) => P::ApiKey(Arc::new(api_key::ApiKeyPolicy::build(c)?)),
+        PolicyConfig::BasicAuth(c) => {
+            P::BasicAuth(Arc::new(basic_auth::BasicAuthPolicy::build(c)?))
+        }
+        PolicyConfig::RateLimit(c) => {
+            P::RateLimit(Arc::new(rate_limit::RateLimitPolicy::build(c)?))
+        }
+        PolicyConfig::Compress(c) => P::Compress(Arc::new(compress::CompressPolicy::build(c)?)),
+        PolicyConfig::Cache(c) => P::Cache(Arc::new(cache::CachePolicy::build(c)?)),
+        PolicyConfig::Transform(c) => P::Transform(Arc::new(transform::TransformPolicy::build(c)?)),
+        PolicyConfig::Aggregate(c) => P::Aggregate(Arc::new(aggregate::AggregatePolicy::build(c)?)),
+        PolicyConfig::Version(c) => P::Version(Arc::new(version::VersionPolicy::build(c)?)),
+        PolicyConfig::IpFilter(c) => P::IpFilter(Arc::new(security::IpFilterPolicy::build(c)?)),
+        PolicyConfig::BodyLimit(c) => P::BodyLimit(Arc::new(security::BodyLimitPolicy::build(c)?)),
+        PolicyConfig::Methods(c) => P::Methods(Arc::new(security::MethodsPolicy::build(c)?)),
+        PolicyConfig::Cors(c) => P::Cors(Arc::new(security::CorsPolicy::build(c)?)),
     })
 }

@@ -21,10 +21,9 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-use super::api_key::ApiKeyId;
 use super::jwt::JwtClaims;
 use super::respond::error_response;
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "rate_limit", requests = 100, period_secs = 60, key = "client_ip" }`
 #[derive(Debug, Clone, Deserialize)]
@@ -117,14 +116,12 @@ impl KeySource {
                 f(std::str::from_utf8(&buf[..len]).unwrap_or("-"))
             }
             Self::JwtSubject => f(ctx
-                .extensions
-                .get::<JwtClaims>()
+                .identity
+                .jwt
+                .as_ref()
                 .and_then(JwtClaims::subject)
                 .unwrap_or("-")),
-            Self::ApiKey => f(ctx
-                .extensions
-                .get::<ApiKeyId>()
-                .map_or("-", |k| k.0.as_str())),
+            Self::ApiKey => f(ctx.identity.api_key.as_ref().map_or("-", |k| k.0.as_str())),
             Self::Header(h) => f(req
                 .headers()
                 .get(h)
@@ -292,10 +289,6 @@ pub struct RateLimitPolicy {
     on_redis_error: RedisErrorMode,
 }
 
-/// The decision of an admitted request, for its response headers.
-#[derive(Debug, Clone, Copy)]
-struct Admitted(Decision);
-
 impl RateLimitPolicy {
     pub fn build(config: RateLimitConfig) -> Result<Self, PolicyBuildError> {
         let err = |message: String| PolicyBuildError {
@@ -344,7 +337,6 @@ impl RateLimitPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for RateLimitPolicy {
     fn name(&self) -> &'static str {
         "rate_limit"
@@ -382,7 +374,8 @@ impl Policy for RateLimitPolicy {
             );
             return RequestOutcome::Respond(resp);
         }
-        ctx.extensions.insert(Admitted(decision));
+        // The decision, for the response's headers.
+        ctx.set_state(PhaseState::RateLimit(decision));
         RequestOutcome::Continue(req)
     }
 
@@ -391,8 +384,8 @@ impl Policy for RateLimitPolicy {
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        if let Some(Admitted(d)) = ctx.extensions.get::<Admitted>() {
-            self.set_headers(resp.headers_mut(), d);
+        if let PhaseState::RateLimit(d) = ctx.take_state() {
+            self.set_headers(resp.headers_mut(), &d);
         }
         resp
     }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::respond::{
     append_token, content_length, empty, error_response, full, read_limited, ReadError,
 };
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 fn build_err(policy: &str, message: String) -> PolicyBuildError {
     PolicyBuildError {
@@ -56,7 +56,6 @@ impl IpFilterPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for IpFilterPolicy {
     fn name(&self) -> &'static str {
         "ip_filter"
@@ -95,7 +94,6 @@ impl BodyLimitPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for BodyLimitPolicy {
     fn name(&self) -> &'static str {
         "body_limit"
@@ -166,7 +164,6 @@ impl MethodsPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for MethodsPolicy {
     fn name(&self) -> &'static str {
         "methods"
@@ -214,10 +211,6 @@ pub struct CorsPolicy {
     config: CorsConfig,
     any_origin: bool,
 }
-
-/// The allowed `Origin` of a request, for its response.
-#[derive(Debug, Clone)]
-struct CorsOrigin(HeaderValue);
 
 impl CorsPolicy {
     pub fn build(config: CorsConfig) -> Result<Self, PolicyBuildError> {
@@ -279,7 +272,6 @@ impl CorsPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for CorsPolicy {
     fn name(&self) -> &'static str {
         "cors"
@@ -296,7 +288,8 @@ impl Policy for CorsPolicy {
         if is_preflight {
             return RequestOutcome::Respond(self.preflight(&origin));
         }
-        ctx.extensions.insert(CorsOrigin(origin));
+        // The allowed origin, for the response.
+        ctx.set_state(PhaseState::Cors(origin));
         RequestOutcome::Continue(req)
     }
 
@@ -305,8 +298,7 @@ impl Policy for CorsPolicy {
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        if let Some(CorsOrigin(origin)) = ctx.extensions.get::<CorsOrigin>() {
-            let origin = origin.clone();
+        if let PhaseState::Cors(origin) = ctx.take_state() {
             self.allow_origin_headers(resp.headers_mut(), &origin);
             if let Ok(v) = HeaderValue::try_from(self.config.expose_headers.join(", ")) {
                 if !v.is_empty() {

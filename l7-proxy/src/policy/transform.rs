@@ -229,7 +229,6 @@ impl TransformPolicy {
     }
 }
 
-#[async_trait::async_trait]
 impl Policy for TransformPolicy {
     fn name(&self) -> &'static str {
         "transform"
@@ -311,14 +310,13 @@ mod tests {
     use super::*;
 
     fn ctx() -> RequestCtx {
-        RequestCtx {
-            client_addr: "[::ffff:192.0.2.7]:4000".parse().unwrap(),
-            request_id: "req-1".into(),
-            route_name: "users".into(),
-            upstream_group: "api".into(),
-            tls: false,
-            extensions: http::Extensions::new(),
-        }
+        RequestCtx::new(
+            "[::ffff:192.0.2.7]:4000".parse().unwrap(),
+            "req-1".into(),
+            "users".into(),
+            "api".into(),
+            false,
+        )
     }
 
     #[test]

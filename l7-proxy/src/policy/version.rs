@@ -6,7 +6,7 @@
 //! version named in a header but not configured answers 400.
 //!
 //! Data out: [`RequestCtx::upstream_group`] is set to the version's `upstream`, and
-//! [`SelectedVersion`] goes into the extensions. Responses of deprecated versions carry
+//! [`SelectedVersion`] is kept for the response phase. Responses of deprecated versions carry
 //! `Deprecation` (and `Sunset` when configured).
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 
 use super::respond::error_response;
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "version", default = "v1", versions = { v1 = { upstream = "api-v1" } } }`
 #[derive(Debug, Clone, Deserialize)]
@@ -119,7 +119,6 @@ fn strip_first_segment(uri: &Uri, segment_len: usize) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-#[async_trait::async_trait]
 impl Policy for VersionPolicy {
     fn name(&self) -> &'static str {
         "version"
@@ -166,7 +165,7 @@ impl Policy for VersionPolicy {
         if let Some(v) = self.config.versions.get(&name) {
             ctx.upstream_group = v.upstream.clone();
         }
-        ctx.extensions.insert(SelectedVersion(name));
+        ctx.set_state(PhaseState::Version(SelectedVersion(name)));
         RequestOutcome::Continue(req)
     }
 
@@ -175,10 +174,10 @@ impl Policy for VersionPolicy {
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        let Some(SelectedVersion(name)) = ctx.extensions.get::<SelectedVersion>() else {
+        let PhaseState::Version(SelectedVersion(name)) = ctx.take_state() else {
             return resp;
         };
-        let Some(v) = self.config.versions.get(name) else {
+        let Some(v) = self.config.versions.get(&name) else {
             return resp;
         };
         if v.deprecated {

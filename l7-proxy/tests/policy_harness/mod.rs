@@ -136,14 +136,13 @@ pub async fn gateway(
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let (chain, groups, client) = (chain.clone(), groups.clone(), client.clone());
-                    let mut ctx = RequestCtx {
-                        client_addr: peer,
-                        request_id: format!("req-{}", next_id.fetch_add(1, Ordering::SeqCst)),
-                        route_name: "test-route".into(),
-                        upstream_group: default_group.clone(),
-                        tls: false,
-                        extensions: http::Extensions::new(),
-                    };
+                    let mut ctx = RequestCtx::new(
+                        peer,
+                        format!("req-{}", next_id.fetch_add(1, Ordering::SeqCst)),
+                        "test-route".into(),
+                        default_group.clone(),
+                        false,
+                    );
                     async move {
                         let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
                         let resp = chain
