@@ -170,8 +170,10 @@ impl Policy for AggregatePolicy {
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         let query = req.uri().query();
-        let results =
-            join_all((0..self.urls.len()).map(|i| self.call(i, req.headers(), query))).await;
+        let results = Box::pin(join_all(
+            (0..self.urls.len()).map(|i| self.call(i, req.headers(), query)),
+        ))
+        .await;
         let mut combined = Map::new();
         let mut errors = Map::new();
         for (call, result) in self.config.calls.iter().zip(results) {

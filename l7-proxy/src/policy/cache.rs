@@ -449,7 +449,8 @@ impl Policy for CachePolicy {
             };
             if let Some(mut rx) = waiting {
                 let wait = Duration::from_millis(self.config.coalesce_wait_ms);
-                let _ = tokio::time::timeout(wait, rx.changed()).await;
+                // Boxed: only waiters need the timer, not every request's future.
+                let _ = Box::pin(tokio::time::timeout(wait, rx.changed())).await;
                 let result = rx.borrow().clone();
                 if let Some(entry) = result {
                     return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));

@@ -221,16 +221,23 @@ impl JwtPolicy {
     /// [`JWKS_RETRY`].
     async fn current_keys(&self, unknown_kid: bool) -> Arc<KeySet> {
         let keys = self.key_set();
-        let Some(url) = &self.config.jwks_url else {
-            return keys;
-        };
-        let due = |k: &KeySet| {
-            Instant::now() >= k.next_refresh
-                || (unknown_kid && k.fetched_at.is_none_or(|t| t.elapsed() >= JWKS_RETRY))
-        };
-        if !due(&keys) {
-            return keys;
+        match &self.config.jwks_url {
+            Some(url) if self.refresh_due(&keys, unknown_kid) => {
+                // Boxed: a refresh is rare, and its future would otherwise sit in every
+                // request's future.
+                Box::pin(self.refresh(url, keys, unknown_kid)).await
+            }
+            _ => keys,
         }
+    }
+
+    fn refresh_due(&self, keys: &KeySet, unknown_kid: bool) -> bool {
+        Instant::now() >= keys.next_refresh
+            || (unknown_kid && keys.fetched_at.is_none_or(|t| t.elapsed() >= JWKS_RETRY))
+    }
+
+    /// The refresh part of [`Self::current_keys`], once `keys` are due.
+    async fn refresh(&self, url: &str, keys: Arc<KeySet>, unknown_kid: bool) -> Arc<KeySet> {
         let _one_fetch = if keys.keys.is_empty() {
             self.refreshing.lock().await
         } else {
@@ -240,7 +247,7 @@ impl JwtPolicy {
             }
         };
         let keys = self.key_set();
-        if !due(&keys) {
+        if !self.refresh_due(&keys, unknown_kid) {
             return keys; // another request refreshed while we waited
         }
         let refresh = Duration::from_secs(self.config.jwks_refresh_secs);
@@ -269,7 +276,9 @@ impl JwtPolicy {
     /// Verifies `token`, or finds it among the tokens verified before with the current keys.
     async fn verify(&self, token: &str) -> Result<Arc<Value>, AuthError> {
         let Some(cache) = &self.verified else {
-            return self.verify_fully(token).await.map(|(claims, _)| claims);
+            return Box::pin(self.verify_fully(token))
+                .await
+                .map(|(claims, _)| claims);
         };
         let generation = self.current_keys(false).await.generation;
         if let Some(hit) = cache.get(token) {
@@ -283,7 +292,9 @@ impl JwtPolicy {
             }
             cache.remove(token);
         }
-        let (claims, generation) = self.verify_fully(token).await?;
+        // Boxed: a full verification is the rare path (and costs far more than a box); its
+        // future would otherwise sit in every request's future.
+        let (claims, generation) = Box::pin(self.verify_fully(token)).await?;
         // `exp` is required, so a verified token has one; a non-integer one is not remembered.
         if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
             if token.len() <= CACHE_MAX_TOKEN {

@@ -445,3 +445,64 @@ fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
         PolicyConfig::Cors(c) => P::Cors(Arc::new(security::CorsPolicy::build(c)?)),
     })
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each phase's future lives inside the request's future and is moved on every call, so
+    /// rare, large work (a JWKS fetch, Redis, full JWT verification, waiting for a coalesced
+    /// response) is boxed by the policies. This keeps it that way.
+    #[test]
+    fn phase_futures_stay_small() {
+        let jwks = std::env::temp_dir().join(format!("phase-futures-{}.json", std::process::id()));
+        std::fs::write(
+            &jwks,
+            r#"{"keys":[{"kty":"oct","alg":"HS256","k":"c2VjcmV0"}]}"#,
+        )
+        .unwrap();
+        let list = format!(
+            r#"p = [
+                {{ type = "jwt", jwks_file = "{}", algorithms = ["HS256"] }},
+                {{ type = "jwt", jwks_url = "http://127.0.0.1:9/jwks", algorithms = ["HS256"] }},
+                {{ type = "rate_limit", requests = 10 }},
+                {{ type = "rate_limit", requests = 10, redis_url = "redis://127.0.0.1:9" }},
+                {{ type = "compress" }},
+                {{ type = "cache" }},
+                {{ type = "transform" }},
+                {{ type = "version", default = "v1", versions = {{ v1 = {{ upstream = "a" }} }} }},
+                {{ type = "ip_filter", allow = ["0.0.0.0/0"] }},
+                {{ type = "body_limit", max_bytes = 10 }},
+                {{ type = "methods", allow = ["GET"] }},
+                {{ type = "cors", origins = ["*"] }},
+            ]"#,
+            jwks.display()
+        );
+        let table: toml::Table = toml::from_str(&list).unwrap();
+        let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
+        let chain = build_chain(&configs).unwrap();
+        std::fs::remove_file(&jwks).unwrap();
+        let mut ctx = RequestCtx::new(
+            "192.0.2.1:1".parse().unwrap(),
+            String::new(),
+            String::new(),
+            String::new(),
+            false,
+        );
+        for p in &chain.policies {
+            let req =
+                std::mem::size_of_val(&p.on_request(Request::new(respond::empty()), &mut ctx));
+            let resp =
+                std::mem::size_of_val(&p.on_response(Response::new(respond::empty()), &mut ctx));
+            assert!(
+                req <= 1024,
+                "{}: request phase future of {req} bytes",
+                p.name()
+            );
+            assert!(
+                resp <= 1024,
+                "{}: response phase future of {resp} bytes",
+                p.name()
+            );
+        }
+    }
+}

@@ -349,7 +349,9 @@ impl Policy for RateLimitPolicy {
                 let key = self
                     .key
                     .with_key(&req, ctx, |k| format!("{}:{k}", redis.prefix));
-                match redis.check(self.gcra, key).await {
+                // Boxed so the Redis client's large future does not sit in every request's future
+                // (local buckets need none).
+                match Box::pin(redis.check(self.gcra, key)).await {
                     Ok(d) => d,
                     Err(error) => {
                         tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");

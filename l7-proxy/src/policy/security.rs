@@ -111,7 +111,7 @@ impl Policy for BodyLimitPolicy {
             return RequestOutcome::Continue(req);
         }
         let (parts, body) = req.into_parts();
-        match read_limited(body, self.max_bytes).await {
+        match Box::pin(read_limited(body, self.max_bytes)).await {
             Ok(bytes) => RequestOutcome::Continue(Request::from_parts(parts, full(bytes))),
             Err(ReadError::TooLarge { .. }) => RequestOutcome::Respond(error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
