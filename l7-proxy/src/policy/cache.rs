@@ -30,7 +30,7 @@ use quick_cache::sync::Cache;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::respond::{content_length, full, read_limited, ReadError};
+use super::respond::{content_length, full, number_header, read_limited, ReadError};
 use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
@@ -361,7 +361,7 @@ fn serve(entry: &Entry, if_none_match: Option<&HeaderValue>, head: bool) -> Resp
     resp.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static("HIT"));
     resp.headers_mut()
-        .insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+        .insert(header::AGE, number_header(entry.age().as_secs()));
     resp
 }
 
@@ -411,7 +411,9 @@ impl Policy for CachePolicy {
             String::with_capacity(method.as_str().len() + 1 + host.len() + path_and_query.len());
         base_key.push_str(method.as_str());
         base_key.push(' ');
-        base_key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        let host_at = base_key.len();
+        base_key.push_str(host);
+        base_key[host_at..].make_ascii_lowercase();
         base_key.push_str(path_and_query);
         let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let head = method == Method::HEAD;

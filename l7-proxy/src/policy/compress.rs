@@ -103,6 +103,14 @@ pub enum Encoding {
 }
 
 impl Encoding {
+    /// The encoding a content-coding token names (`x-gzip` is gzip), ASCII case-insensitive.
+    fn from_token(token: &str) -> Option<Self> {
+        [Self::Gzip, Self::Br, Self::Zstd]
+            .into_iter()
+            .find(|e| token.eq_ignore_ascii_case(e.token()))
+            .or_else(|| token.eq_ignore_ascii_case("x-gzip").then_some(Self::Gzip))
+    }
+
     pub fn token(self) -> &'static str {
         match self {
             Self::Gzip => "gzip",
@@ -144,7 +152,8 @@ impl CompressPolicy {
         Ok(Self { config })
     }
 
-    fn compressible(&self, resp: &Response<ProxyBody>) -> bool {
+    /// Whether `resp`, whose `Content-Length` is `len`, should be compressed.
+    fn compressible(&self, resp: &Response<ProxyBody>, len: Option<u64>) -> bool {
         let status = resp.status();
         // A range names bytes of the identity encoding; re-encoding it would corrupt it.
         if status == StatusCode::NO_CONTENT
@@ -171,7 +180,7 @@ impl CompressPolicy {
                 .iter()
                 .any(|p| starts_with_ignore_case(ct, p.as_bytes()))
         });
-        let big_enough = content_length(h).is_none_or(|len| len >= self.config.min_size);
+        let big_enough = len.is_none_or(|len| len >= self.config.min_size);
         !encoded && !no_transform && type_ok && big_enough
     }
 }
@@ -179,18 +188,30 @@ impl CompressPolicy {
 /// Picks the offered encoding with the highest q-value in `accept_encoding`, ties broken by
 /// `offered` order. `*` covers encodings not named; q=0 refuses.
 pub fn negotiate(accept_encoding: &str, offered: &[Encoding]) -> Option<Encoding> {
-    negotiate_values(|| std::iter::once(accept_encoding), offered)
+    negotiate_values(std::iter::once(accept_encoding), offered)
 }
 
-/// [`negotiate`] over several `Accept-Encoding` header values, without allocating.
-fn negotiate_values<'a, I: Iterator<Item = &'a str>>(
-    values: impl Fn() -> I,
+/// [`negotiate`] over several `Accept-Encoding` header values, in one pass and without
+/// allocating. The first mention of a coding counts.
+fn negotiate_values<'a>(
+    values: impl Iterator<Item = &'a str>,
     offered: &[Encoding],
 ) -> Option<Encoding> {
-    let items = || {
-        values().flat_map(|v| v.split(',')).filter_map(|item| {
-            let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim();
+    // q-value of each encoding (by `Encoding as usize`) and of `*`, when named.
+    let mut named = [None::<f32>; 3];
+    let mut star = None::<f32>;
+    for item in values.flat_map(|v| v.split(',')) {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let slot = if coding == "*" {
+            &mut star
+        } else {
+            match Encoding::from_token(coding) {
+                Some(e) => &mut named[e as usize],
+                None => continue,
+            }
+        };
+        if slot.is_none() {
             let q = parts
                 .filter_map(|p| {
                     let p = p.trim();
@@ -198,20 +219,12 @@ fn negotiate_values<'a, I: Iterator<Item = &'a str>>(
                 })
                 .find_map(|q| q.trim().parse::<f32>().ok())
                 .unwrap_or(1.0);
-            (!coding.is_empty()).then_some((coding, q))
-        })
-    };
-    let star = items().find(|(c, _)| *c == "*").map(|(_, q)| q);
+            *slot = Some(q);
+        }
+    }
     let mut best: Option<(Encoding, f32)> = None;
     for &enc in offered {
-        let q = items()
-            .find(|(c, _)| {
-                c.eq_ignore_ascii_case(enc.token())
-                    || (enc == Encoding::Gzip && c.eq_ignore_ascii_case("x-gzip"))
-            })
-            .map(|(_, q)| q)
-            .or(star)
-            .unwrap_or(0.0);
+        let q = named[enc as usize].or(star).unwrap_or(0.0);
         if q > 0.0 && best.is_none_or(|(_, bq)| q > bq) {
             best = Some((enc, q));
         }
@@ -271,18 +284,41 @@ pub(super) fn pooled<K: PartialEq, V>(
     Ok(&mut pool[at].1)
 }
 
+thread_local! {
+    /// Per-thread output buffer of the one-shot path, reused between responses.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Compresses a whole (small) body in one call with a reused per-thread encoder, at
-/// `config`'s level for `encoding`.
+/// `config`'s level for `encoding`. The output is built in a reused buffer and copied out at
+/// its exact size: one allocation per body.
 pub fn encode_all(
     data: &[u8],
     encoding: Encoding,
     config: &CompressConfig,
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<Bytes> {
+    SCRATCH.with_borrow_mut(|out| {
+        out.clear();
+        encode_into(data, encoding, config, out)?;
+        Ok(Bytes::copy_from_slice(out))
+    })
+}
+
+/// Compresses `data` into `out`, which must be empty (zstd writes from its start).
+fn encode_into(
+    data: &[u8],
+    encoding: Encoding,
+    config: &CompressConfig,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    debug_assert!(out.is_empty());
     match encoding {
-        Encoding::Gzip => super::small_gzip::gzip(data, config.gzip_level),
+        Encoding::Gzip => super::small_gzip::gzip_into(data, config.gzip_level, out),
         Encoding::Zstd => ZSTD.with_borrow_mut(|pool| {
             let level = config.zstd_level;
-            pooled(pool, level, || zstd::bulk::Compressor::new(level))?.compress(data)
+            let zstd = pooled(pool, level, || zstd::bulk::Compressor::new(level))?;
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            zstd.compress_to_buffer(data, out).map(drop)
         }),
         Encoding::Br => {
             let params = brotli::enc::BrotliEncoderParams {
@@ -292,9 +328,7 @@ pub fn encode_all(
                 size_hint: data.len(),
                 ..Default::default()
             };
-            let mut out = Vec::with_capacity(data.len() / 2 + 64);
-            brotli::BrotliCompress(&mut &data[..], &mut out, &params)?;
-            Ok(out)
+            brotli::BrotliCompress(&mut &data[..], out, &params).map(drop)
         }
     }
 }
@@ -311,12 +345,11 @@ impl Policy for CompressPolicy {
     }
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
-        let values = || {
-            req.headers()
-                .get_all(header::ACCEPT_ENCODING)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-        };
+        let values = req
+            .headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
         if let Some(encoding) = negotiate_values(values, &self.config.algorithms) {
             ctx.set_state(PhaseState::Compress(Negotiated {
                 encoding,
@@ -334,11 +367,12 @@ impl Policy for CompressPolicy {
         let PhaseState::Compress(neg) = ctx.take_state() else {
             return resp;
         };
-        if !self.compressible(&resp) {
+        let len = content_length(resp.headers());
+        if !self.compressible(&resp, len) {
             return resp;
         }
         let (mut parts, body) = resp.into_parts();
-        let one_shot = content_length(&parts.headers).filter(|&n| n <= ONE_SHOT_MAX);
+        let one_shot = len.filter(|&n| n <= ONE_SHOT_MAX);
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.remove(header::ACCEPT_RANGES);
         parts.headers.insert(
@@ -365,13 +399,10 @@ impl Policy for CompressPolicy {
             return Response::from_parts(parts, encode_body(body, neg.encoding, &self.config));
         };
         let body = match read_limited(body, len as usize).await {
+            // The body's exact length goes out as `Content-Length`: hyper writes it from the
+            // full body's size.
             Ok(data) => match encode_all(&data, neg.encoding, &self.config) {
-                Ok(encoded) => {
-                    parts
-                        .headers
-                        .insert(header::CONTENT_LENGTH, encoded.len().into());
-                    full(encoded)
-                }
+                Ok(encoded) => full(encoded),
                 Err(e) => failed_body(Box::new(e)),
             },
             // The upstream sent more than its Content-Length said; hyper fails such a body,
@@ -400,7 +431,10 @@ mod tests {
         assert_eq!(negotiate("gzip", &[Br]), None);
         assert_eq!(negotiate("GZIP;Q=0.5, x-gzip", &[Gzip]), Some(Gzip));
         let two = ["gzip;q=0.2", "br;q=0.8"];
-        assert_eq!(negotiate_values(|| two.into_iter(), &all), Some(Br));
+        assert_eq!(negotiate_values(two.into_iter(), &all), Some(Br));
+        // The first mention counts.
+        assert_eq!(negotiate("gzip;q=0, gzip", &[Gzip]), None);
+        assert_eq!(negotiate("*, br;q=0", &all), Some(Zstd));
     }
 
     #[test]

@@ -57,6 +57,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
+use smallvec::SmallVec;
 
 /// Error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,8 +78,9 @@ pub struct RequestCtx {
     pub tls: bool,
     /// Who the request is authenticated as, set by the authentication policies.
     pub identity: Identity,
-    /// One [`PhaseState`] per policy of the chain, indexed by position.
-    states: Vec<PhaseState>,
+    /// One [`PhaseState`] per policy of the chain, indexed by position (inline for the usual
+    /// short chains).
+    states: SmallVec<[PhaseState; 4]>,
     /// Position in the chain of the policy now running.
     current: usize,
 }
@@ -110,7 +112,7 @@ impl RequestCtx {
             upstream_group,
             tls,
             identity: Identity::default(),
-            states: Vec::new(),
+            states: SmallVec::new(),
             current: 0,
         }
     }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use super::jwt::JwtClaims;
-use super::respond::error_response;
+use super::respond::{error_response, number_header};
 use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "rate_limit", requests = 100, period_secs = 60, key = "client_ip" }`
@@ -329,10 +329,10 @@ impl RateLimitPolicy {
 
     fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
         headers.insert(RATELIMIT_LIMIT, self.limit_header.clone());
-        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+        headers.insert(RATELIMIT_REMAINING, number_header(d.remaining));
         headers.insert(
             RATELIMIT_RESET,
-            HeaderValue::from(d.reset_us.div_ceil(1_000_000)),
+            number_header(d.reset_us.div_ceil(1_000_000)),
         );
     }
 }
@@ -372,7 +372,7 @@ impl Policy for RateLimitPolicy {
             self.set_headers(resp.headers_mut(), &decision);
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                HeaderValue::from(decision.retry_after_us.div_ceil(1_000_000).max(1)),
+                number_header(decision.retry_after_us.div_ceil(1_000_000).max(1)),
             );
             return RequestOutcome::Respond(resp);
         }

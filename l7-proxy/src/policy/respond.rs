@@ -4,6 +4,8 @@
 //! Policies that answer a request themselves (401, 413, 429, ...) build their responses here so
 //! every gateway error has the same shape: a small JSON object `{"error": "..."}`.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -94,6 +96,26 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Numbers below this have a shared header value ([`number_header`]).
+const SHARED_NUMBERS: u64 = 1024;
+
+/// A header value holding `n` in decimal. Values below [`SHARED_NUMBERS`] come from a table
+/// of static values built once, so the small counters most responses carry (`RateLimit-Reset`,
+/// `RateLimit-Remaining` of a typical limit, `Age`, `Retry-After`) cost no allocation; a
+/// larger one is formatted as usual.
+pub fn number_header(n: u64) -> HeaderValue {
+    static SHARED: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
+        (0..SHARED_NUMBERS)
+            .map(|i| HeaderValue::from_static(Box::leak(i.to_string().into_boxed_str())))
+            .collect()
+    });
+    if n < SHARED_NUMBERS {
+        SHARED[n as usize].clone()
+    } else {
+        HeaderValue::from(n)
+    }
+}
+
 /// Appends `value` to a comma-separated header (`Vary`), unless already listed.
 pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, value: &'static str) {
     let present = headers
@@ -104,5 +126,17 @@ pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, val
         .any(|t| t.trim().eq_ignore_ascii_case(value));
     if !present {
         headers.append(name, HeaderValue::from_static(value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_headers_are_decimal_on_both_sides_of_the_table() {
+        for n in [0, 1, 59, 1023, 1024, 86_400, u64::MAX] {
+            assert_eq!(number_header(n), n.to_string().as_str(), "{n}");
+        }
     }
 }

@@ -83,8 +83,8 @@ impl Stream {
         Ok(Self { strm, xfl })
     }
 
-    /// Compresses all of `data` into a complete gzip member.
-    fn compress(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    /// Compresses all of `data` into a complete gzip member appended to `out`.
+    fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
         let s = &mut *self.strm;
         // SAFETY: the stream was initialised by deflateInit2.
         if unsafe { z::deflateReset(s) } != z::Z_OK {
@@ -92,12 +92,12 @@ impl Stream {
         }
         // SAFETY: deflateBound only reads the stream's parameters.
         let bound = unsafe { z::deflateBound(s, data.len() as z::uLong) } as usize;
-        let mut out: Vec<u8> = Vec::with_capacity(10 + bound + 8);
+        out.reserve(10 + bound + 8);
         out.extend_from_slice(&GZIP_HEADER);
         out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
         s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
         s.avail_in = data.len() as z::uInt;
-        // SAFETY: `out` has `bound` bytes of spare capacity after the header.
+        // SAFETY: `out` has at least `bound` bytes of spare capacity after its contents.
         s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
         s.avail_out = bound as z::uInt;
         // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare capacity of
@@ -109,11 +109,11 @@ impl Stream {
         if rc != z::Z_STREAM_END {
             return Err(std::io::Error::other(format!("deflate failed ({rc})")));
         }
-        // SAFETY: the header and zlib's output initialised the first `written` bytes.
+        // SAFETY: the contents before and zlib's output initialised the first `written` bytes.
         unsafe { out.set_len(written) };
         out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
         out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: length mod 2^32
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -142,14 +142,21 @@ thread_local! {
     static STREAMS: RefCell<Vec<(Params, Stream)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// gzip of `data` at `level` (1-9) with a reused stream sized to it.
-pub fn gzip(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
+/// Appends the gzip of `data` at `level` (1-9) to `out`, with a reused stream sized to it.
+pub fn gzip_into(data: &[u8], level: u32, out: &mut Vec<u8>) -> std::io::Result<()> {
     let (window_bits, mem_level) = sizing(data.len());
     let key = (level as i32, window_bits, mem_level);
     STREAMS.with_borrow_mut(|streams| {
         super::compress::pooled(streams, key, || Stream::new(key.0, window_bits, mem_level))?
-            .compress(data)
+            .compress(data, out)
     })
+}
+
+/// The gzip of `data` at `level` (1-9); see [`gzip_into`].
+pub fn gzip(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    gzip_into(data, level, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
