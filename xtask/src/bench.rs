@@ -570,15 +570,21 @@ HTTP/1.1: `wrk -t1 -c32 -d{L7_SECONDS}s --latency`; HTTPS new connections: the s
     Ok(md)
 }
 
-/// Rounds of `bench policies`: each route runs this many times, interleaved.
-const POLICY_ROUNDS: usize = 5;
+/// Rounds of `bench policies`: each round runs every route once, plain first.
+const POLICY_ROUNDS: usize = 8;
+/// Seconds of one `bench policies` run.
+const POLICY_SECONDS: u32 = 3;
+/// What browsers send (Chrome, Firefox); each route's `algorithms` picks the encoding.
+const BROWSER_ACCEPT_ENCODING: &str = "Accept-Encoding: gzip, deflate, br, zstd";
 
 /// The same proxy serves `/plain/` (no policy), `/chain/` (jwt, rate_limit with a limit far
 /// above the load, cache that misses because the upstream does not allow caching, and gzip
-/// compression of the 1 KiB text body) and, to show where the cost lies, `/nogzip/` (the chain
-/// without compression) and `/gzip/` (compression alone); wrk sends the same token and
-/// Accept-Encoding to all. Runs alternate, [`POLICY_ROUNDS`] each, and the table reports the
-/// medians.
+/// compression of the 1 KiB text body), the same chain compressing with zstd (`/chain-zstd/`)
+/// and brotli (`/chain-br/`), and, to show where the cost lies, `/nogzip/` (the chain without
+/// compression) and `/gzip/` (compression alone); wrk sends the same token and a browser's
+/// Accept-Encoding to all. Each of [`POLICY_ROUNDS`] rounds runs plain and then every route;
+/// a route's cost is the median over rounds of its ratio to that round's plain run, in
+/// requests per second and in the proxy's CPU time per request (from its schedstat).
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["wrk"])?;
     crate::cargo_release(root, &["l7-proxy", "demo"])?;
@@ -601,43 +607,51 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         ])
         .output()?;
     let token = String::from_utf8(out.stdout)?.trim().to_string();
-    std::fs::write(
-        dir.join("chain.toml"),
-        format!(
-            r#"[[listeners]]
-name = "plain"
-address = "127.0.0.1:{proxy_port}"
-[[upstreams]]
-name = "up"
-members = [{{ address = "{upstream_addr}" }}]
-[[routes]]
-name = "plain"
-match = {{ path = {{ prefix = "/plain/" }} }}
-action = {{ forward = {{ group = "up" }} }}
-[[routes]]
-name = "chain"
-match = {{ path = {{ prefix = "/chain/" }} }}
-action = {{ forward = {{ group = "up" }} }}
-policies = [{jwt}, {rate_limit}, {compress}, {cache}]
-[[routes]]
-name = "nogzip"
-match = {{ path = {{ prefix = "/nogzip/" }} }}
-action = {{ forward = {{ group = "up" }} }}
-policies = [{jwt}, {rate_limit}, {cache}]
-[[routes]]
-name = "gzip"
-match = {{ path = {{ prefix = "/gzip/" }} }}
-action = {{ forward = {{ group = "up" }} }}
-policies = [{compress}]
-"#,
-            jwt = format_args!(
-                r#"{{ type = "jwt", jwks_file = "{d}/jwks.json", algorithms = ["HS256"], issuers = ["bench"], audiences = ["bench"] }}"#
-            ),
-            rate_limit = r#"{ type = "rate_limit", requests = 1000000000, period_secs = 1, key = "jwt_sub" }"#,
-            compress = r#"{ type = "compress", algorithms = ["gzip"], min_size = 256 }"#,
-            cache = r#"{ type = "cache", max_bytes = 16777216 }"#,
+    let jwt = format!(
+        r#"{{ type = "jwt", jwks_file = "{d}/jwks.json", algorithms = ["HS256"], issuers = ["bench"], audiences = ["bench"] }}"#
+    );
+    let rate_limit =
+        r#"{ type = "rate_limit", requests = 1000000000, period_secs = 1, key = "jwt_sub" }"#;
+    let compress =
+        |alg: &str| format!(r#"{{ type = "compress", algorithms = ["{alg}"], min_size = 256 }}"#);
+    let cache = r#"{ type = "cache", max_bytes = 16777216 }"#;
+    let chain = |alg: &str| format!("{jwt}, {rate_limit}, {}, {cache}", compress(alg));
+    // (path prefix, policies, table label); plain first.
+    let routes: [(&str, String, &str); 6] = [
+        ("plain", String::new(), "plain proxying"),
+        (
+            "nogzip",
+            format!("{jwt}, {rate_limit}, {cache}"),
+            "jwt + rate_limit + cache (miss)",
         ),
-    )?;
+        ("gzip", compress("gzip"), "compress (gzip) alone"),
+        (
+            "chain",
+            chain("gzip"),
+            "**full chain: jwt + rate_limit + cache (miss) + compress (gzip)**",
+        ),
+        (
+            "chain-zstd",
+            chain("zstd"),
+            "full chain with zstd (level 3) instead of gzip",
+        ),
+        (
+            "chain-br",
+            chain("br"),
+            "full chain with brotli (quality 4) instead of gzip",
+        ),
+    ];
+    let mut config = format!(
+        "[[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{proxy_port}\"\n\
+         [[upstreams]]\nname = \"up\"\nmembers = [{{ address = \"{upstream_addr}\" }}]\n"
+    );
+    for (path, policies, _) in &routes {
+        config += &format!(
+            "[[routes]]\nname = \"{path}\"\nmatch = {{ path = {{ prefix = \"/{path}/\" }} }}\n\
+             action = {{ forward = {{ group = \"up\" }} }}\npolicies = [{policies}]\n"
+        );
+    }
+    std::fs::write(dir.join("chain.toml"), config)?;
     let mut upstream = start_upstream(&bin, &upstream_addr)?;
     wait_port(ports.base + 80)?;
     let mut proxy = Command::new("taskset")
@@ -647,54 +661,76 @@ policies = [{compress}]
         .arg(dir.join("chain.toml"))
         .args(["--log", "warn"])
         .spawn()?;
-    const ROUTES: [(&str, &str); 4] = [
-        ("/plain/x", "plain proxying"),
-        ("/nogzip/x", "jwt + rate_limit + cache (miss)"),
-        ("/gzip/x", "compress (gzip) alone"),
-        (
-            "/chain/x",
-            "jwt + rate_limit + cache (miss) + compress (gzip)",
-        ),
-    ];
-    let result = (|| -> Result<Vec<Vec<f64>>> {
+    let schedstat = format!("/proc/{}/schedstat", proxy.id());
+    // Nanoseconds the proxy has run on a CPU.
+    let cpu_ns = || -> Result<f64> {
+        let text = std::fs::read_to_string(&schedstat)?;
+        text.split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("reading the proxy's schedstat")
+    };
+    // Per route and round: (req/s, proxy CPU µs per request).
+    let result = (|| -> Result<Vec<Vec<(f64, f64)>>> {
         wait_port(proxy_port)?;
         let auth = format!("Authorization: Bearer {token}");
-        let run = |path: &str| -> Result<f64> {
-            let url = format!("http://127.0.0.1:{proxy_port}{path}");
-            let headers = [auth.as_str(), "Accept-Encoding: gzip"];
-            let report = wrk_report(&url, 32, L7_SECONDS / 2, &headers)?;
+        let run = |path: &str, seconds: u32| -> Result<(f64, f64)> {
+            let url = format!("http://127.0.0.1:{proxy_port}/{path}/x");
+            let headers = [auth.as_str(), BROWSER_ACCEPT_ENCODING];
+            let before = cpu_ns()?;
+            let report = wrk_report(&url, 32, seconds, &headers)?;
+            let cpu = cpu_ns()? - before;
             if report.contains("Non-2xx") {
-                anyhow::bail!("{path} answered errors:\n{report}");
+                anyhow::bail!("/{path}/ answered errors:\n{report}");
             }
-            Ok(wrk_figures(&report).0)
+            let requests = wrk_requests(&report);
+            Ok((wrk_figures(&report).0, cpu / 1000.0 / requests))
         };
-        let mut rps = vec![Vec::new(); ROUTES.len()];
-        run("/plain/x")?;
+        run("plain", 2)?; // warm-up
+        let mut figures = vec![Vec::new(); routes.len()];
         for _ in 0..POLICY_ROUNDS {
-            for (i, (path, _)) in ROUTES.iter().enumerate() {
-                rps[i].push(run(path)?);
+            for (i, (path, _, _)) in routes.iter().enumerate() {
+                figures[i].push(run(path, POLICY_SECONDS)?);
             }
         }
-        Ok(rps)
+        Ok(figures)
     })();
     stop(&mut proxy);
     stop(&mut upstream);
-    let medians: Vec<f64> = result?
-        .into_iter()
-        .map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-        .collect();
-    let mut md =
-        format!("| route | req/s (median of {POLICY_ROUNDS}) | vs plain |\n|---|---:|---:|\n");
-    for ((_, name), r) in ROUTES.iter().zip(&medians) {
-        let ratio = r / medians[0];
+    let figures = result?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let plain = &figures[0];
+    let mut md = String::from(
+        "| route | req/s | vs plain | proxy CPU per request | vs plain |\n|---|---:|---:|---:|---:|\n",
+    );
+    for ((_, _, label), runs) in routes.iter().zip(&figures) {
+        let rps = median(runs.iter().map(|r| r.0).collect());
+        let cpu = median(runs.iter().map(|r| r.1).collect());
+        let rps_ratio = median(runs.iter().zip(plain).map(|(r, p)| r.0 / p.0).collect());
+        let cpu_ratio = median(runs.iter().zip(plain).map(|(r, p)| p.1 / r.1).collect());
         md += &format!(
-            "| {name} | {r:.0} | {ratio:.2}x (cost {:.0}%) |\n",
-            (1.0 - ratio) * 100.0
+            "| {label} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) |\n",
+            (1.0 - rps_ratio) * 100.0,
+            (1.0 - cpu_ratio) * 100.0
         );
     }
-    md += "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `Accept-Encoding: gzip` on every route) and the 1 KiB text upstream on CPU 1. Runs alternate between the routes.\n";
+    md += &format!(
+        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the 1 KiB text upstream on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, each round plain first; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach).\n"
+    );
     Ok(md)
+}
+
+/// The request count of a wrk report (`N requests in ...`).
+fn wrk_requests(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let n = f.next()?.parse().ok()?;
+            (f.next() == Some("requests")).then_some(n)
+        })
+        .unwrap_or(f64::NAN)
 }

@@ -437,8 +437,14 @@ mod tests {
         let two = ["gzip;q=0.2", "br;q=0.8"];
         assert_eq!(negotiate_values(two.into_iter(), &all), Some(Br));
         // The default order: zstd, then gzip, then br (what Safari and Chrome send).
-        assert_eq!(negotiate("gzip, deflate, br", &default_algorithms()), Some(Gzip));
-        assert_eq!(negotiate("gzip, deflate, br, zstd", &default_algorithms()), Some(Zstd));
+        assert_eq!(
+            negotiate("gzip, deflate, br", &default_algorithms()),
+            Some(Gzip)
+        );
+        assert_eq!(
+            negotiate("gzip, deflate, br, zstd", &default_algorithms()),
+            Some(Zstd)
+        );
         assert_eq!(negotiate("br", &default_algorithms()), Some(Br));
         // The first mention counts.
         assert_eq!(negotiate("gzip;q=0, gzip", &[Gzip]), None);
