@@ -98,6 +98,7 @@ fn policy_chain(c: &mut Criterion) {
                 "bench".into(),
                 "up".into(),
                 false,
+                std::time::Instant::now(),
             );
             let resp = chain
                 .handle(req, &mut ctx, |_, _| async {

@@ -84,7 +84,16 @@ pub async fn handle(
     let host = request_host(&req);
     let path = req.uri().path().to_string();
     let mut trace = Trace::default();
-    let mut resp = run_phases(&state, &shared.metrics, &conn, req, &host, &mut trace).await;
+    let mut resp = run_phases(
+        &state,
+        &shared.metrics,
+        &conn,
+        req,
+        &host,
+        started,
+        &mut trace,
+    )
+    .await;
     if let Ok(v) = HeaderValue::from_str(&trace.request_id) {
         resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), v);
     }
@@ -110,6 +119,7 @@ async fn run_phases<B>(
     conn: &ConnInfo,
     mut req: Request<B>,
     host: &str,
+    started: Instant,
     trace: &mut Trace,
 ) -> Response<ProxyBody>
 where
@@ -141,6 +151,7 @@ where
             _ => String::new(),
         },
         conn.tls,
+        started,
     );
     let req = req.map(|b| b.map_err(Into::into).boxed());
     let policies: &PolicyChain = &route.policies;

@@ -87,7 +87,16 @@ async fn run(state: &RuntimeState, host: &str) -> (Response<ProxyBody>, Trace) {
         .body(Full::new(Bytes::new()))
         .unwrap();
     let mut trace = Trace::default();
-    let resp = run_phases(state, &Metrics::new(), &conn, req, host, &mut trace).await;
+    let resp = run_phases(
+        state,
+        &Metrics::new(),
+        &conn,
+        req,
+        host,
+        std::time::Instant::now(),
+        &mut trace,
+    )
+    .await;
     (resp, trace)
 }
 

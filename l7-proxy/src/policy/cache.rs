@@ -420,7 +420,7 @@ impl Policy for CachePolicy {
 
         let known = self.vary.get(base_key.as_str());
         if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
-            if Instant::now() < *until {
+            if ctx.received < *until {
                 ctx.set_state(PhaseState::Cache(CacheState::Passing(Passing {
                     base_key,
                     authorized: req.headers().contains_key(header::AUTHORIZATION),

@@ -53,6 +53,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -76,6 +77,9 @@ pub struct RequestCtx {
     pub upstream_group: String,
     /// True when the client connection is TLS.
     pub tls: bool,
+    /// When the proxy received the request. Policies take it as the request's time (a rate
+    /// limiter's clock, an expiry check) instead of each reading the clock.
+    pub received: Instant,
     /// Who the request is authenticated as, set by the authentication policies.
     pub identity: Identity,
     /// One [`PhaseState`] per policy of the chain, indexed by position (inline for the usual
@@ -104,6 +108,7 @@ impl RequestCtx {
         route_name: String,
         upstream_group: String,
         tls: bool,
+        received: Instant,
     ) -> Self {
         Self {
             client_addr,
@@ -111,6 +116,7 @@ impl RequestCtx {
             route_name,
             upstream_group,
             tls,
+            received,
             identity: Identity::default(),
             states: SmallVec::new(),
             current: 0,
@@ -489,6 +495,7 @@ mod tests {
             String::new(),
             String::new(),
             false,
+            Instant::now(),
         );
         for p in &chain.policies {
             let req =

@@ -205,8 +205,9 @@ struct LocalBuckets {
 const LOCAL_PRUNE_AT: usize = 100_000;
 
 impl LocalBuckets {
-    fn check(&self, gcra: Gcra, key: &str) -> Decision {
-        let now = self.epoch.elapsed().as_micros() as u64;
+    /// One GCRA step for `key` at `now` (the request's time).
+    fn check(&self, gcra: Gcra, key: &str, now: Instant) -> Decision {
+        let now = now.saturating_duration_since(self.epoch).as_micros() as u64;
         let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
         if tats.len() >= LOCAL_PRUNE_AT {
             // A TAT in the past means a full bucket, the same as no entry.
@@ -344,7 +345,11 @@ impl Policy for RateLimitPolicy {
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         let decision = match &self.store {
-            Store::Local(local) => self.key.with_key(&req, ctx, |k| local.check(self.gcra, k)),
+            Store::Local(local) => {
+                let now = ctx.received;
+                self.key
+                    .with_key(&req, ctx, |k| local.check(self.gcra, k, now))
+            }
             Store::Redis(redis) => {
                 let key = self
                     .key

@@ -316,6 +316,7 @@ mod tests {
             "users".into(),
             "api".into(),
             false,
+            std::time::Instant::now(),
         )
     }
 

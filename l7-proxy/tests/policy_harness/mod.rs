@@ -142,6 +142,7 @@ pub async fn gateway(
                         "test-route".into(),
                         default_group.clone(),
                         false,
+                        std::time::Instant::now(),
                     );
                     async move {
                         let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
