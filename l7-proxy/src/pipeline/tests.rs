@@ -11,7 +11,9 @@ use http_body_util::Full;
 use super::{run_phases, text_response, ConnInfo, Trace};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::policy::{AnyPolicy, Policy, PolicyChain, ProxyBody, RequestCtx, RequestOutcome};
+use crate::policy::{
+    AnyPolicy, PhaseState, Policy, PolicyChain, ProxyBody, RequestCtx, RequestOutcome,
+};
 use crate::state::RuntimeState;
 use crate::upstream::client::ClientCache;
 
@@ -36,6 +38,8 @@ impl Policy for Recorder {
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         self.log.lock().unwrap().push(format!("req:{}", self.name));
+        // Each policy's state comes back to its own response phase.
+        ctx.set_state(PhaseState::Custom(Box::new(self.name)));
         match &self.act {
             Act::Continue => RequestOutcome::Continue(req),
             Act::Respond(status) => RequestOutcome::Respond(text_response(*status, String::new())),
@@ -49,9 +53,18 @@ impl Policy for Recorder {
     async fn on_response(
         &self,
         resp: Response<ProxyBody>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        self.log.lock().unwrap().push(format!("resp:{}", self.name));
+        let own_state = match ctx.take_state() {
+            PhaseState::Custom(state) => state.downcast_ref::<&str>() == Some(&self.name),
+            _ => false,
+        };
+        let entry = if own_state {
+            format!("resp:{}", self.name)
+        } else {
+            format!("resp:{} without its state", self.name)
+        };
+        self.log.lock().unwrap().push(entry);
         resp
     }
 }

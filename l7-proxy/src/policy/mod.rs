@@ -165,6 +165,8 @@ pub enum PhaseState {
     Version(version::SelectedVersion),
     RateLimit(rate_limit::Decision),
     Cache(cache::CacheState),
+    /// State of a policy that is not built in ([`DynPolicy`]).
+    Custom(Box<dyn std::any::Any + Send + Sync>),
 }
 
 /// The result of a request phase.
