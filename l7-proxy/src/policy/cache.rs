@@ -30,7 +30,9 @@ use quick_cache::sync::Cache;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::respond::{content_length, full, number_header, read_limited, ReadError};
+use super::respond::{
+    content_length, directives, full, has_directive, number_header, read_limited, ReadError,
+};
 use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
@@ -299,34 +301,6 @@ fn vary_key_with(base: &str, names: &[HeaderName], headers: &HeaderMap) -> Strin
         }
     }
     key
-}
-
-/// `Cache-Control` directives with their optional values (quotes removed), as written.
-/// Compare names with `eq_ignore_ascii_case`.
-fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|d| {
-            let d = d.trim();
-            if d.is_empty() {
-                return None;
-            }
-            Some(match d.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-                None => (d, None),
-            })
-        })
-}
-
-/// Whether `directives` include `name`.
-fn has_directive<'a>(
-    mut directives: impl Iterator<Item = (&'a str, Option<&'a str>)>,
-    name: &str,
-) -> bool {
-    directives.any(|(d, _)| d.eq_ignore_ascii_case(name))
 }
 
 fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {

@@ -31,7 +31,9 @@ use serde::Deserialize;
 use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::respond::{append_token, content_length, full, read_limited, ReadError};
+use super::respond::{
+    append_token, content_length, directives, full, has_directive, read_limited, ReadError,
+};
 use super::{
     BoxError, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome,
 };
@@ -184,11 +186,7 @@ impl CompressPolicy {
         let encoded = h
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes() != b"identity");
-        let no_transform = h.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.as_bytes()
-                .windows(b"no-transform".len())
-                .any(|w| w.eq_ignore_ascii_case(b"no-transform"))
-        });
+        let no_transform = has_directive(directives(h), "no-transform");
         let type_ok = h.get(header::CONTENT_TYPE).is_some_and(|ct| {
             let ct = ct.as_bytes().trim_ascii();
             self.config
@@ -461,6 +459,24 @@ mod tests {
         // The first mention counts.
         assert_eq!(negotiate("gzip;q=0, gzip", &[Gzip]), None);
         assert_eq!(negotiate("*, br;q=0", &all), Some(Zstd));
+    }
+
+    #[test]
+    fn no_transform_is_a_cache_control_directive() {
+        let policy = CompressPolicy::build(toml::from_str("min_size = 0").unwrap()).unwrap();
+        let resp = |cc: &str| {
+            let mut resp = Response::new(crate::policy::respond::empty());
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            if !cc.is_empty() {
+                h.insert(header::CACHE_CONTROL, HeaderValue::try_from(cc).unwrap());
+            }
+            resp
+        };
+        assert!(policy.compressible(&resp(""), Some(10)));
+        assert!(policy.compressible(&resp("max-age=60"), Some(10)));
+        assert!(!policy.compressible(&resp("No-Transform"), Some(10)));
+        assert!(!policy.compressible(&resp("public, no-transform, max-age=5"), Some(10)));
     }
 
     #[test]

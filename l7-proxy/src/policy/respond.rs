@@ -96,6 +96,34 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// `Cache-Control` directives with their optional values (quotes removed), as written.
+/// Compare names with `eq_ignore_ascii_case`.
+pub fn directives(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| {
+            let d = d.trim();
+            if d.is_empty() {
+                return None;
+            }
+            Some(match d.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (d, None),
+            })
+        })
+}
+
+/// Whether `directives` include `name`.
+pub fn has_directive<'a>(
+    mut directives: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    name: &str,
+) -> bool {
+    directives.any(|(d, _)| d.eq_ignore_ascii_case(name))
+}
+
 /// Numbers below this have a shared header value ([`number_header`]).
 const SHARED_NUMBERS: u64 = 1024;
 
