@@ -195,7 +195,7 @@ where
 
     // Phase: response policies. They add a few headers each: grow the map once, not per insert.
     let mut resp = resp;
-    if !policies.is_empty() {
+    if policies.has_response_phase() {
         resp.headers_mut().reserve(8);
     }
     policies.run_response(resp, &mut ctx, policies.len()).await

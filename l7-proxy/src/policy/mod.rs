@@ -321,11 +321,22 @@ any_policy! {
 #[derive(Clone, Default)]
 pub struct PolicyChain {
     policies: Vec<AnyPolicy>,
+    /// Whether any of them has a response phase.
+    response_phases: bool,
 }
 
 impl PolicyChain {
     pub fn new(policies: Vec<AnyPolicy>) -> Self {
-        Self { policies }
+        let response_phases = policies.iter().any(AnyPolicy::has_response_phase);
+        Self {
+            policies,
+            response_phases,
+        }
+    }
+
+    /// Whether a response passes through any policy of the chain.
+    pub fn has_response_phase(&self) -> bool {
+        self.response_phases
     }
 
     pub fn is_empty(&self) -> bool {
@@ -458,6 +469,20 @@ fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_knows_whether_responses_pass_through_it() {
+        let chain = |list: &str| {
+            let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
+            let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
+            build_chain(&configs).unwrap()
+        };
+        let filters = r#"{ type = "ip_filter", allow = ["0.0.0.0/0"] },
+            { type = "methods", allow = ["GET"] }, { type = "body_limit", max_bytes = 10 }"#;
+        assert!(!PolicyChain::default().has_response_phase());
+        assert!(!chain(filters).has_response_phase());
+        assert!(chain(&format!(r#"{filters}, {{ type = "compress" }}"#)).has_response_phase());
+    }
 
     /// Each phase's future lives inside the request's future and is moved on every call, so
     /// rare, large work (a JWKS fetch, Redis, full JWT verification, waiting for a coalesced

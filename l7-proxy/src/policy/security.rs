@@ -61,6 +61,10 @@ impl Policy for IpFilterPolicy {
         "ip_filter"
     }
 
+    fn has_response_phase(&self) -> bool {
+        false
+    }
+
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         if self.admits(ctx.client_addr.ip()) {
             RequestOutcome::Continue(req)
@@ -97,6 +101,10 @@ impl BodyLimitPolicy {
 impl Policy for BodyLimitPolicy {
     fn name(&self) -> &'static str {
         "body_limit"
+    }
+
+    fn has_response_phase(&self) -> bool {
+        false
     }
 
     async fn on_request(&self, req: Request<ProxyBody>, _ctx: &mut RequestCtx) -> RequestOutcome {
@@ -167,6 +175,10 @@ impl MethodsPolicy {
 impl Policy for MethodsPolicy {
     fn name(&self) -> &'static str {
         "methods"
+    }
+
+    fn has_response_phase(&self) -> bool {
+        false
     }
 
     async fn on_request(&self, req: Request<ProxyBody>, _ctx: &mut RequestCtx) -> RequestOutcome {
