@@ -25,24 +25,20 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// The test JWKS, written once per process: tests run in parallel, and rewriting the file for
-/// each of them let a reader see it truncated (a JWKS missing its last key).
-fn jwks_file() -> std::path::PathBuf {
-    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        use base64::Engine;
-        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HS_SECRET);
-        let jwks = json!({ "keys": [
-            { "kty": "oct", "kid": "hs", "k": k },
-            { "kty": "RSA", "kid": "rs", "n": RSA_N, "e": RSA_E },
-            { "kty": "EC", "kid": "es", "crv": "P-256", "x": EC_X, "y": EC_Y },
-        ]});
-        let path =
-            std::env::temp_dir().join(format!("policy_auth_jwks_{}.json", std::process::id()));
-        std::fs::write(&path, jwks.to_string()).unwrap();
-        path
-    })
-    .clone()
+/// The test JWKS, in a temporary file that is removed when the returned path is dropped. The
+/// jwt policy reads it while the chain is built, so the path need only live that long.
+fn jwks_file() -> tempfile::TempPath {
+    use base64::Engine;
+    use std::io::Write;
+    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HS_SECRET);
+    let jwks = json!({ "keys": [
+        { "kty": "oct", "kid": "hs", "k": k },
+        { "kty": "RSA", "kid": "rs", "n": RSA_N, "e": RSA_E },
+        { "kty": "EC", "kid": "es", "crv": "P-256", "x": EC_X, "y": EC_Y },
+    ]});
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(jwks.to_string().as_bytes()).unwrap();
+    file.into_temp_path()
 }
 
 fn token(alg: Algorithm, kid: &str, claims: serde_json::Value) -> String {
@@ -84,6 +80,7 @@ async fn echo_upstream() -> Upstream {
 }
 
 async fn jwt_gateway(up: &Upstream) -> std::net::SocketAddr {
+    let jwks = jwks_file();
     let chain = chain_from_toml(&format!(
         r#"
         [[policies]]
@@ -96,7 +93,7 @@ async fn jwt_gateway(up: &Upstream) -> std::net::SocketAddr {
         required_scopes = ["orders:read"]
         forward_claims = {{ sub = "x-user", tenant = "x-tenant" }}
         "#,
-        jwks_file().display()
+        jwks.display()
     ));
     gateway(chain, one_group("app", up.addr), "app").await
 }
@@ -456,9 +453,10 @@ async fn jwks_url_refresh_picks_up_rotated_keys() {
 #[tokio::test]
 async fn remembered_token_is_refused_once_it_expires() {
     let up = echo_upstream().await;
+    let jwks = jwks_file();
     let chain = chain_from_toml(&format!(
         "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\nleeway_secs = 0",
-        jwks_file().display()
+        jwks.display()
     ));
     let gw = gateway(chain, one_group("app", up.addr), "app").await;
     let exp = now() + 2;

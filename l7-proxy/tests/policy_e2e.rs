@@ -28,16 +28,19 @@ fn token(sub: &str) -> String {
     format!("Bearer {t}")
 }
 
-fn jwks_path() -> std::path::PathBuf {
+/// The test JWKS in a temporary file, removed when the returned path is dropped.
+fn jwks_path() -> tempfile::TempPath {
     use base64::Engine;
+    use std::io::Write;
     let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
-    let path = std::env::temp_dir().join(format!("policy_e2e_jwks_{}.json", std::process::id()));
-    std::fs::write(
-        &path,
-        json!({ "keys": [{ "kty": "oct", "k": k }] }).to_string(),
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(
+        json!({ "keys": [{ "kty": "oct", "k": k }] })
+            .to_string()
+            .as_bytes(),
     )
     .unwrap();
-    path
+    file.into_temp_path()
 }
 
 #[tokio::test]
@@ -75,6 +78,7 @@ async fn policies_run_inside_the_proxy() {
     let profile = upstream(|_, _| async { reply(200, &[], r#"{"name":"alice"}"#) }).await;
     let broken = upstream(|_, _| async { reply(503, &[], "down") }).await;
 
+    let jwks = jwks_path();
     let config = format!(
         r#"
 [[listeners]]
@@ -128,7 +132,7 @@ policies = [
         v2 = v2.addr,
         profile = profile.addr,
         broken = broken.addr,
-        jwks = jwks_path().display(),
+        jwks = jwks.display(),
     );
     let config = l7_proxy::Config::from_toml_str(&config).expect("config");
     let proxy = l7_proxy::Proxy::start(config).await.expect("proxy starts");

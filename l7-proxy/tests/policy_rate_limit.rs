@@ -85,16 +85,16 @@ async fn header_keys_get_separate_buckets() {
 async fn limit_by_jwt_subject_after_jwt_policy() {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let up = ok_upstream().await;
-    let jwks = std::env::temp_dir().join(format!("policy_rl_jwks_{}.json", std::process::id()));
     // "c2VjcmV0LXNlY3JldC1zZWNyZXQ" is base64url("secret-secret-secret").
-    std::fs::write(
-        &jwks,
-        r#"{"keys":[{"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]}"#,
+    let mut jwks = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut jwks,
+        br#"{"keys":[{"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]}"#,
     )
     .unwrap();
     let chain = chain_from_toml(&format!(
         "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\n\n[[policies]]\ntype = \"rate_limit\"\nrequests = 1\nkey = \"jwt_sub\"",
-        jwks.display()
+        jwks.path().display()
     ));
     let gw = gateway(chain, one_group("app", up.addr), "app").await;
     let exp = std::time::SystemTime::now()

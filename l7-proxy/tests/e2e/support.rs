@@ -223,6 +223,13 @@ impl ConfigFile {
     }
 }
 
+impl Drop for ConfigFile {
+    /// The directory goes with the file, with anything a test put beside it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
 pub type PlainClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn client() -> PlainClient {

@@ -55,7 +55,8 @@ fn pem_der(path: &std::path::Path) -> Vec<u8> {
 async fn sni_picks_the_certificate_and_h2_is_negotiated() {
     let up = TestUpstream::start("secure").await;
     let pki = TestPki::new("test ca");
-    let dir = ConfigFile::new("").dir();
+    let file = ConfigFile::new("");
+    let dir = file.dir();
     let a = pki.write(&dir, "a", &["a.example.com"]);
     let b = pki.write(&dir, "b", &["*.b.example.com"]);
     let proxy = start_proxy(&tls_config(
