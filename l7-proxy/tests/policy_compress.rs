@@ -25,6 +25,11 @@ fn text_body() -> Vec<u8> {
 }
 
 async fn compress_gateway() -> (Upstream, SocketAddr) {
+    compress_gateway_with("algorithms = [\"zstd\", \"br\", \"gzip\"]\nmin_size = 256").await
+}
+
+/// A gateway with one compress policy configured by `settings` (TOML lines).
+async fn compress_gateway_with(settings: &str) -> (Upstream, SocketAddr) {
     let up = upstream(|parts, _| async move {
         let body = text_body();
         match parts.uri.path() {
@@ -60,9 +65,7 @@ async fn compress_gateway() -> (Upstream, SocketAddr) {
         }
     })
     .await;
-    let chain = chain_from_toml(
-        "[[policies]]\ntype = \"compress\"\nalgorithms = [\"zstd\", \"br\", \"gzip\"]\nmin_size = 256",
-    );
+    let chain = chain_from_toml(&format!("[[policies]]\ntype = \"compress\"\n{settings}"));
     let gw = gateway(chain, one_group("app", up.addr), "app").await;
     (up, gw)
 }
@@ -109,6 +112,27 @@ async fn each_algorithm_round_trips_byte_for_byte() {
         assert!(
             decode(encoding, &got.body) == original,
             "{encoding}: decoded body differs"
+        );
+    }
+}
+
+/// zstd's fast modes (negative levels), streamed and in one piece.
+#[tokio::test]
+async fn zstd_fast_levels_round_trip() {
+    let (_up, gw) = compress_gateway_with("algorithms = [\"zstd\"]\nzstd_level = -3").await;
+    let original = text_body();
+    for (path, want) in [("/text", &original[..]), ("/short", &original[..20_000])] {
+        let got = get(gw, path, &[("accept-encoding", "zstd")]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-encoding"), Some("zstd"), "{path}");
+        assert!(
+            got.body.len() < want.len() / 2,
+            "{path}: {} bytes",
+            got.body.len()
+        );
+        assert!(
+            decode("zstd", &got.body) == want,
+            "{path}: decoded body differs"
         );
     }
 }
