@@ -46,8 +46,12 @@ enum Cmd {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
         /// Answer every request with this many bytes of text instead of JSON (benchmarks).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json_body")]
         fixed_body: Option<usize>,
+        /// Answer every request with a JSON list of user records of at most this many bytes,
+        /// as an API would (benchmarks of compression on realistic content).
+        #[arg(long)]
+        json_body: Option<usize>,
     },
     /// Print an HS256 JWT (iss, aud, sub, one hour) signed with SECRET.
     Token {
@@ -95,7 +99,15 @@ async fn main() -> Result<()> {
             name,
             listen,
             fixed_body,
-        } => service(name, listen, fixed_body).await,
+            json_body,
+        } => {
+            let fixed = match (fixed_body, json_body) {
+                (Some(n), _) => Some(("text/plain", Bytes::from(vec![b'x'; n]))),
+                (None, Some(n)) => Some(("application/json", Bytes::from(sample_records(n)))),
+                (None, None) => None,
+            };
+            service(name, listen, fixed).await
+        }
         Cmd::XdpPass { iface } => xdp_pass(&iface).await,
         Cmd::Token {
             secret,
@@ -174,9 +186,61 @@ fn certs(dir: &std::path::Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn service(name: String, listen: Vec<SocketAddr>, fixed_body: Option<usize>) -> Result<()> {
+/// A JSON object listing user records (ids, random hex uuids, names, emails, timestamps,
+/// scores, tags), whole records only, at most `max` bytes: content that compresses about as
+/// well as a real API response, unlike one repeated byte. The same bytes on every call.
+fn sample_records(max: usize) -> Vec<u8> {
+    const FIRST: [&str; 8] = [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ];
+    const LAST: [&str; 6] = ["smith", "jones", "garcia", "miller", "davis", "lopez"];
+    const TAGS: [&str; 6] = ["admin", "beta", "billing", "support", "eu", "us"];
+    // xorshift64: fixed seed, so every run serves the same body.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (head, tail) = ("{\"items\":[", "]}");
+    let mut out = String::from(head);
+    for id in 10_000.. {
+        let (a, b, c) = (next(), next(), next());
+        let (first, last) = (FIRST[(a % 8) as usize], LAST[(b % 6) as usize]);
+        let record = serde_json::json!({
+            "id": id,
+            "uuid": format!("{c:016x}"),
+            "name": format!("{first} {last}"),
+            "email": format!("{first}.{last}@example.com"),
+            "created_at": format!(
+                "2026-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                1 + a % 12, 1 + b % 28, c % 24, a % 60, b % 60
+            ),
+            "score": (c % 100_000) as f64 / 100.0,
+            "active": a % 3 == 0,
+            "tags": [TAGS[(b % 6) as usize], TAGS[(c % 6) as usize]],
+        })
+        .to_string();
+        let sep = usize::from(out.len() > head.len());
+        if out.len() + sep + record.len() + tail.len() > max {
+            break;
+        }
+        if sep == 1 {
+            out.push(',');
+        }
+        out += &record;
+    }
+    out += tail;
+    out.into_bytes()
+}
+
+async fn service(
+    name: String,
+    listen: Vec<SocketAddr>,
+    fixed: Option<(&'static str, Bytes)>,
+) -> Result<()> {
     let name: Arc<str> = name.into();
-    let fixed: Option<Bytes> = fixed_body.map(|n| Bytes::from(vec![b'x'; n]));
     let mut tasks = Vec::new();
     for addr in listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -196,8 +260,8 @@ async fn service(name: String, listen: Vec<SocketAddr>, fixed_body: Option<usize
                         let (name, fixed) = (name.clone(), fixed.clone());
                         async move {
                             match fixed {
-                                Some(body) => Ok(Response::builder()
-                                    .header("content-type", "text/plain")
+                                Some((content_type, body)) => Ok(Response::builder()
+                                    .header("content-type", content_type)
                                     .body(Full::new(body))
                                     .expect("static response")),
                                 None => answer(name, addr, req).await,

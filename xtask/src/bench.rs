@@ -108,7 +108,8 @@ fn report(out_dir: &Path, name: &str, title: &str, how: &str, table: &str) -> Re
     Ok(())
 }
 
-/// Ports of one bench run: `base + 80` is the upstream; ours listens on `base + 1` (plain) and
+/// Ports of one bench run: `base + 80` is the upstream (`+ 81` the JSON one of `bench
+/// policies`); ours listens on `base + 1` (plain) and
 /// `+ 2` (TLS), nginx on `+ 11`/`+ 12`, HAProxy on `+ 21`/`+ 22`. The base is 18000, or
 /// `L7_BENCH_PORT_BASE` when a run needs other ports.
 #[derive(Clone, Copy)]
@@ -133,8 +134,12 @@ impl Ports {
         format!("127.0.0.1:{}", self.base + 80)
     }
 
-    fn all(self) -> [u16; 7] {
-        [1, 2, 11, 12, 21, 22, 80].map(|p| self.base + p)
+    fn json_upstream(self) -> String {
+        format!("127.0.0.1:{}", self.base + 81)
+    }
+
+    fn all(self) -> [u16; 8] {
+        [1, 2, 11, 12, 21, 22, 80, 81].map(|p| self.base + p)
     }
 }
 
@@ -159,7 +164,7 @@ const L7_SECONDS: u32 = 8;
 fn write_configs(dir: &Path, ports: Ports) -> Result<()> {
     let d = dir.display();
     let upstream = ports.upstream();
-    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, _] = ports.all();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, _, _] = ports.all();
     std::fs::write(
         dir.join("ours.toml"),
         format!(
@@ -283,13 +288,19 @@ fn stop(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// The 1 KiB upstream, on CPU 1 next to the load generator (proxies get CPU 0 alone).
+/// The upstream answering 1 KiB of text, on CPU 1 next to the load generator (proxies get
+/// CPU 0 alone).
 fn start_upstream(bin: &Path, addr: &str) -> Result<std::process::Child> {
+    start_upstream_with(bin, addr, &["--fixed-body", "1024"])
+}
+
+/// An upstream on CPU 1 answering every request with the body `body_args` ask lbdemo for.
+fn start_upstream_with(bin: &Path, addr: &str, body_args: &[&str]) -> Result<std::process::Child> {
     Command::new("taskset")
         .args(["-c", "1"])
         .arg(bin.join("lbdemo"))
         .args(["service", "--name", "up", "--listen", addr])
-        .args(["--fixed-body", "1024"])
+        .args(body_args)
         .spawn()
         .context("starting the upstream (lbdemo service)")
 }
@@ -491,7 +502,7 @@ pub fn l7(root: &Path, out_dir: &Path) -> Result<String> {
     ensure_ports_free(ports)?;
     write_configs(&dir, ports)?;
     let upstream_addr = ports.upstream();
-    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, upstream_port] = ports.all();
+    let [ours, ours_tls, nginx, nginx_tls, haproxy, haproxy_tls, upstream_port, _] = ports.all();
     // The upstream runs on CPU 1 next to the load generator; each proxy gets CPU 0 alone.
     let mut upstream = start_upstream(&bin, &upstream_addr)?;
     wait_port(upstream_port)?;
@@ -577,20 +588,21 @@ const POLICY_SECONDS: u32 = 3;
 /// What browsers send (Chrome, Firefox); each route's `algorithms` picks the encoding.
 const BROWSER_ACCEPT_ENCODING: &str = "Accept-Encoding: gzip, deflate, br, zstd";
 
-/// The same proxy serves `/plain/` (no policy), `/chain/` (jwt, rate_limit with a limit far
-/// above the load, cache that misses because the upstream does not allow caching, and gzip
-/// compression of the 1 KiB text body), the same chain compressing with zstd (`/chain-zstd/`)
-/// and brotli (`/chain-br/`), and, to show where the cost lies, `/nogzip/` (the chain without
-/// compression) and `/gzip/` (compression alone); wrk sends the same token and a browser's
-/// Accept-Encoding to all. Each of [`POLICY_ROUNDS`] rounds runs plain and then every route;
-/// a route's cost is the median over rounds of its ratio to that round's plain run, in
-/// requests per second and in the proxy's CPU time per request (from its schedstat).
+/// The same proxy serves, for two upstream bodies, plain routes (no policy) and routes with
+/// policies: the full chain (jwt, rate_limit with a limit far above the load, cache that
+/// misses because the upstream does not allow caching, and compression with gzip, zstd or
+/// brotli), and, to show where the cost lies, the chain without compression and compression
+/// alone. One body is a 925-byte JSON list of user records, which compresses as API
+/// responses do; the other is 1 KiB of one repeated letter, which compresses to almost
+/// nothing and so shows each codec's fixed cost per response. wrk sends the same token and
+/// a browser's Accept-Encoding to all. Each of [`POLICY_ROUNDS`] rounds runs every route; a
+/// route's cost is the median over rounds of its ratio to that round's plain run of the same
+/// body, in requests per second and in the proxy's CPU time per request (its schedstat).
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     crate::apt_install_missing(&["wrk"])?;
     crate::cargo_release(root, &["l7-proxy", "demo"])?;
     let ports = Ports::from_env()?;
     ensure_ports_free(ports)?;
-    let upstream_addr = ports.upstream();
     let proxy_port = ports.base + 31;
     let bin = root.join("target/release");
     let dir = out_dir.join("policies-work");
@@ -616,44 +628,62 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         |alg: &str| format!(r#"{{ type = "compress", algorithms = ["{alg}"], min_size = 256 }}"#);
     let cache = r#"{ type = "cache", max_bytes = 16777216 }"#;
     let chain = |alg: &str| format!("{jwt}, {rate_limit}, {}, {cache}", compress(alg));
-    // (path prefix, policies, table label); plain first.
-    let routes: [(&str, String, &str); 6] = [
-        ("plain", String::new(), "plain proxying"),
+    // (path prefix, upstream group, policies, table label); each group's plain route first.
+    let routes: Vec<(&str, &str, String, &str)> = vec![
+        ("plain", "json", String::new(), "plain proxying"),
         (
             "nogzip",
+            "json",
             format!("{jwt}, {rate_limit}, {cache}"),
             "jwt + rate_limit + cache (miss)",
         ),
-        ("gzip", compress("gzip"), "compress (gzip) alone"),
+        ("gzip", "json", compress("gzip"), "compress (gzip -1) alone"),
         (
             "chain",
+            "json",
             chain("gzip"),
-            "**full chain: jwt + rate_limit + cache (miss) + compress (gzip)**",
+            "**full chain: jwt + rate_limit + cache (miss) + compress (gzip -1)**",
         ),
         (
             "chain-zstd",
+            "json",
             chain("zstd"),
-            "full chain with zstd (level 3) instead of gzip",
+            "full chain, zstd (level 1) instead of gzip",
         ),
         (
             "chain-br",
+            "json",
             chain("br"),
-            "full chain with brotli (quality 4) instead of gzip",
+            "full chain, brotli (quality 4) instead of gzip",
+        ),
+        ("text-plain", "text", String::new(), "plain proxying"),
+        ("text-chain", "text", chain("gzip"), "full chain (gzip -1)"),
+        (
+            "text-chain-zstd",
+            "text",
+            chain("zstd"),
+            "full chain, zstd (level 1)",
         ),
     ];
     let mut config = format!(
         "[[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{proxy_port}\"\n\
-         [[upstreams]]\nname = \"up\"\nmembers = [{{ address = \"{upstream_addr}\" }}]\n"
+         [[upstreams]]\nname = \"text\"\nmembers = [{{ address = \"{}\" }}]\n\
+         [[upstreams]]\nname = \"json\"\nmembers = [{{ address = \"{}\" }}]\n",
+        ports.upstream(),
+        ports.json_upstream()
     );
-    for (path, policies, _) in &routes {
+    for (path, group, policies, _) in &routes {
         config += &format!(
             "[[routes]]\nname = \"{path}\"\nmatch = {{ path = {{ prefix = \"/{path}/\" }} }}\n\
-             action = {{ forward = {{ group = \"up\" }} }}\npolicies = [{policies}]\n"
+             action = {{ forward = {{ group = \"{group}\" }} }}\npolicies = [{policies}]\n"
         );
     }
     std::fs::write(dir.join("chain.toml"), config)?;
-    let mut upstream = start_upstream(&bin, &upstream_addr)?;
+    let mut text_upstream = start_upstream(&bin, &ports.upstream())?;
+    let mut json_upstream =
+        start_upstream_with(&bin, &ports.json_upstream(), &["--json-body", "1024"])?;
     wait_port(ports.base + 80)?;
+    wait_port(ports.base + 81)?;
     let mut proxy = Command::new("taskset")
         .args(["-c", "0"])
         .arg(bin.join("l7-proxy"))
@@ -689,36 +719,46 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         run("plain", 2)?; // warm-up
         let mut figures = vec![Vec::new(); routes.len()];
         for _ in 0..POLICY_ROUNDS {
-            for (i, (path, _, _)) in routes.iter().enumerate() {
+            for (i, (path, _, _, _)) in routes.iter().enumerate() {
                 figures[i].push(run(path, POLICY_SECONDS)?);
             }
         }
         Ok(figures)
     })();
     stop(&mut proxy);
-    stop(&mut upstream);
+    stop(&mut text_upstream);
+    stop(&mut json_upstream);
     let figures = result?;
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let plain = &figures[0];
     let mut md = String::from(
-        "| route | req/s | vs plain | proxy CPU per request | vs plain |\n|---|---:|---:|---:|---:|\n",
+        "| body | route | req/s | vs plain | proxy CPU per request | vs plain |\n|---|---|---:|---:|---:|---:|\n",
     );
-    for ((_, _, label), runs) in routes.iter().zip(&figures) {
+    for ((_, group, _, label), runs) in routes.iter().zip(&figures) {
+        // The plain run of the same body, in the same rounds.
+        let plain = routes
+            .iter()
+            .position(|(_, g, policies, _)| g == group && policies.is_empty())
+            .map(|i| &figures[i])
+            .context("each body has a plain route")?;
+        let body = match *group {
+            "json" => "JSON, 925 B",
+            _ => "`x` × 1024",
+        };
         let rps = median(runs.iter().map(|r| r.0).collect());
         let cpu = median(runs.iter().map(|r| r.1).collect());
         let rps_ratio = median(runs.iter().zip(plain).map(|(r, p)| r.0 / p.0).collect());
         let cpu_ratio = median(runs.iter().zip(plain).map(|(r, p)| p.1 / r.1).collect());
         md += &format!(
-            "| {label} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) |\n",
+            "| {body} | {label} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) |\n",
             (1.0 - rps_ratio) * 100.0,
             (1.0 - cpu_ratio) * 100.0
         );
     }
     md += &format!(
-        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the 1 KiB text upstream on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, each round plain first; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach).\n"
+        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 47%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work.\n"
     );
     Ok(md)
 }
