@@ -1,7 +1,10 @@
 //! The gateway policies' own CPU cost, in process: one request through a route's policy chain
-//! around a stand-in upstream that answers 1 KiB of text at once, with no sockets. Each chain
-//! runs beside the empty chain (plain proxying) in the same run; compare their times (the
-//! difference is what the policies cost per request). `cargo xtask bench policies` measures
+//! around a stand-in upstream that answers at once, with no sockets. The upstream's body is
+//! either 1 KiB of one letter (`/x`), which compresses to nothing and so shows the fixed costs,
+//! or the 925-byte JSON list of user records that `lbdemo service --json-body 1024` serves
+//! (`/json`), which compresses as API responses do. Each chain runs beside the empty chain
+//! (plain proxying) in the same run; compare their times (the difference is what the policies
+//! cost per request). `cargo xtask bench policies` measures
 //! the same chains through a real proxy with wrk.
 //!
 //! Run with `cargo bench -p l7-proxy --bench policy_chain`.
@@ -13,6 +16,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use l7_proxy::policy::{build_chain, respond, PolicyChain, PolicyConfig, RequestCtx};
+
+#[path = "../../demo/src/sample.rs"]
+mod sample;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,32 +64,35 @@ fn policy_chain(c: &mut Criterion) {
     let cache = r#"{ type = "cache", max_bytes = 16777216 }"#;
     let compress =
         |alg: &str| format!(r#"{{ type = "compress", algorithms = ["{alg}"], min_size = 256 }}"#);
+    let full_chain = |alg: &str| format!("{jwt}, {rate_limit}, {}, {cache}", compress(alg));
+    let x = ("text/plain", Bytes::from(vec![b'x'; 1024]));
+    let json = ("application/json", Bytes::from(sample::records(1024)));
+    // (name, policies, upstream body).
     let chains = [
-        ("plain", String::new()),
-        ("jwt", jwt.clone()),
-        ("rate_limit", rate_limit.to_string()),
-        ("cache_miss", cache.to_string()),
-        ("gzip", compress("gzip")),
+        ("plain", String::new(), &x),
+        ("jwt", jwt.clone(), &x),
+        ("rate_limit", rate_limit.to_string(), &x),
+        ("cache_miss", cache.to_string(), &x),
+        ("gzip", compress("gzip"), &x),
         (
             "jwt+rate_limit+cache",
             format!("{jwt}, {rate_limit}, {cache}"),
+            &x,
         ),
-        (
-            "full_chain_gzip",
-            format!("{jwt}, {rate_limit}, {}, {cache}", compress("gzip")),
-        ),
-        (
-            "full_chain_zstd",
-            format!("{jwt}, {rate_limit}, {}, {cache}", compress("zstd")),
-        ),
+        ("full_chain_gzip", full_chain("gzip"), &x),
+        ("full_chain_zstd", full_chain("zstd"), &x),
+        ("json/plain", String::new(), &json),
+        ("json/gzip", compress("gzip"), &json),
+        ("json/zstd", compress("zstd"), &json),
+        ("json/full_chain_gzip", full_chain("gzip"), &json),
+        ("json/full_chain_zstd", full_chain("zstd"), &json),
     ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let body = Bytes::from(vec![b'x'; 1024]);
     let mut group = c.benchmark_group("policy_chain");
-    for (name, policies) in &chains {
+    for (name, policies, (content_type, body)) in &chains {
         let chain = chain(policies);
         let one = || async {
             let req = Request::get("http://bench.example/x")
@@ -103,8 +112,8 @@ fn policy_chain(c: &mut Criterion) {
             let resp = chain
                 .handle(req, &mut ctx, |_, _| async {
                     Response::builder()
-                        .header("content-type", "text/plain")
-                        .header("content-length", "1024")
+                        .header("content-type", *content_type)
+                        .header("content-length", body.len())
                         .body(respond::full(body.clone()))
                         .unwrap()
                 })
