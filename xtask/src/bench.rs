@@ -758,7 +758,7 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         );
     }
     md += &format!(
-        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 47%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work.\n"
+        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 44%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work.\n"
     );
     Ok(md)
 }
