@@ -194,3 +194,60 @@ async fn small_binary_partial_and_encoded_responses_are_untouched() {
     assert_eq!(encoded.header("content-encoding"), Some("gzip"));
     assert_eq!(&encoded.body[..], b"pretend-gzip");
 }
+
+/// `cache` listed before `compress` stores the compressed response, one variant per
+/// `Accept-Encoding` (compress adds `Vary: Accept-Encoding`), so a hit is answered with the
+/// stored bytes and nothing is compressed again; a client asking for another encoding gets its
+/// own variant.
+#[tokio::test]
+async fn cache_before_compress_stores_compressed_variants() {
+    let up = upstream(|_, _| async move {
+        reply(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("cache-control", "max-age=60"),
+            ],
+            text_body()[..20_000].to_vec(),
+        )
+    })
+    .await;
+    let chain = chain_from_toml(
+        "[[policies]]\ntype = \"cache\"\n\n[[policies]]\ntype = \"compress\"\nalgorithms = [\"gzip\", \"zstd\"]",
+    );
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let original = &text_body()[..20_000];
+
+    let first = get(gw, "/list", &[("accept-encoding", "gzip")]).await;
+    let second = get(gw, "/list", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    for got in [&first, &second] {
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-encoding"), Some("gzip"));
+        assert!(got.header("vary").unwrap().contains("Accept-Encoding"));
+        assert!(
+            decode("gzip", &got.body) == original,
+            "gzip variant decodes"
+        );
+    }
+    assert!(
+        second.body == first.body,
+        "the hit is the stored compressed bytes"
+    );
+
+    // Another Accept-Encoding is another variant: fetched once, then a hit of its own.
+    let zstd = get(gw, "/list", &[("accept-encoding", "zstd")]).await;
+    let zstd_again = get(gw, "/list", &[("accept-encoding", "zstd")]).await;
+    assert_eq!(zstd.header("x-cache"), Some("MISS"));
+    assert_eq!(zstd_again.header("x-cache"), Some("HIT"));
+    assert_eq!(zstd_again.header("content-encoding"), Some("zstd"));
+    assert!(decode("zstd", &zstd_again.body) == original);
+    let plain = get(gw, "/list", &[]).await;
+    assert_eq!(plain.header("content-encoding"), None);
+    assert!(
+        plain.body == original,
+        "a client without Accept-Encoding gets identity"
+    );
+    assert_eq!(up.hits(), 3, "one upstream request per variant");
+}

@@ -33,8 +33,14 @@
 //! | `aggregate`  | [`aggregate`]   | always: the combined JSON                 |
 //!
 //! Order matters: put filters and authentication first, then rate limiting (it can key on the
-//! JWT subject or API key id found by an earlier policy), then `compress` before `cache` so
-//! cache hits are compressed on their way out too.
+//! JWT subject or API key id found by an earlier policy). `compress` and `cache` work in either
+//! order, with different costs:
+//! - `compress` before `cache`: the cache keeps one uncompressed copy, and every hit is
+//!   compressed again on its way out (about 7 µs of CPU for 1 KiB of JSON with gzip -1).
+//! - `cache` before `compress`: the cache keeps the compressed bytes, one variant per
+//!   `Accept-Encoding` value (compress adds `Vary: Accept-Encoding`), so a hit costs no
+//!   compression, as with Varnish storing gzipped objects; it takes one upstream request and
+//!   one stored copy per distinct `Accept-Encoding` a client sends.
 
 pub mod aggregate;
 pub mod api_key;

@@ -127,7 +127,7 @@ pub fn has_directive<'a>(
 /// Numbers below this have a shared header value ([`number_header`]).
 const SHARED_NUMBERS: u64 = 1024;
 
-/// A header value holding `n` in decimal. Values below [`SHARED_NUMBERS`] come from a table
+/// A header value holding `n` in decimal. Values below 1024 come from a table
 /// of static values built once, so the small counters most responses carry (`RateLimit-Reset`,
 /// `RateLimit-Remaining` of a typical limit, `Age`, `Retry-After`) cost no allocation; a
 /// larger one is formatted as usual.
