@@ -29,16 +29,13 @@ fn now() -> u64 {
 /// jwt policy reads it while the chain is built, so the path need only live that long.
 fn jwks_file() -> tempfile::TempPath {
     use base64::Engine;
-    use std::io::Write;
     let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(HS_SECRET);
     let jwks = json!({ "keys": [
         { "kty": "oct", "kid": "hs", "k": k },
         { "kty": "RSA", "kid": "rs", "n": RSA_N, "e": RSA_E },
         { "kty": "EC", "kid": "es", "crv": "P-256", "x": EC_X, "y": EC_Y },
     ]});
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(jwks.to_string().as_bytes()).unwrap();
-    file.into_temp_path()
+    temp_file(jwks.to_string().as_bytes())
 }
 
 fn token(alg: Algorithm, kid: &str, claims: serde_json::Value) -> String {

@@ -31,16 +31,12 @@ fn token(sub: &str) -> String {
 /// The test JWKS in a temporary file, removed when the returned path is dropped.
 fn jwks_path() -> tempfile::TempPath {
     use base64::Engine;
-    use std::io::Write;
     let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(
+    temp_file(
         json!({ "keys": [{ "kty": "oct", "k": k }] })
             .to_string()
             .as_bytes(),
     )
-    .unwrap();
-    file.into_temp_path()
 }
 
 #[tokio::test]

@@ -86,15 +86,10 @@ async fn limit_by_jwt_subject_after_jwt_policy() {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let up = ok_upstream().await;
     // "c2VjcmV0LXNlY3JldC1zZWNyZXQ" is base64url("secret-secret-secret").
-    let mut jwks = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(
-        &mut jwks,
-        br#"{"keys":[{"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]}"#,
-    )
-    .unwrap();
+    let jwks = temp_file(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]}"#);
     let chain = chain_from_toml(&format!(
         "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\n\n[[policies]]\ntype = \"rate_limit\"\nrequests = 1\nkey = \"jwt_sub\"",
-        jwks.path().display()
+        jwks.display()
     ));
     let gw = gateway(chain, one_group("app", up.addr), "app").await;
     let exp = std::time::SystemTime::now()

@@ -97,6 +97,14 @@ pub fn reply(
     resp
 }
 
+/// A temporary file holding `contents` (a JWKS for a `jwks_file`), removed when the returned
+/// path is dropped. Policies read such files while the chain is built.
+pub fn temp_file(contents: &[u8]) -> tempfile::TempPath {
+    let mut file = tempfile::NamedTempFile::new().expect("temporary file");
+    std::io::Write::write_all(&mut file, contents).expect("writing the temporary file");
+    file.into_temp_path()
+}
+
 /// Parses a policy list written as the TOML a route would hold.
 pub fn chain_from_toml(policies_toml: &str) -> PolicyChain {
     #[derive(serde::Deserialize)]
