@@ -476,13 +476,15 @@ fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
 mod tests {
     use super::*;
 
+    /// The chain of a route's `policies = [...]` list, given as the list's items.
+    fn chain(list: &str) -> PolicyChain {
+        let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
+        let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
+        build_chain(&configs).unwrap()
+    }
+
     #[test]
     fn a_chain_knows_whether_responses_pass_through_it() {
-        let chain = |list: &str| {
-            let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
-            let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
-            build_chain(&configs).unwrap()
-        };
         let filters = r#"{ type = "ip_filter", allow = ["0.0.0.0/0"] },
             { type = "methods", allow = ["GET"] }, { type = "body_limit", max_bytes = 10 }"#;
         assert!(!PolicyChain::default().has_response_phase());
@@ -495,14 +497,14 @@ mod tests {
     /// response) is boxed by the policies. This keeps it that way.
     #[test]
     fn phase_futures_stay_small() {
-        let jwks = std::env::temp_dir().join(format!("phase-futures-{}.json", std::process::id()));
-        std::fs::write(
-            &jwks,
-            r#"{"keys":[{"kty":"oct","alg":"HS256","k":"c2VjcmV0"}]}"#,
+        let mut jwks = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut jwks,
+            br#"{"keys":[{"kty":"oct","alg":"HS256","k":"c2VjcmV0"}]}"#,
         )
         .unwrap();
-        let list = format!(
-            r#"p = [
+        let chain = chain(&format!(
+            r#"
                 {{ type = "jwt", jwks_file = "{}", algorithms = ["HS256"] }},
                 {{ type = "jwt", jwks_url = "http://127.0.0.1:9/jwks", algorithms = ["HS256"] }},
                 {{ type = "rate_limit", requests = 10 }},
@@ -515,13 +517,9 @@ mod tests {
                 {{ type = "body_limit", max_bytes = 10 }},
                 {{ type = "methods", allow = ["GET"] }},
                 {{ type = "cors", origins = ["*"] }},
-            ]"#,
-            jwks.display()
-        );
-        let table: toml::Table = toml::from_str(&list).unwrap();
-        let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
-        let chain = build_chain(&configs).unwrap();
-        std::fs::remove_file(&jwks).unwrap();
+            "#,
+            jwks.path().display()
+        ));
         let mut ctx = RequestCtx::new(
             "192.0.2.1:1".parse().unwrap(),
             String::new(),
