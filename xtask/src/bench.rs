@@ -627,7 +627,8 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     let compress =
         |alg: &str| format!(r#"{{ type = "compress", algorithms = ["{alg}"], min_size = 256 }}"#);
     let cache = r#"{ type = "cache", max_bytes = 16777216 }"#;
-    let chain = |alg: &str| format!("{jwt}, {rate_limit}, {}, {cache}", compress(alg));
+    let chain_with = |compress: &str| format!("{jwt}, {rate_limit}, {compress}, {cache}");
+    let chain = |alg: &str| chain_with(&compress(alg));
     // (path prefix, upstream group, policies, table label); each group's plain route first.
     let routes: Vec<(&str, &str, String, &str)> = vec![
         ("plain", "json", String::new(), "plain proxying"),
@@ -653,8 +654,8 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         (
             "chain-zstd-fast",
             "json",
-            format!(
-                r#"{jwt}, {rate_limit}, {{ type = "compress", algorithms = ["zstd"], min_size = 256, zstd_level = -1 }}, {cache}"#
+            chain_with(
+                r#"{ type = "compress", algorithms = ["zstd"], min_size = 256, zstd_level = -1 }"#,
             ),
             "full chain, zstd -1 (its fastest usual mode; about 25% more bytes than level 1)",
         ),
