@@ -594,16 +594,19 @@ const BROWSER_ACCEPT_ENCODING: &str = "Accept-Encoding: gzip, deflate, br, zstd"
 /// brotli), and, to show where the cost lies, the chain without compression and compression
 /// alone. One body is a 925-byte JSON list of user records, which compresses as API
 /// responses do; the other is 1 KiB of one repeated letter, which compresses to almost
-/// nothing and so shows each codec's fixed cost per response. wrk sends the same token and
-/// a browser's Accept-Encoding to all. Each of [`POLICY_ROUNDS`] rounds runs every route; a
-/// route's cost is the median over rounds of its ratio to that round's plain run of the same
-/// body, in requests per second and in the proxy's CPU time per request (its schedstat).
+/// nothing and so shows each codec's fixed cost per response. For reference, nginx (gzip
+/// level 1) and HAProxy (its libslz gzip) proxy and compress the JSON body in the same
+/// rounds, each against its own plain run. wrk sends the same token and a browser's
+/// Accept-Encoding to all. Each of [`POLICY_ROUNDS`] rounds runs every route; a route's cost
+/// is the median over rounds of its ratio to that round's plain run of the same body and
+/// proxy, in requests per second and in the proxy's CPU time per request (its schedstat).
 pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
-    crate::apt_install_missing(&["wrk"])?;
+    crate::apt_install_missing(&["wrk", "nginx-light", "haproxy"])?;
     crate::cargo_release(root, &["l7-proxy", "demo"])?;
     let ports = Ports::from_env()?;
     ensure_ports_free(ports)?;
     let proxy_port = ports.base + 31;
+    let [_, _, nginx_port, _, haproxy_port, _, _, _] = ports.all();
     let bin = root.join("target/release");
     let dir = out_dir.join("policies-work");
     std::fs::create_dir_all(&dir)?;
@@ -629,49 +632,79 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
     let cache = r#"{ type = "cache", max_bytes = 16777216 }"#;
     let chain_with = |compress: &str| format!("{jwt}, {rate_limit}, {compress}, {cache}");
     let chain = |alg: &str| chain_with(&compress(alg));
-    // (path prefix, upstream group, policies, table label); each group's plain route first.
-    let routes: Vec<(&str, &str, String, &str)> = vec![
-        ("plain", "json", String::new(), "plain proxying"),
-        (
+    let ours = |path, group, policies: String, label| PolicyRoute {
+        server: Server::Ours,
+        path,
+        group,
+        baseline: policies.is_empty(),
+        policies,
+        label,
+    };
+    let reference = |server, path, baseline, label| PolicyRoute {
+        server,
+        path,
+        group: "json",
+        policies: String::new(),
+        baseline,
+        label,
+    };
+    // Each body's and each proxy's plain route first.
+    let routes = vec![
+        ours("plain", "json", String::new(), "plain proxying"),
+        ours(
             "nogzip",
             "json",
             format!("{jwt}, {rate_limit}, {cache}"),
             "jwt + rate_limit + cache (miss)",
         ),
-        ("gzip", "json", compress("gzip"), "compress (gzip -1) alone"),
-        (
+        ours("gzip", "json", compress("gzip"), "compress (gzip -1) alone"),
+        ours(
             "chain",
             "json",
             chain("gzip"),
             "**full chain: jwt + rate_limit + cache (miss) + compress (gzip -1)**",
         ),
-        (
+        ours(
             "chain-zstd",
             "json",
             chain("zstd"),
             "full chain, zstd (level 1) instead of gzip",
         ),
-        (
+        ours(
             "chain-zstd-fast",
             "json",
             chain_with(
                 r#"{ type = "compress", algorithms = ["zstd"], min_size = 256, zstd_level = -1 }"#,
             ),
-            "full chain, zstd -1 (its fastest usual mode; about 25% more bytes than level 1)",
+            "full chain, zstd -1 (its fastest usual mode)",
         ),
-        (
+        ours(
             "chain-br",
             "json",
             chain("br"),
             "full chain, brotli (quality 4) instead of gzip",
         ),
-        ("text-plain", "text", String::new(), "plain proxying"),
-        ("text-chain", "text", chain("gzip"), "full chain (gzip -1)"),
-        (
+        ours("text-plain", "text", String::new(), "plain proxying"),
+        ours("text-chain", "text", chain("gzip"), "full chain (gzip -1)"),
+        ours(
             "text-chain-zstd",
             "text",
             chain("zstd"),
             "full chain, zstd (level 1)",
+        ),
+        reference(Server::Nginx, "plain", true, "nginx: plain proxying"),
+        reference(
+            Server::Nginx,
+            "gzip",
+            false,
+            "nginx: gzip (`gzip_comp_level 1`)",
+        ),
+        reference(Server::Haproxy, "plain", true, "HAProxy: plain proxying"),
+        reference(
+            Server::Haproxy,
+            "gzip",
+            false,
+            "HAProxy: gzip (libslz, fixed Huffman codes)",
         ),
     ];
     let mut config = format!(
@@ -681,60 +714,87 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         ports.upstream(),
         ports.json_upstream()
     );
-    for (path, group, policies, _) in &routes {
+    for r in routes.iter().filter(|r| r.server == Server::Ours) {
         config += &format!(
             "[[routes]]\nname = \"{path}\"\nmatch = {{ path = {{ prefix = \"/{path}/\" }} }}\n\
-             action = {{ forward = {{ group = \"{group}\" }} }}\npolicies = [{policies}]\n"
+             action = {{ forward = {{ group = \"{group}\" }} }}\npolicies = [{policies}]\n",
+            path = r.path,
+            group = r.group,
+            policies = r.policies,
         );
     }
     std::fs::write(dir.join("chain.toml"), config)?;
+    write_reference_configs(&dir, ports)?;
     let mut text_upstream = start_upstream(&bin, &ports.upstream())?;
     let mut json_upstream =
         start_upstream_with(&bin, &ports.json_upstream(), &["--json-body", "1024"])?;
     wait_port(ports.base + 80)?;
     wait_port(ports.base + 81)?;
-    let mut proxy = Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(bin.join("l7-proxy"))
-        .arg("--config")
-        .arg(dir.join("chain.toml"))
-        .args(["--log", "warn"])
-        .spawn()?;
-    let schedstat = format!("/proc/{}/schedstat", proxy.id());
-    // Nanoseconds the proxy has run on a CPU.
-    let cpu_ns = || -> Result<f64> {
-        let text = std::fs::read_to_string(&schedstat)?;
-        text.split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .context("reading the proxy's schedstat")
+    let on_cpu0 = |cmd: &[&str], log: &str| -> Result<std::process::Child> {
+        Command::new("taskset")
+            .args(["-c", "0"])
+            .args(cmd)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log))?)
+            .spawn()
+            .with_context(|| format!("starting {}", cmd[0]))
     };
-    // Per route and round: (req/s, proxy CPU µs per request).
-    let result = (|| -> Result<Vec<Vec<(f64, f64)>>> {
-        wait_port(proxy_port)?;
-        let auth = format!("Authorization: Bearer {token}");
-        let run = |path: &str, seconds: u32| -> Result<(f64, f64)> {
-            let url = format!("http://127.0.0.1:{proxy_port}/{path}/x");
-            let headers = [auth.as_str(), BROWSER_ACCEPT_ENCODING];
-            let before = cpu_ns()?;
-            let report = wrk_report(&url, 32, seconds, &headers)?;
-            let cpu = cpu_ns()? - before;
-            if report.contains("Non-2xx") {
-                anyhow::bail!("/{path}/ answered errors:\n{report}");
-            }
-            let requests = wrk_requests(&report);
-            Ok((wrk_figures(&report).0, cpu / 1000.0 / requests))
+    let chain_toml = dir.join("chain.toml").display().to_string();
+    let mut servers = Vec::new();
+    let result = (|| -> Result<Vec<Vec<Run>>> {
+        let ours_bin = bin.join("l7-proxy").display().to_string();
+        let ours_cmd = [ours_bin.as_str(), "--config", &chain_toml, "--log", "warn"];
+        servers.push(on_cpu0(&ours_cmd, "l7-proxy.log")?);
+        let nginx_conf = format!("{d}/nginx.conf");
+        servers.push(on_cpu0(&["nginx", "-c", &nginx_conf], "nginx.log")?);
+        let haproxy_cfg = format!("{d}/haproxy.cfg");
+        servers.push(on_cpu0(&["haproxy", "-f", &haproxy_cfg], "haproxy.log")?);
+        for port in [proxy_port, nginx_port, haproxy_port] {
+            wait_port(port)?;
+        }
+        // The process that serves: nginx's worker, a child of the master we started; ours
+        // and HAProxy (`nbthread 1`) serve from the process itself.
+        let nginx_worker = children(servers[1].id())
+            .first()
+            .copied()
+            .context("nginx started no worker")?;
+        let serving = |s: Server| match s {
+            Server::Ours => (proxy_port, servers[0].id()),
+            Server::Nginx => (nginx_port, nginx_worker),
+            Server::Haproxy => (haproxy_port, servers[2].id()),
         };
-        run("plain", 2)?; // warm-up
+        let auth = format!("Authorization: Bearer {token}");
+        let run = |r: &PolicyRoute, seconds: u32| -> Result<Run> {
+            let (port, pid) = serving(r.server);
+            let url = format!("http://127.0.0.1:{port}/{}/x", r.path);
+            let headers = [auth.as_str(), BROWSER_ACCEPT_ENCODING];
+            let before = cpu_ns(pid)?;
+            let report = wrk_report(&url, 32, seconds, &headers)?;
+            let cpu = cpu_ns(pid)? - before;
+            if report.contains("Non-2xx") {
+                anyhow::bail!("{url} answered errors:\n{report}");
+            }
+            let (requests, bytes) = wrk_totals(&report);
+            Ok(Run {
+                rps: wrk_figures(&report).0,
+                cpu_us: cpu / 1000.0 / requests,
+                bytes: bytes / requests,
+            })
+        };
+        for r in routes.iter().filter(|r| r.baseline) {
+            run(r, 2)?; // warm-up
+        }
         let mut figures = vec![Vec::new(); routes.len()];
         for _ in 0..POLICY_ROUNDS {
-            for (i, (path, _, _, _)) in routes.iter().enumerate() {
-                figures[i].push(run(path, POLICY_SECONDS)?);
+            for (r, runs) in routes.iter().zip(&mut figures) {
+                runs.push(run(r, POLICY_SECONDS)?);
             }
         }
         Ok(figures)
     })();
-    stop(&mut proxy);
+    for server in &mut servers {
+        stop(server);
+    }
     stop(&mut text_upstream);
     stop(&mut json_upstream);
     let figures = result?;
@@ -743,43 +803,187 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         v[v.len() / 2]
     };
     let mut md = String::from(
-        "| body | route | req/s | vs plain | proxy CPU per request | vs plain |\n|---|---|---:|---:|---:|---:|\n",
+        "| body | route | req/s | vs plain | proxy CPU per request | vs plain | bytes per response |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
-    for ((_, group, _, label), runs) in routes.iter().zip(&figures) {
-        // The plain run of the same body, in the same rounds.
+    for (r, runs) in routes.iter().zip(&figures) {
+        // The plain run of the same body through the same proxy, in the same rounds.
         let plain = routes
             .iter()
-            .position(|(_, g, policies, _)| g == group && policies.is_empty())
+            .position(|p| p.server == r.server && p.group == r.group && p.baseline)
             .map(|i| &figures[i])
-            .context("each body has a plain route")?;
-        let body = match *group {
+            .context("each body and proxy has a plain route")?;
+        let body = match r.group {
             "json" => "JSON, 925 B",
             _ => "`x` × 1024",
         };
-        let rps = median(runs.iter().map(|r| r.0).collect());
-        let cpu = median(runs.iter().map(|r| r.1).collect());
-        let rps_ratio = median(runs.iter().zip(plain).map(|(r, p)| r.0 / p.0).collect());
-        let cpu_ratio = median(runs.iter().zip(plain).map(|(r, p)| p.1 / r.1).collect());
+        let rps = median(runs.iter().map(|r| r.rps).collect());
+        let cpu = median(runs.iter().map(|r| r.cpu_us).collect());
+        let bytes = median(runs.iter().map(|r| r.bytes).collect());
+        let rps_ratio = median(runs.iter().zip(plain).map(|(r, p)| r.rps / p.rps).collect());
+        let cpu_ratio = median(
+            runs.iter()
+                .zip(plain)
+                .map(|(r, p)| p.cpu_us / r.cpu_us)
+                .collect(),
+        );
         md += &format!(
-            "| {body} | {label} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) |\n",
+            "| {body} | {} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) | {bytes:.0} |\n",
+            r.label,
             (1.0 - rps_ratio) * 100.0,
             (1.0 - cpu_ratio) * 100.0
         );
     }
     md += &format!(
-        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 44%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work.\n"
+        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body through the same proxy. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). Bytes per response are wrk's, headers included. The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 44%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work. nginx (`worker_processes 1`) and HAProxy (`nbthread 1`) wait on CPU 0 too, idle except in their own rows; nginx compresses with `gzip_comp_level 1` and `gzip_min_length 256`, HAProxy with `compression algo gzip` (libslz in Debian's build).\n"
     );
     Ok(md)
 }
 
-/// The request count of a wrk report (`N requests in ...`).
-fn wrk_requests(report: &str) -> f64 {
+/// Which proxy serves a `bench policies` route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Ours,
+    Nginx,
+    Haproxy,
+}
+
+/// One route of `bench policies`: where wrk sends it and how the table names it.
+struct PolicyRoute {
+    server: Server,
+    /// The path prefix, `/path/`.
+    path: &'static str,
+    /// The upstream: "json" or "text".
+    group: &'static str,
+    /// Our policies (TOML inline tables); empty for the reference proxies.
+    policies: String,
+    /// The plain route the others of its body and proxy are compared with.
+    baseline: bool,
+    label: &'static str,
+}
+
+/// What one wrk run of a `bench policies` route measured.
+#[derive(Clone, Copy)]
+struct Run {
+    rps: f64,
+    /// The proxy's CPU time per request, µs.
+    cpu_us: f64,
+    /// Bytes per response, headers included.
+    bytes: f64,
+}
+
+/// Nanoseconds process `pid`'s main thread has run on a CPU (its schedstat).
+fn cpu_ns(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("reading the schedstat of process {pid}"))
+}
+
+/// nginx and HAProxy configs for the reference rows of `bench policies`: `/plain/` proxies the
+/// JSON upstream as it is, `/gzip/` compresses it.
+fn write_reference_configs(dir: &Path, ports: Ports) -> Result<()> {
+    let d = dir.display();
+    let upstream = ports.json_upstream();
+    let [_, _, nginx, _, haproxy, _, _, _] = ports.all();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  server {{
+    listen 127.0.0.1:{nginx};
+    location /plain/ {{ proxy_pass http://up; }}
+    location /gzip/ {{
+      proxy_pass http://up;
+      gzip on;
+      gzip_comp_level 1;
+      gzip_min_length 256;
+      gzip_types application/json;
+      gzip_proxied any;
+      gzip_vary on;
+    }}
+  }}
+}}
+"#
+        ),
+    )?;
+    std::fs::write(
+        dir.join("haproxy.cfg"),
+        format!(
+            r#"global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:{haproxy}
+  use_backend gzip if {{ path_beg /gzip/ }}
+  default_backend plain
+backend plain
+  http-reuse always
+  server s1 {upstream}
+backend gzip
+  http-reuse always
+  compression algo gzip
+  compression type application/json
+  server s1 {upstream}
+"#
+        ),
+    )?;
+    Ok(())
+}
+
+/// The request count and bytes read of a wrk report (`N requests in 3.00s, 2.5MB read`).
+fn wrk_totals(report: &str) -> (f64, f64) {
     report
         .lines()
         .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let n = f.next()?.parse().ok()?;
-            (f.next() == Some("requests")).then_some(n)
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [n, "requests", "in", _, read, "read"] = f[..] else {
+                return None;
+            };
+            let (value, unit) = read.split_at(read.find(|c: char| c.is_ascii_alphabetic())?);
+            let scale = match unit {
+                "B" => 1.0,
+                "KB" => 1024.0,
+                "MB" => 1024.0 * 1024.0,
+                "GB" => 1024.0 * 1024.0 * 1024.0,
+                _ => return None,
+            };
+            Some((n.parse().ok()?, value.parse::<f64>().ok()? * scale))
         })
-        .unwrap_or(f64::NAN)
+        .unwrap_or((f64::NAN, f64::NAN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_totals_reads_requests_and_binary_units() {
+        let report =
+            "Running 3s test @ http://127.0.0.1:18031/plain/x\n  1 threads and 32 connections\n  \
+                      124370 requests in 3.00s, 127.52MB read\nRequests/sec:  41456.19\n";
+        let (n, bytes) = wrk_totals(report);
+        assert_eq!(n, 124370.0);
+        assert_eq!(bytes, 127.52 * 1024.0 * 1024.0);
+        assert_eq!(
+            wrk_totals("  10 requests in 1.00s, 512B read\n"),
+            (10.0, 512.0)
+        );
+        assert!(wrk_totals("no summary here").0.is_nan());
+    }
 }
