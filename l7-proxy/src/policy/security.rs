@@ -26,6 +26,53 @@ fn build_err(policy: &str, message: String) -> PolicyBuildError {
     }
 }
 
+/// HTTP methods from config (any case; sent upper-cased), or an error that names the bad one.
+fn parse_methods(
+    policy: &str,
+    field: &str,
+    names: &[String],
+) -> Result<Vec<Method>, PolicyBuildError> {
+    names
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| build_err(policy, format!("{field}: {m:?} is not an HTTP method")))
+        })
+        .collect()
+}
+
+/// `GET, POST`: a list of methods as the `Allow` and `Access-Control-Allow-Methods` headers
+/// carry it.
+fn method_list(methods: &[Method]) -> HeaderValue {
+    let joined = methods
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Method tokens and ", " are all valid header value bytes.
+    HeaderValue::try_from(joined).expect("method tokens make a valid header value")
+}
+
+/// A list of header names as a CORS header carries it (`content-type, x-total`), checked once
+/// when the policy is built; `None` for an empty list.
+fn header_name_list(
+    policy: &str,
+    field: &str,
+    names: &[String],
+) -> Result<Option<HeaderValue>, PolicyBuildError> {
+    for name in names {
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| build_err(policy, format!("{field}: {name:?} is not a header name")))?;
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    // Header names and ", " are all valid header value bytes.
+    Ok(Some(
+        HeaderValue::try_from(names.join(", ")).expect("header names make a valid header value"),
+    ))
+}
+
 // ---- IP filter ----------------------------------------------------------------------------
 
 /// `{ type = "ip_filter", allow = ["10.0.0.0/8"], deny = ["10.6.6.0/24"] }`
@@ -152,19 +199,8 @@ pub struct MethodsPolicy {
 
 impl MethodsPolicy {
     pub fn build(config: MethodsConfig) -> Result<Self, PolicyBuildError> {
-        let allow = config
-            .allow
-            .iter()
-            .map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| build_err("methods", format!("allow: {e}")))?;
-        let joined = allow
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let allow_header =
-            HeaderValue::try_from(joined).map_err(|e| build_err("methods", e.to_string()))?;
+        let allow = parse_methods("methods", "allow", &config.allow)?;
+        let allow_header = method_list(&allow);
         Ok(Self {
             allow,
             allow_header,
@@ -222,6 +258,10 @@ fn default_max_age() -> u64 {
 pub struct CorsPolicy {
     config: CorsConfig,
     any_origin: bool,
+    /// `Access-Control-Allow-Methods`, `-Allow-Headers` and `-Expose-Headers`, built once.
+    allow_methods: Option<HeaderValue>,
+    allow_headers: Option<HeaderValue>,
+    expose_headers: Option<HeaderValue>,
 }
 
 impl CorsPolicy {
@@ -233,7 +273,17 @@ impl CorsPolicy {
                 "credentials = true cannot be combined with origins = [\"*\"]".into(),
             ));
         }
-        Ok(Self { config, any_origin })
+        let methods = parse_methods("cors", "methods", &config.methods)?;
+        let allow_methods = (!methods.is_empty()).then(|| method_list(&methods));
+        let allow_headers = header_name_list("cors", "headers", &config.headers)?;
+        let expose_headers = header_name_list("cors", "expose_headers", &config.expose_headers)?;
+        Ok(Self {
+            config,
+            any_origin,
+            allow_methods,
+            allow_headers,
+            expose_headers,
+        })
     }
 
     fn allowed_origin(&self, req: &Request<ProxyBody>) -> Option<HeaderValue> {
@@ -269,12 +319,11 @@ impl CorsPolicy {
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();
         self.allow_origin_headers(h, origin);
-        let join = |v: &[String]| HeaderValue::try_from(v.join(", ")).ok();
-        if let Some(m) = join(&self.config.methods) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, m);
+        if let Some(v) = &self.allow_methods {
+            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
         }
-        if let Some(v) = join(&self.config.headers).filter(|v| !v.is_empty()) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+        if let Some(v) = &self.allow_headers {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
         }
         h.insert(
             header::ACCESS_CONTROL_MAX_AGE,
@@ -312,11 +361,9 @@ impl Policy for CorsPolicy {
     ) -> Response<ProxyBody> {
         if let PhaseState::Cors(origin) = ctx.take_state() {
             self.allow_origin_headers(resp.headers_mut(), &origin);
-            if let Ok(v) = HeaderValue::try_from(self.config.expose_headers.join(", ")) {
-                if !v.is_empty() {
-                    resp.headers_mut()
-                        .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
-                }
+            if let Some(v) = &self.expose_headers {
+                resp.headers_mut()
+                    .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
             }
         }
         resp
@@ -326,6 +373,56 @@ impl Policy for CorsPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cors(methods: &[&str], headers: &[&str], expose: &[&str]) -> Result<CorsPolicy, String> {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        CorsPolicy::build(CorsConfig {
+            origins: vec!["https://app.example".into()],
+            methods: list(methods),
+            headers: list(headers),
+            expose_headers: list(expose),
+            credentials: false,
+            max_age_secs: 60,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn cors_header_lists_are_checked_and_built_once() {
+        let p = cors(&["get", "PUT"], &["content-type"], &["x-total", "x-page"]).unwrap();
+        assert_eq!(p.allow_methods.as_ref().unwrap(), "GET, PUT");
+        assert_eq!(p.allow_headers.as_ref().unwrap(), "content-type");
+        assert_eq!(p.expose_headers.as_ref().unwrap(), "x-total, x-page");
+        let p = cors(&[], &[], &[]).unwrap();
+        assert!(p.allow_methods.is_none() && p.allow_headers.is_none());
+        assert!(p.expose_headers.is_none());
+
+        let err = cors(&["GET", "BAD METHOD"], &[], &[]).err().unwrap();
+        assert!(
+            err.contains("cors") && err.contains("methods: \"BAD METHOD\" is not an HTTP method"),
+            "{err}"
+        );
+        let err = cors(&["GET"], &["content type"], &[]).err().unwrap();
+        assert!(
+            err.contains("headers: \"content type\" is not a header name"),
+            "{err}"
+        );
+        let err = cors(&["GET"], &[], &["x-ok", "x-bad\n"]).err().unwrap();
+        assert!(
+            err.contains("expose_headers: \"x-bad\\n\" is not a header name"),
+            "{err}"
+        );
+        let err = MethodsPolicy::build(MethodsConfig {
+            allow: vec!["G(T".into()],
+        })
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .contains("allow: \"G(T\" is not an HTTP method"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn ip_filter_deny_wins_and_maps_v4() {
