@@ -73,33 +73,96 @@ pub struct JsonEdits {
     pub rename: BTreeMap<String, String>,
 }
 
-/// Header edits with names parsed once.
+/// The variables a template may use.
+const VARIABLES: [&str; 4] = ["client_ip", "request_id", "route", "upstream"];
+
+fn build_err(message: String) -> PolicyBuildError {
+    PolicyBuildError {
+        policy: "transform".into(),
+        message,
+    }
+}
+
+/// Checks that every `${...}` in `template` is closed and names a known variable.
+fn check_variables(field: &str, template: &str) -> Result<(), PolicyBuildError> {
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(build_err(format!(
+                "{field}: {template:?} opens a variable with \"${{\" that is never closed"
+            )));
+        };
+        let name = &after[..end];
+        if !VARIABLES.contains(&name) {
+            return Err(build_err(format!(
+                "{field}: unknown variable ${{{name}}} in {template:?} (known: {})",
+                VARIABLES.map(|v| format!("${{{v}}}")).join(", ")
+            )));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// A header value from config: fixed, or a template filled per request.
+enum ValueTemplate {
+    Fixed(HeaderValue),
+    Variables(String),
+}
+
+impl ValueTemplate {
+    fn compile(field: &str, name: &str, template: &str) -> Result<Self, PolicyBuildError> {
+        let field = format!("{field}: header {name:?}");
+        check_variables(&field, template)?;
+        // Variables fill in an IP address, a request id or a config name, none of which can
+        // make a valid value invalid; so the template itself must be a valid value.
+        let value = HeaderValue::try_from(template).map_err(|_| {
+            build_err(format!(
+                "{field}: {template:?} is not a valid header value (control characters?)"
+            ))
+        })?;
+        Ok(if template.contains("${") {
+            Self::Variables(template.to_string())
+        } else {
+            Self::Fixed(value)
+        })
+    }
+
+    fn value(&self, ctx: &RequestCtx) -> Option<HeaderValue> {
+        match self {
+            Self::Fixed(v) => Some(v.clone()),
+            Self::Variables(t) => HeaderValue::try_from(expand(t, ctx)).ok(),
+        }
+    }
+}
+
+/// Header edits with names and values checked once.
 #[derive(Default)]
 struct CompiledHeaders {
-    add: Vec<(HeaderName, String)>,
-    set: Vec<(HeaderName, String)>,
+    add: Vec<(HeaderName, ValueTemplate)>,
+    set: Vec<(HeaderName, ValueTemplate)>,
     remove: Vec<HeaderName>,
 }
 
 impl CompiledHeaders {
     fn compile(edits: &HeaderEdits, field: &str) -> Result<Self, PolicyBuildError> {
         let name = |n: &str| {
-            HeaderName::try_from(n).map_err(|e| PolicyBuildError {
-                policy: "transform".into(),
-                message: format!("{field}: header {n:?}: {e}"),
-            })
+            HeaderName::try_from(n).map_err(|e| build_err(format!("{field}: header {n:?}: {e}")))
+        };
+        let pairs = |map: &BTreeMap<String, String>, op: &str| {
+            map.iter()
+                .map(|(k, v)| {
+                    Ok((
+                        name(k)?,
+                        ValueTemplate::compile(&format!("{field}.{op}"), k, v)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, PolicyBuildError>>()
         };
         Ok(Self {
-            add: edits
-                .add
-                .iter()
-                .map(|(k, v)| Ok((name(k)?, v.clone())))
-                .collect::<Result<_, PolicyBuildError>>()?,
-            set: edits
-                .set
-                .iter()
-                .map(|(k, v)| Ok((name(k)?, v.clone())))
-                .collect::<Result<_, PolicyBuildError>>()?,
+            add: pairs(&edits.add, "add")?,
+            set: pairs(&edits.set, "set")?,
             remove: edits
                 .remove
                 .iter()
@@ -113,16 +176,26 @@ impl CompiledHeaders {
             headers.remove(n);
         }
         for (n, template) in &self.set {
-            if let Ok(v) = HeaderValue::try_from(expand(template, ctx)) {
+            if let Some(v) = template.value(ctx) {
                 headers.insert(n.clone(), v);
             }
         }
         for (n, template) in &self.add {
-            if let Ok(v) = HeaderValue::try_from(expand(template, ctx)) {
+            if let Some(v) = template.value(ctx) {
                 headers.append(n.clone(), v);
             }
         }
     }
+}
+
+/// Checks the variables in the string values a JSON edit adds.
+fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), PolicyBuildError> {
+    for (key, value) in edits.iter().flat_map(|e| &e.add) {
+        if let Value::String(s) = value {
+            check_variables(&format!("{field}.add.{key}"), s)?;
+        }
+    }
+    Ok(())
 }
 
 /// Fills `${client_ip}`, `${request_id}`, `${route}` and `${upstream}`.
@@ -195,12 +268,11 @@ impl TransformPolicy {
             .map(|r| {
                 Regex::new(&r.pattern)
                     .map(|re| (re, r.replacement.clone()))
-                    .map_err(|e| PolicyBuildError {
-                        policy: "transform".into(),
-                        message: format!("path_rewrite.pattern: {e}"),
-                    })
+                    .map_err(|e| build_err(format!("path_rewrite.pattern: {e}")))
             })
             .transpose()?;
+        check_json_edits("request_json", config.request_json.as_ref())?;
+        check_json_edits("response_json", config.response_json.as_ref())?;
         Ok(Self {
             request_headers: CompiledHeaders::compile(&config.request_headers, "request_headers")?,
             response_headers: CompiledHeaders::compile(
@@ -339,6 +411,49 @@ mod tests {
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, serde_json::json!({"username":"a","n":1,"via":"users"}));
         assert!(edit_json(b"[1]", &edits, &ctx()).is_none());
+    }
+
+    fn build_error(toml_text: &str) -> String {
+        let cfg: TransformConfig = toml::from_str(toml_text).unwrap();
+        match TransformPolicy::build(cfg) {
+            Ok(_) => panic!("{toml_text} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn templates_are_checked_when_built() {
+        let err = build_error("request_headers = { set = { x-ip = \"${clientip}\" } }");
+        assert!(
+            err.contains("request_headers.set: header \"x-ip\": unknown variable ${clientip}"),
+            "{err}"
+        );
+        assert!(
+            err.contains("known: ${client_ip}, ${request_id}, ${route}, ${upstream}"),
+            "{err}"
+        );
+        let err = build_error("response_headers = { add = { x-r = \"a ${route\" } }");
+        assert!(
+            err.contains("response_headers.add: header \"x-r\": \"a ${route\" opens a variable"),
+            "{err}"
+        );
+        let err = build_error("response_headers = { add = { x-r = \"a\\nb\" } }");
+        assert!(err.contains("is not a valid header value"), "{err}");
+        let err = build_error("response_json = { add = { via = \"${rout}\" } }");
+        assert!(
+            err.contains("response_json.add.via: unknown variable ${rout}"),
+            "{err}"
+        );
+
+        let cfg: TransformConfig = toml::from_str(
+            "response_headers = { set = { x-fixed = \"1\", x-route = \"${route}:${upstream}\" } }",
+        )
+        .unwrap();
+        let p = TransformPolicy::build(cfg).unwrap();
+        let mut headers = HeaderMap::new();
+        p.response_headers.apply(&mut headers, &ctx());
+        assert_eq!(headers["x-fixed"], "1");
+        assert_eq!(headers["x-route"], "users:api");
     }
 
     #[test]
