@@ -82,6 +82,51 @@ async fn header_keys_get_separate_buckets() {
 }
 
 #[tokio::test]
+async fn requests_without_the_key_are_limited_by_client_ip_in_buckets_of_their_own() {
+    let up = ok_upstream().await;
+    let gw = limited_gateway(
+        &up,
+        "type = \"rate_limit\"\nrequests = 1\nperiod_secs = 60\nkey = \"header:x-tenant\"",
+    )
+    .await;
+    // No header: limited by the client's address (not let through, not one shared bucket
+    // that any client could drain by sending a placeholder value).
+    assert_eq!(get(gw, "/", &[]).await.status, 200);
+    assert_eq!(get(gw, "/", &[]).await.status, 429);
+    // A key value equal to that address, or to the old shared placeholder, is its own bucket.
+    assert_eq!(get(gw, "/", &[("x-tenant", "127.0.0.1")]).await.status, 200);
+    assert_eq!(get(gw, "/", &[("x-tenant", "-")]).await.status, 200);
+    assert_eq!(get(gw, "/", &[("x-tenant", "-")]).await.status, 429);
+}
+
+#[tokio::test]
+async fn stacked_limits_report_the_one_that_refuses_first() {
+    let up = ok_upstream().await;
+    let chain = chain_from_toml(
+        "[[policies]]\ntype = \"rate_limit\"\nrequests = 100\n\n\
+         [[policies]]\ntype = \"rate_limit\"\nrequests = 2\n",
+    );
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let got = get(gw, "/", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(limit_headers(&got), (Some("2"), Some("1"), Some("30")));
+    assert_eq!(get(gw, "/", &[]).await.status, 200);
+    let denied = get(gw, "/", &[]).await;
+    assert_eq!(denied.status, 429);
+    assert_eq!(limit_headers(&denied), (Some("2"), Some("0"), Some("60")));
+    assert_eq!(denied.header("retry-after"), Some("30"));
+
+    // The outer limit is the stricter one: its headers win.
+    let chain = chain_from_toml(
+        "[[policies]]\ntype = \"rate_limit\"\nrequests = 1\n\n\
+         [[policies]]\ntype = \"rate_limit\"\nrequests = 50\n",
+    );
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let got = get(gw, "/", &[]).await;
+    assert_eq!(limit_headers(&got), (Some("1"), Some("0"), Some("60")));
+}
+
+#[tokio::test]
 async fn limit_by_jwt_subject_after_jwt_policy() {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let up = ok_upstream().await;
@@ -200,6 +245,43 @@ async fn two_instances_share_one_redis_bucket() {
     drop(redis);
     let got = get(gw1, "/", &[("x-user", "erin")]).await;
     assert_eq!(got.status, 503);
+}
+
+#[tokio::test]
+async fn redis_buckets_are_per_route_unless_a_prefix_is_shared() {
+    let Some(redis) = start_redis() else {
+        eprintln!("SKIPPED: redis-server not found in /usr/bin or /usr/local/bin");
+        return;
+    };
+    let up = ok_upstream().await;
+    let policy = |prefix: &str| {
+        format!(
+            "[[policies]]\ntype = \"rate_limit\"\nrequests = 1\nperiod_secs = 60\n\
+             redis_url = \"redis://127.0.0.1:{}/\"\non_redis_error = \"fail_closed\"\n{prefix}",
+            redis.port
+        )
+    };
+    let on_route = |route: &'static str, prefix: &'static str| {
+        let chain = chain_from_toml(&policy(prefix));
+        let groups = one_group("app", up.addr);
+        async move { gateway_for_route(chain, groups, "app", route).await }
+    };
+    // No prefix: the same route on two instances shares a bucket, another route does not.
+    let (a1, a2, b) = (
+        on_route("a", "").await,
+        on_route("a", "").await,
+        on_route("b", "").await,
+    );
+    assert_eq!(get(a1, "/", &[]).await.status, 200);
+    assert_eq!(get(a2, "/", &[]).await.status, 429);
+    assert_eq!(get(b, "/", &[]).await.status, 200);
+    // The same explicit prefix shares buckets across routes.
+    let (c, d) = (
+        on_route("c", "redis_prefix = \"shared\"").await,
+        on_route("d", "redis_prefix = \"shared\"").await,
+    );
+    assert_eq!(get(c, "/", &[]).await.status, 200);
+    assert_eq!(get(d, "/", &[]).await.status, 429);
 }
 
 #[tokio::test]

@@ -3,14 +3,22 @@
 //!
 //! Data in: each request is mapped to a key (`client_ip`, `jwt_sub` from
 //! [`super::jwt::JwtClaims`], `api_key` from [`super::api_key::ApiKeyId`], or `header:<name>`).
-//! A key may send `burst` requests at once and then one every `period_secs / requests`. The
-//! state lives in process memory, or in Redis when `redis_url` is set so several proxy
-//! instances share one bucket: a Lua script runs the same algorithm atomically with Redis's
-//! clock. When Redis is unreachable, `on_redis_error` decides between letting the request
-//! through (`fail_open`) and answering 503 (`fail_closed`).
+//! A request without its key (no token, no API key, no such header) is limited by its client
+//! IP instead, as Kong does, in buckets of their own: a client cannot spend another's budget
+//! by sending its address as the key. A key may send `burst` requests at once and then one
+//! every `period_secs / requests`. The state lives in process memory, or in Redis when
+//! `redis_url` is set so several proxy instances share one bucket: a Lua script runs the same
+//! algorithm atomically with Redis's clock. Redis keys are `<redis_prefix>:key:<key>` and
+//! `<redis_prefix>:ip:<address>`; the prefix defaults to `l7rl:<route name>`, so the limits of
+//! different routes never share buckets, while the same route on every instance does. Limits
+//! that should share buckets across routes name the same `redis_prefix`. When Redis is
+//! unreachable, `on_redis_error` decides between letting the request through (`fail_open`)
+//! and answering 503 (`fail_closed`).
 //!
 //! Data out: a limited request answers 429 with `Retry-After`; an admitted one carries
-//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` on its response.
+//! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` on its response. When
+//! several limits apply to one request, the headers are those of the limit with the fewest
+//! requests remaining (the one that will refuse first).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -42,9 +50,10 @@ pub struct RateLimitConfig {
     /// `redis://host:port/db`: share buckets through Redis.
     #[serde(default)]
     pub redis_url: Option<String>,
-    /// Prefix of Redis keys; give each limit its own.
-    #[serde(default = "default_prefix")]
-    pub redis_prefix: String,
+    /// Prefix of Redis keys: `l7rl:<route name>` by default; limits given the same prefix
+    /// share their buckets.
+    #[serde(default)]
+    pub redis_prefix: Option<String>,
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
     #[serde(default)]
@@ -56,9 +65,6 @@ fn default_period_secs() -> u64 {
 }
 fn default_key() -> String {
     "client_ip".into()
-}
-fn default_prefix() -> String {
-    "l7rl".into()
 }
 fn default_redis_timeout_ms() -> u64 {
     250
@@ -98,36 +104,46 @@ impl KeySource {
         }
     }
 
-    /// Calls `f` with the request's bucket key, without allocating. Requests that lack the
-    /// key's source share the key `-` (they are limited together rather than let through).
+    /// Calls `f` with the request's bucket key: `key:<value>`, or `ip:<client address>` for
+    /// `client_ip` and for requests that lack the key's source (limited by their address, in
+    /// buckets no key value can name). Keys up to 128 bytes are built without allocating.
     fn with_key<R>(
         &self,
         req: &Request<ProxyBody>,
         ctx: &RequestCtx,
         f: impl FnOnce(&str) -> R,
     ) -> R {
-        match self {
-            Self::ClientIp => {
-                use std::io::Write;
-                let mut buf = [0u8; 64];
-                let mut cursor = std::io::Cursor::new(&mut buf[..]);
-                let _ = write!(cursor, "{}", ctx.client_addr.ip().to_canonical());
-                let len = cursor.position() as usize;
-                f(std::str::from_utf8(&buf[..len]).unwrap_or("-"))
-            }
-            Self::JwtSubject => f(ctx
-                .identity
-                .jwt
-                .as_ref()
-                .and_then(JwtClaims::subject)
-                .unwrap_or("-")),
-            Self::ApiKey => f(ctx.identity.api_key.as_ref().map_or("-", |k| k.0.as_str())),
-            Self::Header(h) => f(req
-                .headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")),
-        }
+        let value = match self {
+            Self::ClientIp => None,
+            Self::JwtSubject => ctx.identity.jwt.as_ref().and_then(JwtClaims::subject),
+            Self::ApiKey => ctx.identity.api_key.as_ref().map(|k| k.0.as_str()),
+            Self::Header(h) => req.headers().get(h).and_then(|v| v.to_str().ok()),
+        };
+        use std::fmt::Write;
+        let mut key = KeyBuf::default();
+        let _ = match value {
+            Some(v) => write!(key, "key:{v}"),
+            None => write!(key, "ip:{}", ctx.client_addr.ip().to_canonical()),
+        };
+        f(key.as_str())
+    }
+}
+
+/// A bucket key under construction: on the stack up to 128 bytes, on the heap beyond.
+#[derive(Default)]
+struct KeyBuf(smallvec::SmallVec<[u8; 128]>);
+
+impl KeyBuf {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are written in, so the bytes are UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for KeyBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -199,19 +215,44 @@ return {1, math.floor((now + window - new_tat) / emission), new_tat - now, 0}
 /// In-process buckets: key → TAT in µs since `epoch`.
 struct LocalBuckets {
     epoch: Instant,
-    tats: Mutex<HashMap<String, u64>>,
+    tats: Mutex<Tats>,
+}
+
+#[derive(Default)]
+struct Tats {
+    map: HashMap<String, u64>,
+    /// The size at which expired entries are dropped next: twice what the last pruning left
+    /// (at least [`LOCAL_PRUNE_AT`]), so pruning stays amortized O(1) per request even when
+    /// most keys are live (before, every request rescanned the whole map once it held
+    /// 100 000 live keys).
+    prune_at: usize,
 }
 
 const LOCAL_PRUNE_AT: usize = 100_000;
 
 impl LocalBuckets {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            tats: Mutex::new(Tats {
+                map: HashMap::new(),
+                prune_at: LOCAL_PRUNE_AT,
+            }),
+        }
+    }
+
     /// One GCRA step for `key` at `now` (the request's time).
     fn check(&self, gcra: Gcra, key: &str, now: Instant) -> Decision {
         let now = now.saturating_duration_since(self.epoch).as_micros() as u64;
-        let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
-        if tats.len() >= LOCAL_PRUNE_AT {
+        let mut guard = self.tats.lock().unwrap_or_else(|e| e.into_inner());
+        let Tats {
+            map: tats,
+            prune_at,
+        } = &mut *guard;
+        if tats.len() >= *prune_at {
             // A TAT in the past means a full bucket, the same as no entry.
             tats.retain(|_, tat| *tat > now);
+            *prune_at = (tats.len() * 2).max(LOCAL_PRUNE_AT);
         }
         match tats.get_mut(key) {
             Some(tat) => {
@@ -234,7 +275,8 @@ struct RedisBuckets {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
-    prefix: String,
+    /// `None`: `l7rl:<route name>`.
+    prefix: Option<String>,
     timeout: Duration,
 }
 
@@ -314,10 +356,7 @@ impl RateLimitPolicy {
                 prefix: config.redis_prefix.clone(),
                 timeout: Duration::from_millis(config.redis_timeout_ms),
             })),
-            None => Store::Local(LocalBuckets {
-                epoch: Instant::now(),
-                tats: Mutex::new(HashMap::new()),
-            }),
+            None => Store::Local(LocalBuckets::new()),
         };
         Ok(Self {
             gcra: Gcra { emission_us, burst },
@@ -328,7 +367,16 @@ impl RateLimitPolicy {
         })
     }
 
+    /// Sets the `RateLimit-*` headers, unless another limit of the chain already set them
+    /// with fewer requests remaining: clients should see the limit that refuses first.
     fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
+        let stricter_set = headers
+            .get(RATELIMIT_REMAINING)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|other| other < d.remaining);
+        if stricter_set {
+            return;
+        }
         headers.insert(RATELIMIT_LIMIT, self.limit_header.clone());
         headers.insert(RATELIMIT_REMAINING, number_header(d.remaining));
         headers.insert(
@@ -351,9 +399,10 @@ impl Policy for RateLimitPolicy {
                     .with_key(&req, ctx, |k| local.check(self.gcra, k, now))
             }
             Store::Redis(redis) => {
-                let key = self
-                    .key
-                    .with_key(&req, ctx, |k| format!("{}:{k}", redis.prefix));
+                let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
+                    Some(prefix) => format!("{prefix}:{k}"),
+                    None => format!("l7rl:{}:{k}", ctx.route_name),
+                });
                 // Boxed so the Redis client's large future does not sit in every request's future
                 // (local buckets need none).
                 match Box::pin(redis.check(self.gcra, key)).await {
@@ -440,6 +489,35 @@ mod tests {
             p.gcra.step(tat, 200).0.allowed,
             "one interval (200 µs) later"
         );
+    }
+
+    #[test]
+    fn local_pruning_is_amortized_when_keys_stay_live() {
+        let local = LocalBuckets::new();
+        let gcra = Gcra {
+            emission_us: 60_000_000,
+            burst: 1,
+        };
+        let now = Instant::now();
+        for i in 0..LOCAL_PRUNE_AT {
+            local.check(gcra, &format!("key:{i}"), now);
+        }
+        // Every key is live: one scan, then none until the map doubles.
+        local.check(gcra, "key:next", now);
+        let tats = local.tats.lock().unwrap();
+        assert_eq!(tats.prune_at, 2 * LOCAL_PRUNE_AT);
+        assert_eq!(tats.map.len(), LOCAL_PRUNE_AT + 1);
+        drop(tats);
+        // Expired entries go at the next scan.
+        let later = now + Duration::from_secs(61);
+        for i in 0..LOCAL_PRUNE_AT {
+            local.check(gcra, &format!("other:{i}"), later);
+        }
+        let tats = local.tats.lock().unwrap();
+        // The scan came when the map reached 200 000 entries (100 001 expired, 99 999 live).
+        assert_eq!(tats.map.len(), LOCAL_PRUNE_AT);
+        assert!(tats.map.keys().all(|k| k.starts_with("other:")));
+        assert_eq!(tats.prune_at, 2 * (LOCAL_PRUNE_AT - 1));
     }
 
     #[test]

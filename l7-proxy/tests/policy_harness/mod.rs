@@ -122,6 +122,17 @@ pub async fn gateway(
     groups: HashMap<String, SocketAddr>,
     default_group: &str,
 ) -> SocketAddr {
+    gateway_for_route(chain, groups, default_group, "test-route").await
+}
+
+/// [`gateway`] whose requests match the route named `route`.
+pub async fn gateway_for_route(
+    chain: PolicyChain,
+    groups: HashMap<String, SocketAddr>,
+    default_group: &str,
+    route: &str,
+) -> SocketAddr {
+    let route = route.to_string();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let groups = Arc::new(groups);
@@ -134,12 +145,13 @@ pub async fn gateway(
             let Ok((stream, peer)) = listener.accept().await else {
                 return;
             };
-            let (chain, groups, client, default_group, next_id) = (
+            let (chain, groups, client, default_group, next_id, route) = (
                 chain.clone(),
                 groups.clone(),
                 client.clone(),
                 default_group.clone(),
                 next_id.clone(),
+                route.clone(),
             );
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
@@ -147,7 +159,7 @@ pub async fn gateway(
                     let mut ctx = RequestCtx::new(
                         peer,
                         format!("req-{}", next_id.fetch_add(1, Ordering::SeqCst)),
-                        "test-route".into(),
+                        route.clone(),
                         default_group.clone(),
                         false,
                         std::time::Instant::now(),
