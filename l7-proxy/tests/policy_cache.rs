@@ -260,3 +260,126 @@ async fn uncacheable_keys_skip_coalescing_until_a_storable_response() {
     );
     assert_eq!(up.hits(), 13);
 }
+
+/// `[version, cache]`: `/v1/x` and `/v2/x` are both forwarded as `/x`, to different groups; the
+/// group is part of the key, so each version gets its own body.
+#[tokio::test]
+async fn the_upstream_group_is_part_of_the_key() {
+    let v1 =
+        upstream(|_, _| async { reply(200, &[("cache-control", "max-age=60")], "v1 body") }).await;
+    let v2 =
+        upstream(|_, _| async { reply(200, &[("cache-control", "max-age=60")], "v2 body") }).await;
+    let chain = chain_from_toml(
+        r#"
+        [[policies]]
+        type = "version"
+        default = "v1"
+        versions = { v1 = { upstream = "g1" }, v2 = { upstream = "g2" } }
+        [[policies]]
+        type = "cache"
+        "#,
+    );
+    let groups =
+        std::collections::HashMap::from([("g1".to_string(), v1.addr), ("g2".to_string(), v2.addr)]);
+    let gw = gateway(chain, groups, "g1").await;
+    assert_eq!(text(&get(gw, "/v1/users", &[]).await), "v1 body");
+    let v2_got = get(gw, "/v2/users", &[]).await;
+    assert_eq!(
+        (text(&v2_got), v2_got.header("x-cache")),
+        ("v2 body".to_string(), Some("MISS"))
+    );
+    assert_eq!(
+        get(gw, "/v1/users", &[]).await.header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(text(&get(gw, "/v2/users", &[]).await), "v2 body");
+    assert_eq!((v1.hits(), v2.hits()), (1, 1));
+}
+
+/// An upstream that greets the user named in `x-user` and allows caching with plain max-age
+/// (which a shared cache must not apply to authorized requests).
+async fn per_user_upstream() -> Upstream {
+    upstream(|parts, _| async move {
+        let user = parts
+            .headers
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        reply(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("hello {user}"),
+        )
+    })
+    .await
+}
+
+/// `[basic_auth, cache]`: basic_auth removes `Authorization` before the cache runs, but the
+/// request is still authorized (RFC 9111 section 3.5): a per-user response with plain max-age
+/// is not stored and never served to another user.
+#[tokio::test]
+async fn basic_auth_users_do_not_share_responses() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use base64::Engine;
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64, 1, 1, None).unwrap(),
+    );
+    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
+    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let up = per_user_upstream().await;
+    let chain = chain_from_toml(&format!(
+        r#"
+        [[policies]]
+        type = "basic_auth"
+        user_header = "x-user"
+        users = {{ alice = "{phc}", bob = "{phc}" }}
+        [[policies]]
+        type = "cache"
+        "#
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let basic = |u: &str| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{u}:pw"));
+        format!("Basic {b64}")
+    };
+    for user in ["alice", "bob", "alice"] {
+        let got = get(gw, "/me", &[("authorization", &basic(user))]).await;
+        assert_eq!(text(&got), format!("hello {user}"));
+        assert_eq!(got.header("x-cache"), Some("MISS"));
+    }
+    assert_eq!(up.hits(), 3);
+}
+
+/// `[api_key, cache]`: the key is removed before the cache runs; the request is authorized all
+/// the same.
+#[tokio::test]
+async fn api_key_clients_do_not_share_responses() {
+    use sha2::Digest;
+    let sha = |k: &str| hex::encode(sha2::Sha256::digest(k.as_bytes()));
+    let up = per_user_upstream().await;
+    let chain = chain_from_toml(&format!(
+        r#"
+        [[policies]]
+        type = "api_key"
+        id_header = "x-user"
+        keys = [{{ id = "team-a", sha256 = "{}" }}, {{ id = "team-b", sha256 = "{}" }}]
+        [[policies]]
+        type = "cache"
+        "#,
+        sha("key-a"),
+        sha("key-b")
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    assert_eq!(
+        text(&get(gw, "/me", &[("x-api-key", "key-a")]).await),
+        "hello team-a"
+    );
+    assert_eq!(
+        text(&get(gw, "/me", &[("x-api-key", "key-b")]).await),
+        "hello team-b"
+    );
+    assert_eq!(up.hits(), 2);
+}

@@ -1,7 +1,8 @@
 //! In-memory response cache with request coalescing.
 //!
-//! Data in: GET and HEAD requests. The cache key is method + host + path + query, plus the
-//! values of the request headers the stored response named in `Vary`. A request with
+//! Data in: GET and HEAD requests. The cache key is method + upstream group (as chosen by the
+//! policies before this one, e.g. `version`) + host + path + query, plus the values of the
+//! request headers the stored response named in `Vary`. A request with
 //! `Cache-Control: no-store` bypasses the cache; `no-cache` forces revalidation.
 //!
 //! A fresh entry answers directly (`X-Cache: HIT`, `Age`), as 304 when the request's
@@ -17,8 +18,10 @@
 //! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
 //! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
 //! is stored in a bounded quick_cache cache (weighed by body size) and sent with `X-Cache: MISS`.
-//! Responses that set cookies, say `Vary: *`, or answer a request with `Authorization` without
-//! `public` / `s-maxage` / `must-revalidate` are not stored.
+//! Responses that set cookies, say `Vary: *`, or answer an authorized request without
+//! `public` / `s-maxage` / `must-revalidate` are not stored. A request is authorized when it
+//! carries `Authorization` or an authentication policy (`jwt`, `api_key`, `basic_auth`)
+//! accepted it: those may remove the credentials before the cache sees the request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -169,7 +172,7 @@ pub struct Pending {
     revalidating: Option<Arc<Entry>>,
     /// The client's own conditional header, to answer 304 after revalidation.
     client_inm: Option<HeaderValue>,
-    /// The request carried `Authorization`.
+    /// The request carried `Authorization` or was accepted by an authentication policy.
     authorized: bool,
     request_headers: HeaderMap,
 }
@@ -345,6 +348,20 @@ fn miss(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp
 }
 
+/// Whether a request is authorized in the sense of RFC 9111 section 3.5: it carries
+/// `Authorization`, or an authentication policy before the cache accepted it (`basic_auth`,
+/// `api_key` and `jwt` may remove the credentials they checked, but the response is still
+/// meant for that user).
+fn authorized(req: &Request<ProxyBody>, ctx: &RequestCtx) -> bool {
+    req.headers().contains_key(header::AUTHORIZATION) || authenticated(ctx)
+}
+
+/// Whether an authentication policy accepted the request.
+fn authenticated(ctx: &RequestCtx) -> bool {
+    let id = &ctx.identity;
+    id.jwt.is_some() || id.api_key.is_some() || id.basic_user.is_some()
+}
+
 /// Headers that describe a connection, not the stored response.
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
@@ -381,9 +398,15 @@ impl Policy for CachePolicy {
             .or(req.uri().host())
             .unwrap_or("");
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let mut base_key =
-            String::with_capacity(method.as_str().len() + 1 + host.len() + path_and_query.len());
+        let group = ctx.upstream_group.as_str();
+        let mut base_key = String::with_capacity(
+            method.as_str().len() + group.len() + 2 + host.len() + path_and_query.len(),
+        );
         base_key.push_str(method.as_str());
+        base_key.push(' ');
+        // The group chosen so far (a `version` policy before this one may have picked it and
+        // rewritten the path): another group is another origin.
+        base_key.push_str(group);
         base_key.push(' ');
         let host_at = base_key.len();
         base_key.push_str(host);
@@ -397,7 +420,7 @@ impl Policy for CachePolicy {
             if ctx.received < *until {
                 ctx.set_state(PhaseState::Cache(CacheState::Passing(Passing {
                     base_key,
-                    authorized: req.headers().contains_key(header::AUTHORIZATION),
+                    authorized: authorized(&req, ctx),
                 })));
                 return RequestOutcome::Continue(req);
             }
@@ -453,7 +476,7 @@ impl Policy for CachePolicy {
             leader,
             revalidating,
             client_inm,
-            authorized: req.headers().contains_key(header::AUTHORIZATION),
+            authorized: authorized(&req, ctx),
             request_headers: req.headers().clone(),
         }))));
         RequestOutcome::Continue(req)
@@ -470,7 +493,8 @@ impl Policy for CachePolicy {
                 // Known uncacheable, so the request headers a Vary would need were not kept: a
                 // storable response ends the state, and the next request is looked up and
                 // stored.
-                if self.storable(&resp, passing.authorized).is_some() {
+                let authorized = passing.authorized || authenticated(ctx);
+                if self.storable(&resp, authorized).is_some() {
                     self.vary.remove(passing.base_key.as_str());
                 }
                 return miss(resp);
@@ -490,8 +514,8 @@ impl Policy for CachePolicy {
                 return out;
             }
         }
-        let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, pending.authorized)
-        else {
+        let authorized = pending.authorized || authenticated(ctx);
+        let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, authorized) else {
             self.mark_uncacheable(pending.base_key.clone());
             return miss(resp);
         };
