@@ -259,6 +259,10 @@ async fn security_filters_answer_403_413_405_and_cors() {
     let allowed =
         gw_for("[[policies]]\ntype = \"ip_filter\"\nallow = [\"127.0.0.1/32\", \"::1/128\"]").await;
     assert_eq!(get(allowed, "/", &[]).await.status, 200);
+    // IPv4-mapped IPv6 networks match the IPv4 clients they stand for.
+    let mapped =
+        gw_for("[[policies]]\ntype = \"ip_filter\"\ndeny = [\"::ffff:127.0.0.0/104\"]").await;
+    assert_eq!(get(mapped, "/", &[]).await.status, 403);
 
     let limited = gw_for("[[policies]]\ntype = \"body_limit\"\nmax_bytes = 10").await;
     assert_eq!(
@@ -286,6 +290,12 @@ async fn security_filters_answer_403_413_405_and_cors() {
     assert_eq!(got.status, 405);
     assert_eq!(got.header("allow"), Some("GET, HEAD"));
     assert_eq!(get(methods, "/", &[]).await.status, 200);
+    // Allowing GET allows HEAD.
+    let get_post = gw_for("[[policies]]\ntype = \"methods\"\nallow = [\"GET\", \"POST\"]").await;
+    assert_eq!(send(get_post, "HEAD", "/", &[], "").await.status, 200);
+    let got = send(get_post, "PUT", "/", &[], "").await;
+    assert_eq!(got.status, 405);
+    assert_eq!(got.header("allow"), Some("GET, POST, HEAD"));
 
     let hits_before = up.hits();
     let cors = gw_for(
@@ -325,4 +335,44 @@ async fn security_filters_answer_403_413_405_and_cors() {
     assert!(got.header("vary").unwrap().contains("Origin"));
     let got = get(cors, "/items", &[("origin", "https://evil.example")]).await;
     assert_eq!(got.header("access-control-allow-origin"), None);
+    // Responses to a refused origin or to no origin vary by Origin too: a cache must not give
+    // them to an allowed origin.
+    assert_eq!(got.header("vary"), Some("Origin"));
+    assert_eq!(
+        get(cors, "/items", &[]).await.header("vary"),
+        Some("Origin")
+    );
+
+    // Without a configured `headers` list, a preflight allows the headers it asks for.
+    let open_headers = gw_for(
+        "[[policies]]\ntype = \"cors\"\norigins = [\"https://app.example\"]\nmethods = [\"GET\", \"POST\"]",
+    )
+    .await;
+    let pre = send(
+        open_headers,
+        "OPTIONS",
+        "/items",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "content-type, authorization",
+            ),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(
+        pre.header("access-control-allow-headers"),
+        Some("content-type, authorization")
+    );
+    let vary: Vec<&str> = pre
+        .headers
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(vary, ["Origin", "Access-Control-Request-Headers"]);
 }

@@ -91,8 +91,25 @@ pub struct IpFilterPolicy {
     config: IpFilterConfig,
 }
 
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it stands for:
+/// client addresses are compared in their canonical form, where a mapped address is IPv4.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
 impl IpFilterPolicy {
-    pub fn build(config: IpFilterConfig) -> Result<Self, PolicyBuildError> {
+    pub fn build(mut config: IpFilterConfig) -> Result<Self, PolicyBuildError> {
+        for net in config.allow.iter_mut().chain(config.deny.iter_mut()) {
+            *net = canonical_net(*net);
+        }
         Ok(Self { config })
     }
 
@@ -199,7 +216,12 @@ pub struct MethodsPolicy {
 
 impl MethodsPolicy {
     pub fn build(config: MethodsConfig) -> Result<Self, PolicyBuildError> {
-        let allow = parse_methods("methods", "allow", &config.allow)?;
+        let mut allow = parse_methods("methods", "allow", &config.allow)?;
+        // A resource that answers GET answers HEAD too (RFC 9110 §9.3.2; nginx's
+        // `limit_except GET` allows both).
+        if allow.contains(&Method::GET) && !allow.contains(&Method::HEAD) {
+            allow.push(Method::HEAD);
+        }
         let allow_header = method_list(&allow);
         Ok(Self {
             allow,
@@ -314,7 +336,7 @@ impl CorsPolicy {
         }
     }
 
-    fn preflight(&self, origin: &HeaderValue) -> Response<ProxyBody> {
+    fn preflight(&self, origin: &HeaderValue, req: &Request<ProxyBody>) -> Response<ProxyBody> {
         let mut resp = Response::new(empty());
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();
@@ -322,8 +344,18 @@ impl CorsPolicy {
         if let Some(v) = &self.allow_methods {
             h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
         }
-        if let Some(v) = &self.allow_headers {
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        // Without a configured list, the headers the browser asks for are allowed (as Kong
+        // does), so a JSON or `Authorization` request is not refused by default.
+        let asked = || {
+            req.headers()
+                .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+                .cloned()
+        };
+        if let Some(v) = self.allow_headers.clone().or_else(asked) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+            if self.allow_headers.is_none() {
+                append_token(h, header::VARY, "Access-Control-Request-Headers");
+            }
         }
         h.insert(
             header::ACCESS_CONTROL_MAX_AGE,
@@ -340,6 +372,7 @@ impl Policy for CorsPolicy {
 
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         let Some(origin) = self.allowed_origin(&req) else {
+            // No CORS headers; the response phase still adds `Vary: Origin`.
             return RequestOutcome::Continue(req);
         };
         let is_preflight = req.method() == Method::OPTIONS
@@ -347,7 +380,7 @@ impl Policy for CorsPolicy {
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if is_preflight {
-            return RequestOutcome::Respond(self.preflight(&origin));
+            return RequestOutcome::Respond(self.preflight(&origin, &req));
         }
         // The allowed origin, for the response.
         ctx.set_state(PhaseState::Cors(origin));
@@ -359,7 +392,14 @@ impl Policy for CorsPolicy {
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        if let PhaseState::Cors(origin) = ctx.take_state() {
+        let state = ctx.take_state();
+        if !self.any_origin {
+            // The response depends on the request's Origin whether or not it was allowed:
+            // without `Vary: Origin` a cache would serve a response made for no origin (or
+            // another) to an allowed one (the Fetch standard's "CORS protocol and HTTP caches").
+            append_token(resp.headers_mut(), header::VARY, "Origin");
+        }
+        if let PhaseState::Cors(origin) = state {
             self.allow_origin_headers(resp.headers_mut(), &origin);
             if let Some(v) = &self.expose_headers {
                 resp.headers_mut()
@@ -422,6 +462,17 @@ mod tests {
                 .contains("allow: \"G(T\" is not an HTTP method"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn mapped_networks_become_ipv4() {
+        let canon = |s: &str| canonical_net(s.parse().unwrap()).to_string();
+        assert_eq!(canon("::ffff:10.0.0.0/104"), "10.0.0.0/8");
+        assert_eq!(canon("::ffff:0.0.0.0/96"), "0.0.0.0/0");
+        assert_eq!(canon("::ffff:192.0.2.7/128"), "192.0.2.7/32");
+        assert_eq!(canon("::1/128"), "::1/128");
+        assert_eq!(canon("::/0"), "::/0");
+        assert_eq!(canon("10.0.0.0/8"), "10.0.0.0/8");
     }
 
     #[test]
