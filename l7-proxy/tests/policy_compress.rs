@@ -251,3 +251,69 @@ async fn cache_before_compress_stores_compressed_variants() {
     );
     assert_eq!(up.hits(), 3, "one upstream request per variant");
 }
+
+/// A response that could have been compressed names `Accept-Encoding` in `Vary` even when the
+/// client accepts no offered encoding (nginx's `gzip_vary`); one that could not does not.
+#[tokio::test]
+async fn vary_is_sent_on_compressible_responses_sent_as_is() {
+    let (_up, gw) = compress_gateway().await;
+    for ae in [&[][..], &[("accept-encoding", "identity")][..]] {
+        let plain = get(gw, "/text", ae).await;
+        assert_eq!(plain.header("content-encoding"), None);
+        assert_eq!(plain.header("vary"), Some("Accept-Encoding"), "{ae:?}");
+        assert_eq!(
+            plain.header("etag"),
+            Some("\"abc\""),
+            "identity keeps its strong ETag"
+        );
+        assert_eq!(plain.body, text_body());
+    }
+    for path in ["/small", "/png", "/encoded"] {
+        assert_eq!(get(gw, path, &[]).await.header("vary"), None, "{path}");
+    }
+}
+
+/// `[cache, compress]`: a client without `Accept-Encoding` gets its own identity variant
+/// instead of replacing the key's `Vary` list, so later gzip clients still get gzip hits.
+#[tokio::test]
+async fn cache_keeps_the_identity_variant_apart() {
+    let up = upstream(|_, _| async move {
+        reply(
+            200,
+            &[
+                ("content-type", "text/plain"),
+                ("cache-control", "max-age=60"),
+            ],
+            text_body()[..20_000].to_vec(),
+        )
+    })
+    .await;
+    let chain =
+        chain_from_toml("[[policies]]\ntype = \"cache\"\n[[policies]]\ntype = \"compress\"");
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let gz = [("accept-encoding", "gzip")];
+    assert_eq!(
+        get(gw, "/c", &gz).await.header("content-encoding"),
+        Some("gzip")
+    );
+    let plain = get(gw, "/c", &[]).await;
+    assert_eq!(
+        (plain.header("content-encoding"), plain.header("x-cache")),
+        (None, Some("MISS"))
+    );
+    let again = get(gw, "/c", &gz).await;
+    assert_eq!(
+        (again.header("content-encoding"), again.header("x-cache")),
+        (Some("gzip"), Some("HIT"))
+    );
+    assert!(decode("gzip", &again.body) == text_body()[..20_000]);
+    let plain_again = get(gw, "/c", &[]).await;
+    assert_eq!(
+        (
+            plain_again.header("content-encoding"),
+            plain_again.header("x-cache")
+        ),
+        (None, Some("HIT"))
+    );
+    assert_eq!(up.hits(), 2);
+}

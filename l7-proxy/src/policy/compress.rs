@@ -6,7 +6,10 @@
 //! Data out: a response is compressed when an encoding was negotiated, it is not already
 //! encoded, its `Content-Type` starts with one of `content_types`, it has a body (not HEAD,
 //! 204, 304) and its `Content-Length` is at least `min_size` (unknown length → compress). The
-//! `Content-Encoding` is set and `Vary: Accept-Encoding` added.
+//! `Content-Encoding` is set and `Vary: Accept-Encoding` added. Like nginx's `gzip_vary`, a
+//! response that would have been compressed but goes out as is because the client accepts no
+//! offered encoding gets `Vary: Accept-Encoding` too, so that a cache (the `cache` policy
+//! before this one included) keeps it apart from the compressed variants.
 //!
 //! Two paths, like nginx's sizing of zlib to the response:
 //! - A body whose `Content-Length` is at most [`ONE_SHOT_MAX`] is read (it is small and its size
@@ -137,7 +140,9 @@ impl Encoding {
 /// What the request phase decided for the response phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Negotiated {
-    encoding: Encoding,
+    /// `None`: the client accepts none of the offered encodings (the response still gets
+    /// `Vary: Accept-Encoding` when it could have been compressed).
+    encoding: Option<Encoding>,
     head: bool,
 }
 
@@ -372,12 +377,11 @@ impl Policy for CompressPolicy {
             .get_all(header::ACCEPT_ENCODING)
             .iter()
             .filter_map(|v| v.to_str().ok());
-        if let Some(encoding) = negotiate_values(values, &self.config.algorithms) {
-            ctx.set_state(PhaseState::Compress(Negotiated {
-                encoding,
-                head: req.method() == Method::HEAD,
-            }));
-        }
+        let encoding = negotiate_values(values, &self.config.algorithms);
+        ctx.set_state(PhaseState::Compress(Negotiated {
+            encoding,
+            head: req.method() == Method::HEAD,
+        }));
         RequestOutcome::Continue(req)
     }
 
@@ -394,14 +398,20 @@ impl Policy for CompressPolicy {
             return resp;
         }
         let (mut parts, body) = resp.into_parts();
+        // Whether or not this client gets it compressed, the representation depends on
+        // Accept-Encoding (nginx's gzip_vary): a cache must not hand this one to a client
+        // that sent another Accept-Encoding.
+        append_token(&mut parts.headers, header::VARY, "Accept-Encoding");
+        let Some(encoding) = neg.encoding else {
+            return Response::from_parts(parts, body);
+        };
         let one_shot = len.filter(|&n| n <= ONE_SHOT_MAX);
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.remove(header::ACCEPT_RANGES);
         parts.headers.insert(
             header::CONTENT_ENCODING,
-            HeaderValue::from_static(neg.encoding.token()),
+            HeaderValue::from_static(encoding.token()),
         );
-        append_token(&mut parts.headers, header::VARY, "Accept-Encoding");
         // A strong validator names the identity bytes; the encoded ones differ.
         if let Some(etag) = parts
             .headers
@@ -418,18 +428,18 @@ impl Policy for CompressPolicy {
             return Response::from_parts(parts, body);
         }
         let Some(len) = one_shot else {
-            return Response::from_parts(parts, encode_body(body, neg.encoding, &self.config));
+            return Response::from_parts(parts, encode_body(body, encoding, &self.config));
         };
         let body = match read_limited(body, len as usize).await {
             // The body's exact length goes out as `Content-Length`: hyper writes it from the
             // full body's size.
-            Ok(data) => match encode_all(&data, neg.encoding, &self.config) {
+            Ok(data) => match encode_all(&data, encoding, &self.config) {
                 Ok(encoded) => full(encoded),
                 Err(e) => failed_body(Box::new(e)),
             },
             // The upstream sent more than its Content-Length said; hyper fails such a body,
             // but stay correct anyway and stream the rest.
-            Err(ReadError::TooLarge { body }) => encode_body(body, neg.encoding, &self.config),
+            Err(ReadError::TooLarge { body }) => encode_body(body, encoding, &self.config),
             Err(ReadError::Body(e)) => failed_body(e),
         };
         Response::from_parts(parts, body)
