@@ -9,6 +9,22 @@ use policy_harness::*;
 use serde_json::json;
 
 /// Upstream that answers with what it received, tagged with `name`.
+/// Like [`echo`], with `Cache-Control: max-age=60`.
+async fn echo_cacheable(name: &'static str) -> Upstream {
+    upstream(move |parts, _| async move {
+        let body = serde_json::json!({"upstream": name, "path": parts.uri.to_string()});
+        reply(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("cache-control", "max-age=60"),
+            ],
+            body.to_string(),
+        )
+    })
+    .await
+}
+
 async fn echo(name: &'static str) -> Upstream {
     upstream(move |parts, body| async move {
         let headers: serde_json::Map<String, serde_json::Value> = parts
@@ -162,6 +178,53 @@ async fn versions_select_upstream_groups() {
         400
     );
     assert_eq!(v1.hits() + v2.hits(), 5);
+
+    // A version chosen by headers (or by default) varies by them; one chosen by the path not.
+    let got = get(gw, "/users", &[("accept-version", "2")]).await;
+    assert_eq!(got.header("vary"), Some("accept-version, Accept"));
+    assert_eq!(get(gw, "/v2/users", &[]).await.header("vary"), None);
+    // `/2/...` is an ordinary path, and other media types' version parameters are not API
+    // versions (a Prometheus scrape is not refused).
+    let got = get(gw, "/2/users", &[]).await.json();
+    assert_eq!(
+        (got["upstream"].as_str(), got["path"].as_str()),
+        (Some("v1"), Some("/2/users"))
+    );
+    let scrape = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let got = get(gw, "/metrics", &[("accept", scrape)]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["upstream"], "v1");
+}
+
+#[tokio::test]
+async fn a_cache_before_version_keeps_header_selected_versions_apart() {
+    let (v1, v2) = (echo_cacheable("v1").await, echo_cacheable("v2").await);
+    let chain = chain_from_toml(
+        r#"
+        [[policies]]
+        type = "cache"
+        [[policies]]
+        type = "version"
+        default = "v1"
+        versions = { v1 = { upstream = "api-v1" }, v2 = { upstream = "api-v2" } }
+        "#,
+    );
+    let groups = HashMap::from([
+        ("api-v1".to_string(), v1.addr),
+        ("api-v2".to_string(), v2.addr),
+    ]);
+    let gw = gateway(chain, groups, "unset").await;
+    let ask = |v: &'static str| async move {
+        let got = get(gw, "/users", &[("accept-version", v)]).await;
+        (
+            got.json()["upstream"].as_str().unwrap().to_string(),
+            got.header("x-cache").unwrap().to_string(),
+        )
+    };
+    assert_eq!(ask("1").await, ("v1".to_string(), "MISS".to_string()));
+    assert_eq!(ask("2").await, ("v2".to_string(), "MISS".to_string()));
+    assert_eq!(ask("2").await, ("v2".to_string(), "HIT".to_string()));
+    assert_eq!(ask("1").await, ("v1".to_string(), "HIT".to_string()));
 }
 
 #[tokio::test]
