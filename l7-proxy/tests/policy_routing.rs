@@ -130,6 +130,33 @@ async fn aggregation_combines_and_reports_slow_and_failing_calls() {
 }
 
 #[tokio::test]
+async fn aggregation_takes_a_success_without_content_as_null() {
+    let empty = upstream(|_, _| async { reply(204, &[], "") }).await;
+    let user = upstream(|_, _| async { reply(200, &[], r#"{"name":"alice"}"#) }).await;
+    let route_upstream = echo("route").await;
+    let chain = chain_from_toml(&format!(
+        r#"
+        [[policies]]
+        type = "aggregate"
+        on_error = "fail"
+        calls = [
+          {{ key = "user", url = "http://{}/user" }},
+          {{ key = "flags", url = "http://{}/flags" }},
+        ]
+        "#,
+        user.addr, empty.addr
+    ));
+    let gw = gateway(chain, one_group("app", route_upstream.addr), "app").await;
+    let got = get(gw, "/dash", &[]).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(
+        got.json(),
+        json!({"user": {"name": "alice"}, "flags": null})
+    );
+    assert_eq!(got.header("x-aggregate-errors"), None);
+}
+
+#[tokio::test]
 async fn versions_select_upstream_groups() {
     let (v1, v2) = (echo("v1").await, echo("v2").await);
     let chain = chain_from_toml(

@@ -4,7 +4,8 @@
 //! Data in: the client request supplies only the headers listed in `forward_headers` (for
 //! example `authorization`) and, when `forward_query` is set, its query string, appended to
 //! each call's URL. Each call is a GET with its own timeout; a call fails on connection error,
-//! timeout, non-2xx status, a body over `max_body_bytes` or a body that is not JSON.
+//! timeout, non-2xx status, a body over `max_body_bytes` or a body that is not JSON. A
+//! success without content (204, or an empty 200) counts as `null`.
 //!
 //! Data out: this policy always answers (the route's upstream is never called):
 //! `{ "<key>": <body>, ... }`. With `on_error = "fail"` any failure answers 502 naming the
@@ -151,6 +152,10 @@ impl AggregatePolicy {
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
+            // A success without content (204, or an empty 200) is the call's `null`.
+            if body.is_empty() {
+                return Ok(Value::Null);
+            }
             serde_json::from_slice::<Value>(&body).map_err(|e| format!("invalid JSON: {e}"))
         };
         tokio::time::timeout(Duration::from_millis(call.timeout_ms), fetch)
