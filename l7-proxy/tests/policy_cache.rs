@@ -383,3 +383,144 @@ async fn api_key_clients_do_not_share_responses() {
     );
     assert_eq!(up.hits(), 2);
 }
+
+/// The upstream's `Age` counts (RFC 9111 section 4.2.3): `max-age=2` with `Age: 1` is fresh for
+/// one more second, and the `Age` of a hit includes it.
+#[tokio::test]
+async fn the_upstream_age_counts() {
+    let up =
+        upstream(|_, _| async { reply(200, &[("cache-control", "max-age=2"), ("age", "1")], "b") })
+            .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    let first = get(gw, "/a", &[]).await;
+    assert_eq!(
+        (first.header("x-cache"), first.header("age")),
+        (Some("MISS"), Some("1"))
+    );
+    let hit = get(gw, "/a", &[]).await;
+    assert_eq!(
+        (hit.header("x-cache"), hit.header("age")),
+        (Some("HIT"), Some("1"))
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(gw, "/a", &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(up.hits(), 2);
+
+    // Already stale on arrival: not stored.
+    let old = upstream(|_, _| async {
+        reply(200, &[("cache-control", "max-age=60"), ("age", "60")], "b")
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", old.addr), "app").await;
+    get(gw, "/a", &[]).await;
+    assert_eq!(get(gw, "/a", &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(old.hits(), 2);
+}
+
+/// `Expires` gives the lifetime when there is no max-age (RFC 9111 section 5.3): one in the
+/// future is stored even without `default_ttl_secs`; an invalid or past one is stale even
+/// with it.
+#[tokio::test]
+async fn expires_sets_the_freshness_lifetime() {
+    let up = upstream(|parts, _| async move {
+        match parts.uri.path() {
+            "/future" => reply(
+                200,
+                &[
+                    ("date", "Wed, 31 Dec 2098 23:59:00 GMT"),
+                    ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+                ],
+                "future",
+            ),
+            "/past" => reply(200, &[("expires", "Thu, 01 Jan 1970 00:00:00 GMT")], "past"),
+            _ => reply(200, &[("expires", "0")], "zero"),
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    get(gw, "/future", &[]).await;
+    assert_eq!(get(gw, "/future", &[]).await.header("x-cache"), Some("HIT"));
+    let with_default = format!("{CACHE}\ndefault_ttl_secs = 60");
+    let gw = gateway(
+        chain_from_toml(&with_default),
+        one_group("app", up.addr),
+        "app",
+    )
+    .await;
+    for path in ["/past", "/zero"] {
+        get(gw, path, &[]).await;
+        assert_eq!(
+            get(gw, path, &[]).await.header("x-cache"),
+            Some("MISS"),
+            "{path}"
+        );
+    }
+    assert_eq!(up.hits(), 5);
+}
+
+/// A 304 from revalidation updates the stored headers, and with them the freshness (RFC 9111
+/// section 4.3.4).
+#[tokio::test]
+async fn revalidation_updates_the_stored_headers() {
+    let up = upstream(|parts, _| async move {
+        if parts.headers.get("if-none-match").is_some() {
+            reply(
+                304,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=60"),
+                    ("x-v", "2"),
+                ],
+                "",
+            )
+        } else {
+            reply(
+                200,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=1"),
+                    ("x-v", "1"),
+                ],
+                "b",
+            )
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    get(gw, "/x", &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let revalidated = get(gw, "/x", &[]).await;
+    assert_eq!(
+        (
+            revalidated.header("x-cache"),
+            revalidated.header("x-v"),
+            &revalidated.body[..]
+        ),
+        (Some("REVALIDATED"), Some("2"), &b"b"[..])
+    );
+    assert_eq!(revalidated.header("cache-control"), Some("max-age=60"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let hit = get(gw, "/x", &[]).await;
+    assert_eq!(
+        (hit.header("x-cache"), hit.header("x-v")),
+        (Some("HIT"), Some("2"))
+    );
+    assert_eq!(up.hits(), 2);
+}
+
+/// A request's `Cache-Control: max-age=0` (what a browser's reload sends) revalidates a fresh
+/// entry; `max-age=60` accepts it.
+#[tokio::test]
+async fn request_max_age_zero_revalidates() {
+    let (up, gw, not_modified) = cache_gateway().await;
+    get(gw, "/etag", &[]).await;
+    let ok = get(gw, "/etag", &[("cache-control", "max-age=60")]).await;
+    assert_eq!(ok.header("x-cache"), Some("HIT"));
+    let reload = get(gw, "/etag", &[("cache-control", "max-age=0")]).await;
+    assert_eq!(
+        (reload.status, reload.header("x-cache")),
+        (200, Some("REVALIDATED"))
+    );
+    assert_eq!(not_modified.load(Ordering::SeqCst), 1);
+    assert_eq!(up.hits(), 2);
+}

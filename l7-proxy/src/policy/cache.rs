@@ -3,11 +3,18 @@
 //! Data in: GET and HEAD requests. The cache key is method + upstream group (as chosen by the
 //! policies before this one, e.g. `version`) + host + path + query, plus the values of the
 //! request headers the stored response named in `Vary`. A request with
-//! `Cache-Control: no-store` bypasses the cache; `no-cache` forces revalidation.
+//! `Cache-Control: no-store` bypasses the cache; `no-cache`, or a `max-age` the entry's age
+//! exceeds (`max-age=0`), forces revalidation.
 //!
 //! A fresh entry answers directly (`X-Cache: HIT`, `Age`), as 304 when the request's
 //! `If-None-Match` matches its `ETag`. A stale entry with an `ETag` is revalidated: the request
-//! goes upstream with `If-None-Match`, and a 304 refreshes the entry and answers from it.
+//! goes upstream with `If-None-Match`, and a 304 updates the entry (its headers replace the
+//! stored ones, and the freshness is computed again from the result, RFC 9111 section 4.3.4)
+//! and answers from it.
+//!
+//! An entry's age counts from the upstream's `Age` when it was received (RFC 9111 section
+//! 4.2.3): `max-age=60` with `Age: 50` is fresh for 10 more seconds, and the `Age` sent on a
+//! hit includes those 50.
 //! Concurrent misses for one key are coalesced: the first goes upstream, the others wait for
 //! its result and answer from it (or go upstream themselves when it was not cacheable).
 //!
@@ -15,17 +22,21 @@
 //! `uncacheable_secs` (Varnish's hit-for-miss): its requests go to the upstream at once instead
 //! of queueing behind one another, and the first storable response ends that state.
 //!
-//! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (s-maxage,
-//! max-age, or `default_ttl_secs`; not no-store/private) and whose body fits `max_body_bytes`
+//! Data out: a 200 response to GET/HEAD whose `Cache-Control` allows shared caching (not
+//! no-store/private), whose freshness lifetime (s-maxage, else max-age, else `Expires` minus
+//! `Date`, else `default_ttl_secs`) exceeds its `Age`, and whose body fits `max_body_bytes`
 //! is stored in a bounded quick_cache cache (weighed by body size) and sent with `X-Cache: MISS`.
 //! Responses that set cookies, say `Vary: *`, or answer an authorized request without
-//! `public` / `s-maxage` / `must-revalidate` are not stored. A request is authorized when it
+//! `public` / `s-maxage` / `must-revalidate` are not stored. An invalid `max-age` / `s-maxage`
+//! value, or an `Expires` that is invalid (such as `0`) or in the past, means already stale, so
+//! not stored (RFC 9111 sections 4.2.1 and 5.3); `Expires` is read in the IMF-fixdate format
+//! only. A request is authorized when it
 //! carries `Authorization` or an authentication policy (`jwt`, `api_key`, `basic_auth`)
 //! accepted it: those may remove the credentials before the cache sees the request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -48,7 +59,7 @@ pub struct CacheConfig {
     /// Larger responses are passed through uncached.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// Freshness of responses without max-age / s-maxage; 0 = do not cache those.
+    /// Freshness of responses without max-age / s-maxage / Expires; 0 = do not cache those.
     #[serde(default)]
     pub default_ttl_secs: u64,
     /// Upper bound on any entry's lifetime.
@@ -97,18 +108,19 @@ struct Entry {
     headers: HeaderMap,
     body: Bytes,
     /// When the response was stored or last revalidated.
-    stored_at: Mutex<Instant>,
+    stored_at: Instant,
+    /// Its age then: the upstream's `Age` (RFC 9111 section 4.2.3).
+    initial_age: Duration,
+    /// Freshness lifetime.
     ttl: Duration,
     /// Response said `no-cache`: serve only after revalidation.
     must_revalidate: bool,
 }
 
 impl Entry {
+    /// Current age: the age it had when received plus the time it has been stored.
     fn age(&self) -> Duration {
-        self.stored_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
+        self.initial_age + self.stored_at.elapsed()
     }
 
     fn fresh(&self) -> bool {
@@ -204,7 +216,7 @@ impl CachePolicy {
     /// The entry stored under `key`, unless it outlived `max_ttl_secs` (then it is dropped).
     fn lookup(&self, key: &str) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
-        if entry.age() > Duration::from_secs(self.config.max_ttl_secs) {
+        if entry.stored_at.elapsed() > Duration::from_secs(self.config.max_ttl_secs) {
             self.entries.remove(key);
             return None;
         }
@@ -258,8 +270,8 @@ impl CachePolicy {
         Some((ttl, vary_names))
     }
 
-    /// Freshness lifetime of a response, `None` when it must not be stored. A response to a
-    /// request with `Authorization` is stored only when it says `public`, `s-maxage` or
+    /// Freshness lifetime of a response, `None` when it must not be stored. A response to an
+    /// authorized request is stored only when it says `public`, `s-maxage` or
     /// `must-revalidate` (RFC 9111 section 3.5).
     fn ttl(&self, headers: &HeaderMap, authorized: bool) -> Option<(Duration, bool)> {
         let cc = || directives(headers);
@@ -270,18 +282,86 @@ impl CachePolicy {
         if authorized && !shareable.iter().any(|d| has_directive(cc(), d)) {
             return None;
         }
+        // An invalid value means stale (RFC 9111 section 4.2.1).
         let secs = |name: &str| {
             cc().find(|(d, _)| d.eq_ignore_ascii_case(name))
-                .and_then(|(_, v)| v?.parse::<u64>().ok())
+                .map(|(_, v)| v.and_then(delta_seconds).unwrap_or(0))
         };
         let no_cache = has_directive(cc(), "no-cache");
         let ttl = secs("s-maxage")
             .or_else(|| secs("max-age"))
+            .or_else(|| expires_lifetime(headers))
             .unwrap_or(self.config.default_ttl_secs)
             .min(self.config.max_ttl_secs);
-        (ttl > 0 || (no_cache && headers.contains_key(header::ETAG)))
+        // A response that arrives stale (its `Age` is past its lifetime) is not worth storing.
+        (ttl > received_age(headers).as_secs() || (no_cache && headers.contains_key(header::ETAG)))
             .then_some((Duration::from_secs(ttl), no_cache))
     }
+}
+
+/// A `delta-seconds` value; one too large to represent is taken as the largest (RFC 9111
+/// section 1.2.2).
+fn delta_seconds(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.parse().unwrap_or(u64::MAX))
+}
+
+/// The upstream's `Age` (zero when absent or invalid).
+fn received_age(headers: &HeaderMap) -> Duration {
+    let age = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| delta_seconds(v.trim()));
+    Duration::from_secs(age.unwrap_or(0))
+}
+
+/// Freshness lifetime given by `Expires` (RFC 9111 section 4.2.1): `Expires` minus `Date` (or
+/// now, without a valid `Date`). An invalid `Expires` (such as `0`) or one in the past means
+/// already stale: 0. `None` without `Expires`.
+fn expires_lifetime(headers: &HeaderMap) -> Option<u64> {
+    let expires = headers.get(header::EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(0);
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date)
+        .unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(date).map_or(0, |d| d.as_secs()))
+}
+
+/// An HTTP date in the IMF-fixdate format senders must use (`Sun, 06 Nov 1994 08:49:37 GMT`,
+/// RFC 9110 section 5.6.7). The obsolete formats are not accepted (an `Expires` in them counts
+/// as invalid, that is already stale).
+fn http_date(v: &HeaderValue) -> Option<SystemTime> {
+    let s = v.to_str().ok()?.trim();
+    let b = s.as_bytes();
+    if b.len() != 29 || &b[3..5] != b", " || !s.ends_with(" GMT") {
+        return None;
+    }
+    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| delta_seconds(s.get(r)?);
+    let (day, year) = (num(5..7)?, num(12..16)?);
+    let (hour, min, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == &s[8..11])? as u64 + 1;
+    if !(1..=31).contains(&day) || year < 1970 || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let (era, yoe) = (y / 400, y % 400);
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// The entry key of a request for `base`, given what is `known` about that base key.
@@ -348,6 +428,41 @@ fn miss(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp
 }
 
+/// Updates stored response headers with those of a 304 (RFC 9111 section 3.2): each header the
+/// 304 carries replaces the stored one, except those describing the stored body or the
+/// connection. A strong ETag does not replace the weak form of itself (a `compress` policy
+/// after the cache weakened the stored one: the stored bytes are encoded).
+fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    const KEEP: [HeaderName; 5] = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::VARY,
+        X_CACHE,
+    ];
+    for name in not_modified.keys() {
+        if KEEP.contains(name) || HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        if name == header::ETAG {
+            let weakened = match (stored.get(name), not_modified.get(name)) {
+                (Some(old), Some(new)) => old
+                    .as_bytes()
+                    .strip_prefix(b"W/")
+                    .is_some_and(|o| o == new.as_bytes()),
+                _ => false,
+            };
+            if weakened {
+                continue;
+            }
+        }
+        stored.remove(name);
+        for v in not_modified.get_all(name) {
+            stored.append(name, v.clone());
+        }
+    }
+}
+
 /// Whether a request is authorized in the sense of RFC 9111 section 3.5: it carries
 /// `Authorization`, or an authentication policy before the cache accepted it (`basic_auth`,
 /// `api_key` and `jwt` may remove the credentials they checked, but the response is still
@@ -390,7 +505,12 @@ impl Policy for CachePolicy {
         if has_directive(directives(req.headers()), "no-store") {
             return RequestOutcome::Continue(req);
         }
+        // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
+        // section 5.2.1).
         let force_revalidate = has_directive(directives(req.headers()), "no-cache");
+        let max_age = directives(req.headers())
+            .find(|(d, _)| d.eq_ignore_ascii_case("max-age"))
+            .map(|(_, v)| Duration::from_secs(v.and_then(delta_seconds).unwrap_or(0)));
         let host = req
             .headers()
             .get(header::HOST)
@@ -461,7 +581,8 @@ impl Policy for CachePolicy {
         }
         let mut revalidating = None;
         if let Some(entry) = cached {
-            if entry.fresh() && !force_revalidate {
+            let acceptable = !force_revalidate && max_age.is_none_or(|max| entry.age() <= max);
+            if entry.fresh() && acceptable {
                 return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
             }
             if let Some(etag) = entry.etag() {
@@ -502,19 +623,40 @@ impl Policy for CachePolicy {
             _ => return resp,
         };
         let head = pending.base_key.starts_with("HEAD ");
-        if let Some(entry) = &pending.revalidating {
+        let authorized = pending.authorized || authenticated(ctx);
+        if let Some(stale) = &pending.revalidating {
             if resp.status() == StatusCode::NOT_MODIFIED {
-                *entry.stored_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                // RFC 9111 section 4.3.4: the 304's headers replace the stored ones, and the
+                // freshness is computed again from the result.
+                let mut headers = stale.headers.clone();
+                update_headers(&mut headers, resp.headers());
+                let fresh = self.ttl(&headers, authorized);
+                let initial_age = received_age(&headers);
+                headers.remove(header::AGE);
+                let (ttl, must_revalidate) = fresh.unwrap_or((Duration::ZERO, true));
+                let entry = Arc::new(Entry {
+                    status: stale.status,
+                    headers,
+                    body: stale.body.clone(),
+                    stored_at: Instant::now(),
+                    initial_age,
+                    ttl,
+                    must_revalidate,
+                });
+                if fresh.is_some() {
+                    self.entries.insert(pending.vary_key.clone(), entry.clone());
+                } else {
+                    self.entries.remove(pending.vary_key.as_str());
+                }
                 if let Some(l) = &pending.leader {
                     let _ = l.tx.send(Some(entry.clone()));
                 }
-                let mut out = serve(entry, pending.client_inm.as_ref(), head);
+                let mut out = serve(&entry, pending.client_inm.as_ref(), head);
                 out.headers_mut()
                     .insert(X_CACHE, HeaderValue::from_static("REVALIDATED"));
                 return out;
             }
         }
-        let authorized = pending.authorized || authenticated(ctx);
         let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, authorized) else {
             self.mark_uncacheable(pending.base_key.clone());
             return miss(resp);
@@ -539,6 +681,8 @@ impl Policy for CachePolicy {
         for h in HOP_BY_HOP {
             headers.remove(h);
         }
+        let initial_age = received_age(&headers);
+        headers.remove(header::AGE);
         if !head {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
@@ -546,7 +690,8 @@ impl Policy for CachePolicy {
             status: parts.status,
             headers,
             body: body.clone(),
-            stored_at: Mutex::new(Instant::now()),
+            stored_at: Instant::now(),
+            initial_age,
             ttl,
             must_revalidate,
         });
@@ -604,6 +749,60 @@ mod tests {
         // Authorized requests need an explicit permission to share.
         assert_eq!(p.ttl(&headers("max-age=60"), true), None);
         assert!(p.ttl(&headers("public, max-age=60"), true).is_some());
+        // An invalid delta-seconds is stale; a huge one is capped by max_ttl_secs.
+        assert_eq!(ttl("max-age=abc"), None);
+        assert_eq!(ttl("max-age=+5"), None);
+        assert_eq!(
+            ttl("max-age=99999999999999999999999"),
+            Some((Duration::from_secs(86_400), false))
+        );
+    }
+
+    #[test]
+    fn age_and_expires_bound_freshness() {
+        let p = policy();
+        let mut h = headers("max-age=60");
+        h.insert(header::AGE, HeaderValue::from_static("59"));
+        assert_eq!(received_age(&h), Duration::from_secs(59));
+        assert!(p.ttl(&h, false).is_some());
+        h.insert(header::AGE, HeaderValue::from_static("60"));
+        assert_eq!(p.ttl(&h, false), None, "stale on arrival");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Wed, 31 Dec 2098 23:59:00 GMT"),
+        );
+        h.insert(
+            header::EXPIRES,
+            HeaderValue::from_static("Thu, 01 Jan 2099 00:00:00 GMT"),
+        );
+        assert_eq!(p.ttl(&h, false), Some((Duration::from_secs(60), false)));
+        // max-age wins over Expires.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+        assert_eq!(p.ttl(&h, false), Some((Duration::from_secs(5), false)));
+        let with_default =
+            CachePolicy::build(toml::from_str("default_ttl_secs = 60").unwrap()).unwrap();
+        for expires in ["0", "Thu, 01 Jan 1970 00:00:00 GMT", "soon"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::EXPIRES, HeaderValue::from_static(expires));
+            assert_eq!(with_default.ttl(&h, false), None, "{expires}");
+        }
+    }
+
+    #[test]
+    fn http_dates_parse() {
+        let at = |s: &'static str| {
+            http_date(&HeaderValue::from_static(s))
+                .map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs())
+        };
+        assert_eq!(at("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(at("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(at("Tue, 29 Feb 2000 12:00:00 GMT"), Some(951_825_600));
+        assert_eq!(at("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(at("Sun, 06 Nov 1994 08:49:37 UTC"), None);
+        assert_eq!(at("Sun, 06 Foo 1994 08:49:37 GMT"), None);
+        assert_eq!(at("0"), None);
     }
 
     #[test]
