@@ -495,3 +495,151 @@ async fn remembered_token_is_refused_after_its_key_is_withdrawn() {
         "a token of a withdrawn key must not be served from memory"
     );
 }
+
+/// Builds a policy list written as route TOML, returning the build error as text.
+fn try_chain(policies_toml: &str) -> Result<l7_proxy::policy::PolicyChain, String> {
+    #[derive(serde::Deserialize)]
+    struct Route {
+        policies: Vec<l7_proxy::policy::PolicyConfig>,
+    }
+    let route: Route = toml::from_str(policies_toml).map_err(|e| e.to_string())?;
+    l7_proxy::policy::build_chain(&route.policies).map_err(|e| e.to_string())
+}
+
+/// A JWKS as Keycloak publishes it (an RSA-OAEP encryption key next to the RS256 signing key),
+/// plus a key of an algorithm the policy does not support (ES512).
+fn jwks_with_keys_to_skip() -> String {
+    json!({ "keys": [
+        { "kty": "RSA", "kid": "enc", "alg": "RSA-OAEP", "use": "enc", "n": RSA_N, "e": RSA_E },
+        { "kty": "EC", "kid": "p521", "crv": "P-521", "alg": "ES512", "x": EC_X, "y": EC_Y },
+        { "kty": "RSA", "kid": "rs", "alg": "RS256", "use": "sig", "n": RSA_N, "e": RSA_E },
+    ]})
+    .to_string()
+}
+
+/// Keys the policy cannot use are skipped (RFC 7517 section 5), from a file and from a URL.
+#[tokio::test]
+async fn jwks_encryption_and_unsupported_keys_are_skipped() {
+    let up = echo_upstream().await;
+    let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+
+    let file = temp_file(jwks_with_keys_to_skip().as_bytes());
+    let chain = try_chain(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"",
+        file.display()
+    ))
+    .expect("a JWKS with one usable key builds");
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    assert_eq!(get(gw, "/", &[("authorization", &rs)]).await.status, 200);
+
+    let keys = upstream(|_, _| async {
+        reply(
+            200,
+            &[("content-type", "application/json")],
+            jwks_with_keys_to_skip(),
+        )
+    })
+    .await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{}/jwks.json\"",
+        keys.addr
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    assert_eq!(get(gw, "/", &[("authorization", &rs)]).await.status, 200);
+    assert_eq!(keys.hits(), 1);
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn jwks_without_a_usable_key_is_a_build_error_naming_each_key() {
+    let jwks = json!({ "keys": [
+        { "kty": "RSA", "kid": "enc", "alg": "RSA-OAEP", "use": "enc", "n": RSA_N, "e": RSA_E },
+        { "kty": "EC", "kid": "p521", "crv": "P-521", "alg": "ES512", "x": EC_X, "y": EC_Y },
+    ]});
+    let file = temp_file(jwks.to_string().as_bytes());
+    let e = try_chain(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"",
+        file.display()
+    ))
+    .err()
+    .expect("no usable key");
+    assert!(
+        e.contains("no usable key") && e.contains("\"enc\"") && e.contains("\"p521\""),
+        "{e}"
+    );
+}
+
+/// A JWKS server that sends its response head and then stalls mid-body must not hold requests
+/// (which wait for the first keys) beyond the fetch timeout.
+#[tokio::test]
+async fn stalled_jwks_body_times_out_instead_of_hanging_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"keys\":[";
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            });
+        }
+    });
+    let up = echo_upstream().await;
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_url = \"http://{addr}/jwks.json\""
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let auth = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        get(gw, "/", &[("authorization", &auth)]),
+    )
+    .await
+    .expect("the request still waits on the JWKS body after 10 s (fetch timeout is 5 s)");
+    assert_eq!(got.status, 401, "no keys could be fetched");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(4));
+    assert_eq!(up.hits(), 0);
+}
+
+/// A JWKS over the size limit is refused, and the keys fetched before stay in use.
+#[tokio::test]
+async fn oversized_jwks_refresh_keeps_the_previous_keys() {
+    use std::sync::{Arc, Mutex};
+    let (full_jwks, only_hs) = full_and_hs_only_jwks();
+    let served = Arc::new(Mutex::new(full_jwks));
+    let up = echo_upstream().await;
+    let (keys, gw) = refreshing_jwt_gateway(served.clone(), &up).await;
+    let rs = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+    assert_eq!(get(gw, "/", &[("authorization", &rs)]).await.status, 200);
+    // Valid JSON without the rs key, padded past 1 MiB: were it accepted, rs would be gone.
+    *served.lock().unwrap() = format!("{only_hs}{}", " ".repeat(1 << 20));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        get(gw, "/", &[("authorization", &rs)]).await.status,
+        200,
+        "the oversized JWKS replaced the keys"
+    );
+    assert!(keys.hits() >= 2, "the JWKS was fetched again");
+}
+
+/// An RSA key without `alg` verifies PS256 as well as RS256 (as Envoy).
+#[tokio::test]
+async fn ps256_verifies_with_an_rsa_key_without_alg() {
+    let up = echo_upstream().await;
+    let jwks = jwks_file();
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\nalgorithms = [\"PS256\", \"RS256\"]",
+        jwks.display()
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let key = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+    let mut h = Header::new(Algorithm::PS256);
+    h.kid = Some("rs".into());
+    let t = encode(&h, &good_claims(), &key).unwrap();
+    let got = get(gw, "/", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+}

@@ -2,7 +2,17 @@
 //!
 //! Data in: the `Authorization: Bearer <token>` header of a request, and signing keys from a
 //! JWKS document (a file read at build time, or a URL fetched on first use and refreshed every
-//! `jwks_refresh_secs`). HS256 keys are JWKS `oct` keys; RS256 `RSA` keys; ES256 `EC` P-256 keys.
+//! `jwks_refresh_secs`). HS256/384/512 keys are JWKS `oct` keys; RS256/384/512 and
+//! PS256/384/512 `RSA` keys; ES256/384 `EC` keys; EdDSA `OKP` keys. A key with `alg` verifies
+//! only that algorithm.
+//!
+//! Keys the policy cannot verify with are skipped, not fatal (RFC 7517 section 5): encryption
+//! keys (`use: "enc"`, or `key_ops` without `verify`, as Keycloak publishes next to its
+//! signing key), keys of an unsupported type or `alg` (such as ES512), and malformed ones, each
+//! with a log line naming its `kid`. A JWKS with no usable key is an error (naming why each key
+//! was skipped): at build for `jwks_file`, and for `jwks_url` a failed refresh. A `jwks_url`
+//! fetch must deliver the whole document within 5 s and at most 1 MiB; a refresh that fails
+//! keeps the previous keys and is retried after 10 s.
 //!
 //! The token must be signed by a known key with an allowed algorithm, and pass `exp`, `nbf`
 //! (with `leeway_secs`), `iss` and `aud` checks, carry every `required_claims` entry and every
@@ -31,7 +41,7 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
@@ -125,6 +135,10 @@ struct KeySet {
 
 /// Wait between attempts to fetch a JWKS URL that failed.
 const JWKS_RETRY: Duration = Duration::from_secs(10);
+/// Time allowed for a whole JWKS fetch: connection, response head and body.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted from `jwks_url`.
+const JWKS_MAX_BYTES: usize = 1 << 20;
 
 pub struct JwtPolicy {
     config: JwtConfig,
@@ -395,30 +409,94 @@ fn granted_scopes(claims: &Value) -> HashSet<&str> {
     out
 }
 
+/// The keys of a JWKS document this policy can verify with. Keys it cannot use (encryption
+/// keys, unsupported types or algorithms, malformed keys) are skipped with a log line naming
+/// their `kid`, as RFC 7517 section 5 asks; a document without any usable key is an error that
+/// says why each key was skipped.
 fn parse_jwks(text: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
-    set.keys
-        .iter()
-        .map(|k| verify_key(k).map(Arc::new))
-        .collect()
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<Value>,
+    }
+    let set: RawSet = serde_json::from_str(text).map_err(|e| format!("invalid JWKS: {e}"))?;
+    let mut keys = Vec::with_capacity(set.keys.len());
+    let mut skipped = Vec::new();
+    for (i, raw) in set.keys.iter().enumerate() {
+        let name = match raw.get("kid").and_then(Value::as_str) {
+            Some(kid) => format!("kid {kid:?}"),
+            None => format!("keys[{i}] (no kid)"),
+        };
+        match usable_key(raw) {
+            Ok(key) => keys.push(Arc::new(key)),
+            Err(Skip::Encryption(why)) => {
+                tracing::debug!(key = %name, why, "jwt: JWKS encryption key ignored");
+                skipped.push(format!("{name}: {why}"));
+            }
+            Err(Skip::Unusable(why)) => {
+                tracing::warn!(key = %name, %why, "jwt: JWKS key skipped");
+                skipped.push(format!("{name}: {why}"));
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Err(if skipped.is_empty() {
+            "JWKS has no keys".into()
+        } else {
+            format!("no usable key in JWKS ({})", skipped.join("; "))
+        });
+    }
+    Ok(keys)
+}
+
+/// Why a JWKS key is not used.
+enum Skip {
+    /// Meant for encryption, not signatures: expected next to signing keys.
+    Encryption(&'static str),
+    /// A signing key this policy cannot use.
+    Unusable(String),
+}
+
+fn usable_key(raw: &Value) -> Result<VerifyKey, Skip> {
+    if raw.get("use").and_then(Value::as_str) == Some("enc") {
+        return Err(Skip::Encryption("use \"enc\""));
+    }
+    if let Some(ops) = raw.get("key_ops").and_then(Value::as_array) {
+        if !ops.iter().any(|op| op.as_str() == Some("verify")) {
+            return Err(Skip::Encryption("key_ops without \"verify\""));
+        }
+    }
+    let jwk: Jwk = serde_json::from_value(raw.clone())
+        .map_err(|e| Skip::Unusable(format!("unsupported or malformed key: {e}")))?;
+    verify_key(&jwk).map_err(Skip::Unusable)
 }
 
 fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
-    let key =
-        DecodingKey::from_jwk(jwk).map_err(|e| format!("key {:?}: {e}", jwk.common.key_id))?;
-    let by_type = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
-        AlgorithmParameters::EllipticCurve(_) => vec![Algorithm::ES256, Algorithm::ES384],
-        AlgorithmParameters::OctetKey(_) => {
-            vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]
-        }
-        AlgorithmParameters::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let (kty, by_type) = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => (
+            "RSA",
+            vec![
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+            ],
+        ),
+        AlgorithmParameters::EllipticCurve(_) => ("EC", vec![Algorithm::ES256, Algorithm::ES384]),
+        AlgorithmParameters::OctetKey(_) => (
+            "oct",
+            vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
+        ),
+        AlgorithmParameters::OctetKeyPair(_) => ("OKP", vec![Algorithm::EdDSA]),
     };
     // A key that names its algorithm verifies only that one.
     let algorithms = match jwk.common.key_algorithm {
         Some(ka) => match ka.to_string().parse::<Algorithm>() {
-            Ok(alg) => vec![alg],
-            Err(_) => return Err(format!("key {:?}: unsupported alg", jwk.common.key_id)),
+            Ok(alg) if by_type.contains(&alg) => vec![alg],
+            Ok(alg) => return Err(format!("alg {alg:?} does not fit a {kty} key")),
+            Err(_) => return Err(format!("unsupported alg {ka:?}")),
         },
         None => by_type,
     };
@@ -429,23 +507,46 @@ fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
     })
 }
 
+/// Fetches and parses the JWKS at `url`: the whole exchange must finish within
+/// [`JWKS_FETCH_TIMEOUT`], and the body must not exceed [`JWKS_MAX_BYTES`].
 async fn fetch_jwks(url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
+    let body = tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch_body(url))
+        .await
+        .map_err(|_| {
+            format!(
+                "no complete response within {}s",
+                JWKS_FETCH_TIMEOUT.as_secs()
+            )
+        })??;
+    parse_jwks(std::str::from_utf8(&body).map_err(|e| format!("JWKS is not UTF-8: {e}"))?)
+}
+
+async fn fetch_body(url: &str) -> Result<bytes::Bytes, String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let uri: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let resp = client.get(uri).await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
     }
-    let body = resp
-        .into_body()
+    let too_large = || format!("JWKS larger than {JWKS_MAX_BYTES} bytes");
+    let announced = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > JWKS_MAX_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), JWKS_MAX_BYTES)
         .collect()
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    parse_jwks(std::str::from_utf8(&body).map_err(|e| e.to_string())?)
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                format!("reading the body: {e}")
+            }
+        })?;
+    Ok(body.to_bytes())
 }
 
 fn bearer_token(req: &Request<ProxyBody>) -> Option<&str> {
@@ -551,6 +652,46 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert!(keys[0].algorithms.contains(&Algorithm::HS256));
         assert!(!keys[0].algorithms.contains(&Algorithm::RS256));
+    }
+
+    #[test]
+    fn unusable_keys_are_skipped_and_named_when_none_remain() {
+        let oct = r#"{"kty":"oct","kid":"hs","k":"c2VjcmV0"}"#;
+        let enc = r#"{"kty":"RSA","kid":"enc","alg":"RSA-OAEP","use":"enc","n":"AQAB","e":"AQAB"}"#;
+        let es512 = r#"{"kty":"EC","kid":"p521","crv":"P-521","alg":"ES512","x":"AA","y":"AA"}"#;
+        let wrap = r#"{"kty":"oct","kid":"wrap","k":"c2VjcmV0","key_ops":["wrapKey"]}"#;
+        let odd = r#"{"kty":"oct","kid":"odd","alg":"RS256","k":"c2VjcmV0"}"#;
+        let jwks = format!(r#"{{"keys":[{enc},{es512},{oct},{wrap},{odd},{{"kty":"XYZ"}}]}}"#);
+        let keys = parse_jwks(&jwks).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("hs"));
+
+        let jwks = format!(r#"{{"keys":[{enc},{es512},{odd},{{"kty":"XYZ"}}]}}"#);
+        let e = parse_jwks(&jwks).err().unwrap();
+        for part in [
+            "no usable key",
+            "kid \"enc\": use \"enc\"",
+            "kid \"p521\"",
+            "kid \"odd\": alg RS256 does not fit a oct key",
+            "keys[3] (no kid)",
+        ] {
+            assert!(e.contains(part), "{part} in {e}");
+        }
+        assert!(parse_jwks(r#"{"keys":[]}"#).is_err());
+    }
+
+    #[test]
+    fn rsa_key_without_alg_verifies_pkcs1_and_pss() {
+        let jwks = r#"{"keys":[{"kty":"RSA","kid":"rs","n":"AQAB","e":"AQAB"}]}"#;
+        let keys = parse_jwks(jwks).unwrap();
+        for alg in [
+            Algorithm::RS256,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ] {
+            assert!(keys[0].algorithms.contains(&alg), "{alg:?}");
+        }
     }
 
     #[test]
