@@ -626,6 +626,29 @@ async fn oversized_jwks_refresh_keeps_the_previous_keys() {
     assert!(keys.hits() >= 2, "the JWKS was fetched again");
 }
 
+/// After verification the bearer token is removed, as Envoy's jwt_authn (`forward: false`)
+/// does, unless `forward_token = true`.
+#[tokio::test]
+async fn jwt_removes_the_bearer_token_unless_forward_token_is_set() {
+    let up = echo_upstream().await;
+    let gw = jwt_gateway(&up).await;
+    let auth = bearer(&token(Algorithm::RS256, "rs", good_claims()));
+    let got = get(gw, "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["authorization"], serde_json::Value::Null);
+    assert_eq!(got.json()["user"], "alice");
+
+    let jwks = jwks_file();
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"jwt\"\njwks_file = \"{}\"\nforward_token = true",
+        jwks.display()
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let got = get(gw, "/orders", &[("authorization", &auth)]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["authorization"], auth.as_str());
+}
+
 /// An RSA key without `alg` verifies PS256 as well as RS256 (as Envoy).
 #[tokio::test]
 async fn ps256_verifies_with_an_rsa_key_without_alg() {

@@ -29,7 +29,9 @@
 //! Data out: the verified claims go into [`RequestCtx::identity`] as [`JwtClaims`] (the rate
 //! limiter keys on `sub` from there), and claims listed in `forward_claims` are copied into
 //! request headers; client-sent copies of those headers are removed first so they cannot be
-//! spoofed.
+//! spoofed. The `Authorization` header itself is removed before forwarding unless
+//! `forward_token = true` (Envoy `jwt_authn`'s `forward`, false by default), so the upstream
+//! does not receive a credential it could replay.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -85,6 +87,10 @@ pub struct JwtConfig {
     /// Verified tokens remembered; 0 verifies every request from scratch.
     #[serde(default = "default_cache_size")]
     pub cache_size: u64,
+    /// Keep the `Authorization` header on the forwarded request; by default it is removed once
+    /// the token is verified.
+    #[serde(default)]
+    pub forward_token: bool,
 }
 
 fn default_cache_size() -> u64 {
@@ -628,6 +634,9 @@ impl Policy for JwtPolicy {
             if let Some(v) = claims.get(claim).and_then(claim_header_value) {
                 req.headers_mut().insert(name.clone(), v);
             }
+        }
+        if !self.config.forward_token {
+            req.headers_mut().remove(header::AUTHORIZATION);
         }
         ctx.identity.jwt = Some(JwtClaims(claims));
         RequestOutcome::Continue(req)
