@@ -649,6 +649,26 @@ async fn jwt_removes_the_bearer_token_unless_forward_token_is_set() {
     assert_eq!(got.json()["authorization"], auth.as_str());
 }
 
+/// RFC 9110 section 15.5.2: a 401 carries WWW-Authenticate, even when the token's own text
+/// (here a control character in `alg`) ends up in the error description.
+#[tokio::test]
+async fn jwt_401_always_carries_a_challenge() {
+    use base64::Engine;
+    let up = echo_upstream().await;
+    let gw = jwt_gateway(&up).await;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let t = format!("{}.{}.sig", b64("{\"alg\":\"HS256\\u0001\"}"), b64("{}"));
+    let got = get(gw, "/orders", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(got.status, 401);
+    let challenge = got.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer error=\"invalid_token\", error_description=\""),
+        "challenge {challenge:?}; body {:?}",
+        got.body
+    );
+    assert!(challenge.bytes().all(|b| (b' '..=b'~').contains(&b)));
+}
+
 /// An RSA key without `alg` verifies PS256 as well as RS256 (as Envoy).
 #[tokio::test]
 async fn ps256_verifies_with_an_rsa_key_without_alg() {

@@ -564,15 +564,28 @@ fn bearer_token(req: &Request<ProxyBody>) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn challenge(status: StatusCode, error: &str, description: &str) -> Response<ProxyBody> {
-    let mut resp = error_response(status, description);
-    let description = description.replace(['"', '\\'], "'");
+/// An error answer with a `WWW-Authenticate: Bearer` challenge, which a 401 must carry
+/// (RFC 9110 section 15.5.2). `description` may hold text from the token, so it is cut to
+/// [`DESCRIPTION_MAX`] printable ASCII characters, without quotes or backslashes.
+fn challenge(status: StatusCode, error: &'static str, description: &str) -> Response<ProxyBody> {
+    let description: String = description
+        .chars()
+        .take(DESCRIPTION_MAX)
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect();
+    let mut resp = error_response(status, &description);
     let value = format!("Bearer error=\"{error}\", error_description=\"{description}\"");
-    if let Ok(v) = HeaderValue::try_from(value) {
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
+    let value = HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static("Bearer"));
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, value);
     resp
 }
+
+/// Longest `error_description` sent back.
+const DESCRIPTION_MAX: usize = 200;
 
 fn claim_header_value(v: &Value) -> Option<HeaderValue> {
     let text = match v {
@@ -701,6 +714,23 @@ mod tests {
         ] {
             assert!(keys[0].algorithms.contains(&alg), "{alg:?}");
         }
+    }
+
+    #[test]
+    fn challenge_description_is_printable_ascii() {
+        let resp = challenge(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "bad \u{1}\"alg\"\\ \u{e9}\n",
+        );
+        let v = resp.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert_eq!(
+            v,
+            "Bearer error=\"invalid_token\", error_description=\"bad ?'alg'' ??\""
+        );
+        let long = "x".repeat(1000);
+        let resp = challenge(StatusCode::UNAUTHORIZED, "invalid_token", &long);
+        assert!(resp.headers()[header::WWW_AUTHENTICATE].len() < 300);
     }
 
     #[test]
