@@ -686,3 +686,39 @@ async fn ps256_verifies_with_an_rsa_key_without_alg() {
     let got = get(gw, "/", &[("authorization", &bearer(&t))]).await;
     assert_eq!(got.status, 200, "{:?}", got.body);
 }
+
+#[tokio::test]
+async fn api_key_401_carries_a_key_challenge_and_an_empty_header_defers_to_the_query() {
+    use sha2::Digest;
+    let up = echo_upstream().await;
+    let hash = hex::encode(sha2::Sha256::digest(b"s3cret-key-1"));
+    let policy = |extra: &str| {
+        chain_from_toml(&format!(
+            "[[policies]]\ntype = \"api_key\"\nquery_param = \"api_key\"\n{extra}\nkeys = [{{ id = \"a\", sha256 = \"{hash}\" }}]"
+        ))
+    };
+    let gw = gateway(policy(""), one_group("app", up.addr), "app").await;
+    for (path, headers) in [
+        ("/", &[][..]),
+        ("/", &[("x-api-key", "wrong")][..]),
+        ("/?api_key=wrong", &[][..]),
+    ] {
+        let got = get(gw, path, headers).await;
+        assert_eq!(got.status, 401, "{path} {headers:?}");
+        assert_eq!(got.header("www-authenticate"), Some("Key realm=\"api\""));
+    }
+    let got = get(gw, "/x?api_key=s3cret-key-1", &[("x-api-key", "")]).await;
+    assert_eq!(got.status, 200, "an empty header hid the query key");
+    assert_eq!(got.json()["path"], "/x");
+    assert_eq!(got.json()["api_key"], serde_json::Value::Null);
+
+    let gw = gateway(
+        policy("realm = \"orders\""),
+        one_group("app", up.addr),
+        "app",
+    )
+    .await;
+    let got = get(gw, "/", &[]).await;
+    assert_eq!(got.header("www-authenticate"), Some("Key realm=\"orders\""));
+    assert_eq!(up.hits(), 1);
+}

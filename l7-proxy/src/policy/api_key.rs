@@ -5,14 +5,17 @@
 //! an id; the presented key is hashed and looked up, so the config never contains a secret and
 //! the lookup does not compare secrets byte by byte.
 //!
-//! Data out: an unknown or missing key answers 401 and never reaches the upstream. A valid key
+//! A header present but empty counts as absent, so the query parameter is still consulted.
+//!
+//! Data out: an unknown or missing key answers 401 with `WWW-Authenticate: Key realm="<realm>"`
+//! (as Kong's key-auth; `realm` defaults to `api`) and never reaches the upstream. A valid key
 //! puts [`ApiKeyId`] into [`RequestCtx::identity`] (the rate limiter can key on it), sets
 //! `id_header` (if configured) to the key's id, and removes the key itself (header and query
 //! parameter) before forwarding.
 
 use std::collections::HashMap;
 
-use http::{HeaderName, HeaderValue, Request, StatusCode};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -31,6 +34,9 @@ pub struct ApiKeyConfig {
     /// Header that receives the matched key's id on the forwarded request.
     #[serde(default)]
     pub id_header: Option<String>,
+    /// Realm named in the `WWW-Authenticate` challenge of a 401.
+    #[serde(default = "default_realm")]
+    pub realm: String,
     pub keys: Vec<ApiKeyEntry>,
 }
 
@@ -46,6 +52,10 @@ fn default_header() -> String {
     "x-api-key".into()
 }
 
+fn default_realm() -> String {
+    "api".into()
+}
+
 /// Id of the API key that authenticated the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyId(pub String);
@@ -55,6 +65,8 @@ pub struct ApiKeyPolicy {
     query_param: Option<String>,
     id_header: Option<HeaderName>,
     ids_by_hash: HashMap<[u8; 32], String>,
+    /// `WWW-Authenticate` value of a 401.
+    challenge: HeaderValue,
 }
 
 impl ApiKeyPolicy {
@@ -71,6 +83,11 @@ impl ApiKeyPolicy {
             .map(HeaderName::try_from)
             .transpose()
             .map_err(|e| err(format!("id_header: {e}")))?;
+        let challenge = HeaderValue::try_from(format!(
+            "Key realm=\"{}\"",
+            config.realm.replace(['"', '\\'], "'")
+        ))
+        .map_err(|e| err(format!("realm: {e}")))?;
         let mut ids_by_hash = HashMap::new();
         for (i, entry) in config.keys.iter().enumerate() {
             let digest: [u8; 32] = hex::decode(entry.sha256.trim())
@@ -84,18 +101,31 @@ impl ApiKeyPolicy {
             query_param: config.query_param,
             id_header,
             ids_by_hash,
+            challenge,
         })
     }
 
+    /// The key from the header or, when that is absent or empty, the query parameter.
     fn presented_key(&self, req: &Request<ProxyBody>) -> Option<String> {
-        if let Some(v) = req.headers().get(&self.header) {
-            return v.to_str().ok().map(|s| s.trim().to_string());
+        let from_header = req
+            .headers()
+            .get(&self.header)
+            .map(|v| v.to_str().map(str::trim).unwrap_or_default());
+        if let Some(key) = from_header.filter(|k| !k.is_empty()) {
+            return Some(key.to_string());
         }
         let param = self.query_param.as_deref()?;
         req.uri().query()?.split('&').find_map(|pair| {
             let (name, value) = pair.split_once('=')?;
             (name == param).then(|| percent_decode(value))
         })
+    }
+
+    fn unauthorized(&self, message: &str) -> Response<ProxyBody> {
+        let mut resp = error_response(StatusCode::UNAUTHORIZED, message);
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+        resp
     }
 }
 
@@ -162,18 +192,12 @@ impl Policy for ApiKeyPolicy {
         ctx: &mut RequestCtx,
     ) -> RequestOutcome {
         let Some(key) = self.presented_key(&req).filter(|k| !k.is_empty()) else {
-            return RequestOutcome::Respond(error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing API key",
-            ));
+            return RequestOutcome::Respond(self.unauthorized("missing API key"));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let Some(id) = self.ids_by_hash.get(&digest) else {
             tracing::debug!(request_id = %ctx.request_id, "api_key: unknown key");
-            return RequestOutcome::Respond(error_response(
-                StatusCode::UNAUTHORIZED,
-                "invalid API key",
-            ));
+            return RequestOutcome::Respond(self.unauthorized("invalid API key"));
         };
         req.headers_mut().remove(&self.header);
         if let Some(uri) = self
