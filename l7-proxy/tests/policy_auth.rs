@@ -722,3 +722,73 @@ async fn api_key_401_carries_a_key_challenge_and_an_empty_header_defers_to_the_q
     assert_eq!(got.header("www-authenticate"), Some("Key realm=\"orders\""));
     assert_eq!(up.hits(), 1);
 }
+
+/// A hash Argon2 cannot verify would lock its user out: it is a build error naming the user.
+#[tokio::test]
+async fn basic_auth_rejects_hashes_that_can_never_verify() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64, 1, 1, None).unwrap(),
+    );
+    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
+    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let params = "$argon2id$v=19$m=64,t=1,p=1$";
+    assert!(try_chain(&format!(
+        "[[policies]]\ntype = \"basic_auth\"\nusers = {{ alice = \"{phc}\" }}"
+    ))
+    .is_ok());
+    for bad in [
+        phc.replace(params, "$scrypt$ln=15,r=8,p=1$"),
+        phc.replace(params, "$argon2id$v=19$m=1,t=1,p=1$"),
+    ] {
+        let e = try_chain(&format!(
+            "[[policies]]\ntype = \"basic_auth\"\nusers = {{ alice = \"{phc}\", bob = \"{bad}\" }}"
+        ))
+        .err()
+        .unwrap_or_else(|| panic!("{bad} was accepted"));
+        assert!(e.contains("users.bob"), "{e}");
+    }
+}
+
+/// An unknown user costs an Argon2 run like a known one, so timing does not reveal which
+/// users exist.
+#[tokio::test]
+async fn basic_auth_unknown_user_costs_as_much_as_a_known_one() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use base64::Engine;
+    let up = echo_upstream().await;
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(8192, 2, 1, None).unwrap(),
+    );
+    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
+    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let chain = chain_from_toml(&format!(
+        "[[policies]]\ntype = \"basic_auth\"\nusers = {{ alice = \"{phc}\" }}"
+    ));
+    let gw = gateway(chain, one_group("app", up.addr), "app").await;
+    let basic = |user: &str| {
+        let creds = format!("{user}:wrong");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        )
+    };
+    let time = |auth: String| async move {
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            assert_eq!(get(gw, "/", &[("authorization", &auth)]).await.status, 401);
+        }
+        started.elapsed()
+    };
+    let known = time(basic("alice")).await;
+    let unknown = time(basic("mallory")).await;
+    assert!(
+        unknown * 3 > known,
+        "unknown user answered in {unknown:?}, known in {known:?}"
+    );
+    assert_eq!(up.hits(), 0);
+}
