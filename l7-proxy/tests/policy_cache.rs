@@ -524,3 +524,91 @@ async fn request_max_age_zero_revalidates() {
     assert_eq!(not_modified.load(Ordering::SeqCst), 1);
     assert_eq!(up.hits(), 2);
 }
+
+/// A client's `If-None-Match` on a cold key is not sent upstream: the full 200 is fetched and
+/// stored, the client gets its 304 from it, and the key stays cacheable (later concurrent
+/// requests coalesce and hit).
+#[tokio::test]
+async fn conditional_requests_on_a_miss_fetch_and_store_the_full_response() {
+    let up = upstream(|parts, _| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let conditional = ["if-none-match", "if-modified-since", "range", "if-range"]
+            .iter()
+            .any(|h| parts.headers.contains_key(*h));
+        let headers = [
+            ("etag", "\"v1\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("cache-control", "max-age=60"),
+        ];
+        match (conditional, parts.uri.path()) {
+            (true, _) => reply(304, &headers, ""),
+            (false, "/private") => {
+                reply(200, &[("etag", "\"p\""), ("cache-control", "private")], "p")
+            }
+            _ => reply(200, &headers, "body"),
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    let cond = get(gw, "/r", &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(
+        (cond.status, cond.header("x-cache"), cond.header("etag")),
+        (304, Some("MISS"), Some("\"v1\""))
+    );
+    assert!(cond.body.is_empty());
+    let before = up.hits();
+    let requests: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(gw, "/r", &[]).await }))
+        .collect();
+    for r in requests {
+        let got = r.await.unwrap();
+        assert_eq!(
+            (got.status, got.header("x-cache"), &got.body[..]),
+            (200, Some("HIT"), &b"body"[..])
+        );
+    }
+    assert_eq!(up.hits(), before);
+
+    // A Range on a cold key: the whole response is fetched, stored and sent.
+    let range = get(
+        gw,
+        "/range",
+        &[("range", "bytes=0-1"), ("if-range", "\"v1\"")],
+    )
+    .await;
+    assert_eq!((range.status, &range.body[..]), (200, &b"body"[..]));
+    assert_eq!(get(gw, "/range", &[]).await.header("x-cache"), Some("HIT"));
+    // If-Modified-Since is checked against the stored Last-Modified.
+    let ims = |date: &'static str| async move {
+        get(gw, "/ims", &[("if-modified-since", date)]).await.status
+    };
+    assert_eq!(ims("Sun, 06 Nov 1994 08:49:37 GMT").await, 304);
+    assert_eq!(ims("Sat, 05 Nov 1994 08:49:37 GMT").await, 200);
+    // A response that is not stored still answers the client's validators.
+    let private = get(gw, "/private", &[("if-none-match", "\"p\"")]).await;
+    assert_eq!(
+        (private.status, private.header("x-cache")),
+        (304, Some("MISS"))
+    );
+    assert_eq!(up.hits(), before + 3);
+}
+
+/// An entity tag with a comma in it is matched whole.
+#[tokio::test]
+async fn etags_with_commas_match_whole() {
+    let up = upstream(|_, _| async {
+        reply(
+            200,
+            &[("etag", "\"a,b\""), ("cache-control", "max-age=60")],
+            "body",
+        )
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    get(gw, "/t", &[]).await;
+    let inm = |v: &'static str| async move { get(gw, "/t", &[("if-none-match", v)]).await.status };
+    assert_eq!(inm("\"x\", \"a,b\"").await, 304);
+    assert_eq!(inm("\"a\", \"b\"").await, 200);
+    assert_eq!(inm("\"b\", \"a,\"").await, 200);
+    assert_eq!(up.hits(), 1);
+}

@@ -7,7 +7,9 @@
 //! exceeds (`max-age=0`), forces revalidation.
 //!
 //! A fresh entry answers directly (`X-Cache: HIT`, `Age`), as 304 when the request's
-//! `If-None-Match` matches its `ETag`. A stale entry with an `ETag` is revalidated: the request
+//! `If-None-Match` matches its `ETag` (or, without `If-None-Match`, its `If-Modified-Since` is
+//! not before the entry's `Last-Modified`); a `Range` is not served from the cache (the whole
+//! 200 is sent). A stale entry with an `ETag` is revalidated: the request
 //! goes upstream with `If-None-Match`, and a 304 updates the entry (its headers replace the
 //! stored ones, and the freshness is computed again from the result, RFC 9111 section 4.3.4)
 //! and answers from it.
@@ -15,6 +17,10 @@
 //! An entry's age counts from the upstream's `Age` when it was received (RFC 9111 section
 //! 4.2.3): `max-age=60` with `Age: 50` is fresh for 10 more seconds, and the `Age` sent on a
 //! hit includes those 50.
+//! A request that goes upstream for the cache (a miss or a revalidation) goes without the
+//! client's `If-None-Match`, `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `Range`
+//! and `If-Range`, as with nginx and Varnish: the upstream answers the full 200, which can be
+//! stored, and the client's validators are checked against it (a 304 when they match).
 //! Concurrent misses for one key are coalesced: the first goes upstream, the others wait for
 //! its result and answer from it (or go upstream themselves when it was not cacheable).
 //!
@@ -182,8 +188,8 @@ pub struct Pending {
     leader: Option<Arc<Leader>>,
     /// Stale entry being revalidated with `If-None-Match`.
     revalidating: Option<Arc<Entry>>,
-    /// The client's own conditional header, to answer 304 after revalidation.
-    client_inm: Option<HeaderValue>,
+    /// The client's own validators, to answer 304 from the full response.
+    client: Conditionals,
     /// The request carried `Authorization` or was accepted by an authentication policy.
     authorized: bool,
     request_headers: HeaderMap,
@@ -386,23 +392,87 @@ fn vary_key_with(base: &str, names: &[HeaderName], headers: &HeaderMap) -> Strin
     key
 }
 
+/// Whether `If-None-Match` names `etag`, compared weakly (RFC 9110 section 13.1.2). Entity tags
+/// are quoted strings, which may contain commas.
 fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
-    let Ok(inm) = if_none_match.to_str() else {
-        return false;
-    };
-    let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
-    let Ok(etag) = etag.to_str() else {
-        return false;
-    };
-    inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag))
+    let weak = |t: &'_ [u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
+    let etag = weak(etag.as_bytes().trim_ascii());
+    let mut rest = if_none_match.as_bytes().trim_ascii();
+    if rest == b"*" {
+        return true;
+    }
+    loop {
+        rest = rest.trim_ascii_start();
+        while let Some(r) = rest.strip_prefix(b",") {
+            rest = r.trim_ascii_start();
+        }
+        if rest.is_empty() {
+            return false;
+        }
+        let tag = rest.strip_prefix(b"W/").unwrap_or(rest);
+        let Some(quoted) = tag.strip_prefix(b"\"") else {
+            // Not an entity tag: skip to the next list member.
+            match rest.iter().position(|b| *b == b',') {
+                Some(at) => rest = &rest[at + 1..],
+                None => return false,
+            }
+            continue;
+        };
+        let Some(close) = quoted.iter().position(|b| *b == b'"') else {
+            return false;
+        };
+        if tag[..close + 2] == etag[..] {
+            return true;
+        }
+        rest = &quoted[close + 1..];
+    }
 }
 
-/// A response built from `entry` for a client that sent `if_none_match`.
-fn serve(entry: &Entry, if_none_match: Option<&HeaderValue>, head: bool) -> Response<ProxyBody> {
-    let not_modified = match (if_none_match, entry.etag()) {
-        (Some(inm), Some(etag)) => etag_matches(inm, etag),
-        _ => false,
-    };
+/// A client's validators: `If-None-Match`, else `If-Modified-Since` (RFC 9110 section 13.2.2).
+#[derive(Default)]
+struct Conditionals {
+    if_none_match: Option<HeaderValue>,
+    if_modified_since: Option<HeaderValue>,
+}
+
+impl Conditionals {
+    fn of(headers: &HeaderMap) -> Self {
+        Self {
+            if_none_match: headers.get(header::IF_NONE_MATCH).cloned(),
+            if_modified_since: headers.get(header::IF_MODIFIED_SINCE).cloned(),
+        }
+    }
+
+    /// Whether a response with `headers` is what the client already has (answer 304).
+    fn not_modified(&self, headers: &HeaderMap) -> bool {
+        if let Some(inm) = &self.if_none_match {
+            return headers
+                .get(header::ETAG)
+                .is_some_and(|etag| etag_matches(inm, etag));
+        }
+        let (Some(ims), Some(lm)) = (&self.if_modified_since, headers.get(header::LAST_MODIFIED))
+        else {
+            return false;
+        };
+        matches!((http_date(ims), http_date(lm)), (Some(ims), Some(lm)) if lm <= ims)
+    }
+}
+
+/// Request headers that make the upstream answer something other than the full response
+/// (304, 206, 412). Like nginx and Varnish, a fetch for the cache goes without them, and the
+/// client's validators are checked against the full response.
+const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::RANGE,
+    header::IF_RANGE,
+];
+
+/// A response built from `entry` for a client with validators `client`.
+fn serve(entry: &Entry, client: &Conditionals, head: bool) -> Response<ProxyBody> {
+    let not_modified = client.not_modified(&entry.headers);
     let mut resp = if not_modified || head {
         Response::new(super::respond::empty())
     } else {
@@ -532,7 +602,7 @@ impl Policy for CachePolicy {
         base_key.push_str(host);
         base_key[host_at..].make_ascii_lowercase();
         base_key.push_str(path_and_query);
-        let client_inm = req.headers().get(header::IF_NONE_MATCH).cloned();
+        let client = Conditionals::of(req.headers());
         let head = method == Method::HEAD;
 
         let known = self.vary.get(base_key.as_str());
@@ -572,7 +642,7 @@ impl Policy for CachePolicy {
                 let _ = Box::pin(tokio::time::timeout(wait, rx.changed())).await;
                 let result = rx.borrow().clone();
                 if let Some(entry) = result {
-                    return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
+                    return RequestOutcome::Respond(serve(&entry, &client, head));
                 }
                 // The leader's response was not stored; recompute with what is known now.
                 vary_key = self.vary_key(&base_key, req.headers());
@@ -580,10 +650,13 @@ impl Policy for CachePolicy {
             }
         }
         let mut revalidating = None;
+        for name in &CLIENT_CONDITIONALS {
+            req.headers_mut().remove(name);
+        }
         if let Some(entry) = cached {
             let acceptable = !force_revalidate && max_age.is_none_or(|max| entry.age() <= max);
             if entry.fresh() && acceptable {
-                return RequestOutcome::Respond(serve(&entry, client_inm.as_ref(), head));
+                return RequestOutcome::Respond(serve(&entry, &client, head));
             }
             if let Some(etag) = entry.etag() {
                 req.headers_mut()
@@ -596,7 +669,7 @@ impl Policy for CachePolicy {
             vary_key,
             leader,
             revalidating,
-            client_inm,
+            client,
             authorized: authorized(&req, ctx),
             request_headers: req.headers().clone(),
         }))));
@@ -651,7 +724,7 @@ impl Policy for CachePolicy {
                 if let Some(l) = &pending.leader {
                     let _ = l.tx.send(Some(entry.clone()));
                 }
-                let mut out = serve(&entry, pending.client_inm.as_ref(), head);
+                let mut out = serve(&entry, &pending.client, head);
                 out.headers_mut()
                     .insert(X_CACHE, HeaderValue::from_static("REVALIDATED"));
                 return out;
@@ -659,6 +732,14 @@ impl Policy for CachePolicy {
         }
         let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, authorized) else {
             self.mark_uncacheable(pending.base_key.clone());
+            if resp.status() == StatusCode::OK && pending.client.not_modified(resp.headers()) {
+                // The client's validators were not sent upstream: answer them here.
+                let (mut parts, _) = resp.into_parts();
+                parts.status = StatusCode::NOT_MODIFIED;
+                parts.headers.remove(header::CONTENT_LENGTH);
+                parts.headers.remove(header::TRANSFER_ENCODING);
+                return miss(Response::from_parts(parts, super::respond::empty()));
+            }
             return miss(resp);
         };
         let (mut parts, body) = resp.into_parts();
@@ -704,8 +785,14 @@ impl Policy for CachePolicy {
         // Waiters share our key only if they share our Vary'd header values.
         if let Some(l) = &pending.leader {
             if key == pending.vary_key {
-                let _ = l.tx.send(Some(entry));
+                let _ = l.tx.send(Some(entry.clone()));
             }
+        }
+        if pending.client.not_modified(&entry.headers) {
+            let mut out = serve(&entry, &pending.client, head);
+            out.headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static("MISS"));
+            return out;
         }
         parts.headers.remove(header::TRANSFER_ENCODING);
         if !head {
@@ -810,5 +897,23 @@ mod tests {
         let a = HeaderValue::from_static("\"x\", W/\"abc\"");
         assert!(etag_matches(&a, &HeaderValue::from_static("\"abc\"")));
         assert!(!etag_matches(&a, &HeaderValue::from_static("\"abd\"")));
+        // Entity tags may hold commas; a list member that is no entity tag is skipped.
+        let commas = HeaderValue::from_static("junk, \"a,b\" ,W/\"c, d\"");
+        assert!(etag_matches(&commas, &HeaderValue::from_static("\"a,b\"")));
+        assert!(etag_matches(
+            &commas,
+            &HeaderValue::from_static("W/\"c, d\"")
+        ));
+        assert!(!etag_matches(&commas, &HeaderValue::from_static("\"a\"")));
+        assert!(!etag_matches(&commas, &HeaderValue::from_static("\"b\"")));
+        assert!(!etag_matches(&commas, &HeaderValue::from_static("\" d\"")));
+        assert!(etag_matches(
+            &HeaderValue::from_static(" * "),
+            &HeaderValue::from_static("\"x\"")
+        ));
+        assert!(!etag_matches(
+            &HeaderValue::from_static("\"x"),
+            &HeaderValue::from_static("\"x\"")
+        ));
     }
 }
