@@ -35,8 +35,8 @@
 //! Responses that set cookies, say `Vary: *`, or answer an authorized request without
 //! `public` / `s-maxage` / `must-revalidate` are not stored. An invalid `max-age` / `s-maxage`
 //! value, or an `Expires` that is invalid (such as `0`) or in the past, means already stale, so
-//! not stored (RFC 9111 sections 4.2.1 and 5.3); `Expires` is read in the IMF-fixdate format
-//! only. A request is authorized when it
+//! not stored (RFC 9111 sections 4.2.1 and 5.3); `Expires` is read in all three HTTP date
+//! formats (the `httpdate` crate). A request is authorized when it
 //! carries `Authorization` or an authentication policy (`jwt`, `api_key`, `basic_auth`)
 //! accepted it: those may remove the credentials before the cache sees the request.
 
@@ -338,36 +338,10 @@ fn expires_lifetime(headers: &HeaderMap) -> Option<u64> {
     Some(expires.duration_since(date).map_or(0, |d| d.as_secs()))
 }
 
-/// An HTTP date in the IMF-fixdate format senders must use (`Sun, 06 Nov 1994 08:49:37 GMT`,
-/// RFC 9110 section 5.6.7). The obsolete formats are not accepted (an `Expires` in them counts
-/// as invalid, that is already stale).
+/// An HTTP date (RFC 9110 section 5.6.7), in any of its three formats; `None` for anything
+/// else (an `Expires` that is no date counts as already stale).
 fn http_date(v: &HeaderValue) -> Option<SystemTime> {
-    let s = v.to_str().ok()?.trim();
-    let b = s.as_bytes();
-    if b.len() != 29 || &b[3..5] != b", " || !s.ends_with(" GMT") {
-        return None;
-    }
-    if b[7] != b' ' || b[11] != b' ' || b[16] != b' ' || b[19] != b':' || b[22] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| delta_seconds(s.get(r)?);
-    let (day, year) = (num(5..7)?, num(12..16)?);
-    let (hour, min, sec) = (num(17..19)?, num(20..22)?, num(23..25)?);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| *m == &s[8..11])? as u64 + 1;
-    if !(1..=31).contains(&day) || year < 1970 || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
-    let y = if month <= 2 { year - 1 } else { year };
-    let (era, yoe) = (y / 400, y % 400);
-    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    let secs = days * 86_400 + hour * 3600 + min * 60 + sec;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
 }
 
 /// The entry key of a request for `base`, given what is `known` about that base key.
@@ -886,7 +860,9 @@ mod tests {
         assert_eq!(at("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
         assert_eq!(at("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
         assert_eq!(at("Tue, 29 Feb 2000 12:00:00 GMT"), Some(951_825_600));
-        assert_eq!(at("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        // The obsolete RFC 850 and asctime formats, which recipients must accept.
+        assert_eq!(at("Sunday, 06-Nov-94 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(at("Sun Nov  6 08:49:37 1994"), Some(784_111_777));
         assert_eq!(at("Sun, 06 Nov 1994 08:49:37 UTC"), None);
         assert_eq!(at("Sun, 06 Foo 1994 08:49:37 GMT"), None);
         assert_eq!(at("0"), None);
