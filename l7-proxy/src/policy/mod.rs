@@ -443,11 +443,44 @@ pub struct PolicyBuildError {
 /// Builds a route's chain from its config, in order. Called at config load and on reload, so
 /// errors surface before the config goes live.
 pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildError> {
+    check_order(configs)?;
     let policies = configs
         .iter()
         .map(build_policy)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(PolicyChain::new(policies))
+}
+
+/// Refuses a chain where `cache` comes before a policy that decides who may see a response:
+/// a cache hit is answered at the cache, so an authentication policy or address filter listed
+/// after it would never see those requests.
+fn check_order(configs: &[PolicyConfig]) -> Result<(), PolicyBuildError> {
+    let Some(cache_at) = configs
+        .iter()
+        .position(|c| matches!(c, PolicyConfig::Cache(_)))
+    else {
+        return Ok(());
+    };
+    for (i, config) in configs.iter().enumerate().skip(cache_at + 1) {
+        let guard = match config {
+            PolicyConfig::Jwt(_) => "jwt",
+            PolicyConfig::ApiKey(_) => "api_key",
+            PolicyConfig::BasicAuth(_) => "basic_auth",
+            PolicyConfig::IpFilter(_) => "ip_filter",
+            _ => continue,
+        };
+        return Err(PolicyBuildError {
+            policy: guard.into(),
+            message: format!(
+                "it is policy #{} but cache is #{}: cache hits are answered before {guard} \
+                 would run, so cached responses would reach requests it refuses; list \
+                 {guard} before cache",
+                i + 1,
+                cache_at + 1
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
@@ -484,6 +517,31 @@ mod tests {
     }
 
     #[test]
+    fn guards_after_cache_are_refused() {
+        let build = |list: &str| {
+            let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
+            let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
+            build_chain(&configs).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let cache = r#"{ type = "cache" }"#;
+        let filter = r#"{ type = "ip_filter", allow = ["10.0.0.0/8"] }"#;
+        let keys = r#"{ type = "api_key", keys = [{ id = "ci", sha256 = "0000000000000000000000000000000000000000000000000000000000000000" }] }"#;
+        assert_eq!(build(&format!("{filter}, {cache}")), Ok(()));
+        let err = build(&format!(r#"{{ type = "compress" }}, {cache}, {filter}"#)).unwrap_err();
+        assert_eq!(
+            err,
+            "policy ip_filter: it is policy #3 but cache is #2: cache hits are answered before \
+             ip_filter would run, so cached responses would reach requests it refuses; list \
+             ip_filter before cache"
+        );
+        let err = build(&format!("{cache}, {keys}")).unwrap_err();
+        assert!(
+            err.starts_with("policy api_key: it is policy #2 but cache is #1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_chain_knows_whether_responses_pass_through_it() {
         let filters = r#"{ type = "ip_filter", allow = ["0.0.0.0/0"] },
             { type = "methods", allow = ["GET"] }, { type = "body_limit", max_bytes = 10 }"#;
@@ -509,11 +567,11 @@ mod tests {
                 {{ type = "jwt", jwks_url = "http://127.0.0.1:9/jwks", algorithms = ["HS256"] }},
                 {{ type = "rate_limit", requests = 10 }},
                 {{ type = "rate_limit", requests = 10, redis_url = "redis://127.0.0.1:9" }},
+                {{ type = "ip_filter", allow = ["0.0.0.0/0"] }},
                 {{ type = "compress" }},
                 {{ type = "cache" }},
                 {{ type = "transform" }},
                 {{ type = "version", default = "v1", versions = {{ v1 = {{ upstream = "a" }} }} }},
-                {{ type = "ip_filter", allow = ["0.0.0.0/0"] }},
                 {{ type = "body_limit", max_bytes = 10 }},
                 {{ type = "methods", allow = ["GET"] }},
                 {{ type = "cors", origins = ["*"] }},
