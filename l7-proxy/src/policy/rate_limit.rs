@@ -119,12 +119,17 @@ impl KeySource {
             Self::ApiKey => ctx.identity.api_key.as_ref().map(|k| k.0.as_str()),
             Self::Header(h) => req.headers().get(h).and_then(|v| v.to_str().ok()),
         };
-        use std::fmt::Write;
         let mut key = KeyBuf::default();
-        let _ = match value {
-            Some(v) => write!(key, "key:{v}"),
-            None => write!(key, "ip:{}", ctx.client_addr.ip().to_canonical()),
-        };
+        match value {
+            Some(v) => {
+                key.0.extend_from_slice(b"key:");
+                key.0.extend_from_slice(v.as_bytes());
+            }
+            None => {
+                use std::fmt::Write;
+                let _ = write!(key, "ip:{}", ctx.client_addr.ip().to_canonical());
+            }
+        }
         f(key.as_str())
     }
 }
