@@ -309,20 +309,10 @@ async fn api_keys_from_header_or_query_are_checked_against_hashes() {
 
 #[tokio::test]
 async fn basic_auth_verifies_argon2_hashes() {
-    use argon2::password_hash::{PasswordHasher, SaltString};
     use base64::Engine;
     let up = echo_upstream().await;
     // Cheap parameters keep the test fast; the PHC string carries them.
-    let argon = argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(64, 1, 1, None).unwrap(),
-    );
-    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
-    let phc = argon
-        .hash_password(b"correct horse", &salt)
-        .unwrap()
-        .to_string();
+    let phc = argon2id_phc("correct horse", 64, 1);
     let chain = chain_from_toml(&format!(
         r#"
         [[policies]]
@@ -726,14 +716,7 @@ async fn api_key_401_carries_a_key_challenge_and_an_empty_header_defers_to_the_q
 /// A hash Argon2 cannot verify would lock its user out: it is a build error naming the user.
 #[tokio::test]
 async fn basic_auth_rejects_hashes_that_can_never_verify() {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let argon = argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(64, 1, 1, None).unwrap(),
-    );
-    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
-    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let phc = argon2id_phc("pw", 64, 1);
     let params = "$argon2id$v=19$m=64,t=1,p=1$";
     assert!(try_chain(&format!(
         "[[policies]]\ntype = \"basic_auth\"\nusers = {{ alice = \"{phc}\" }}"
@@ -756,16 +739,9 @@ async fn basic_auth_rejects_hashes_that_can_never_verify() {
 /// users exist.
 #[tokio::test]
 async fn basic_auth_unknown_user_costs_as_much_as_a_known_one() {
-    use argon2::password_hash::{PasswordHasher, SaltString};
     use base64::Engine;
     let up = echo_upstream().await;
-    let argon = argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(8192, 2, 1, None).unwrap(),
-    );
-    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
-    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let phc = argon2id_phc("pw", 8192, 2);
     let chain = chain_from_toml(&format!(
         "[[policies]]\ntype = \"basic_auth\"\nusers = {{ alice = \"{phc}\" }}"
     ));

@@ -320,15 +320,8 @@ async fn per_user_upstream() -> Upstream {
 /// is not stored and never served to another user.
 #[tokio::test]
 async fn basic_auth_users_do_not_share_responses() {
-    use argon2::password_hash::{PasswordHasher, SaltString};
     use base64::Engine;
-    let argon = argon2::Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(64, 1, 1, None).unwrap(),
-    );
-    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
-    let phc = argon.hash_password(b"pw", &salt).unwrap().to_string();
+    let phc = argon2id_phc("pw", 64, 1);
     let up = per_user_upstream().await;
     let chain = chain_from_toml(&format!(
         r#"

@@ -187,33 +187,19 @@ action = {{ forward = {{ group = "up" }} }}
     )?;
     std::fs::write(
         dir.join("nginx.conf"),
-        format!(
-            r#"worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  # nginx closes a client connection (HTTP/1.1 and, since 1.19.7, HTTP/2) after
-  # keepalive_requests requests, 1000 by default; h2load does not reconnect, so the HTTP/2
-  # run would stop after 16000 requests. The other proxies have no such limit.
-  keepalive_requests 1000000;
-  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
-  server {{
+        nginx_conf(
+            &d.to_string(),
+            &upstream,
+            &format!(
+                r#"  server {{
     listen 127.0.0.1:{nginx};
     listen 127.0.0.1:{nginx_tls} ssl http2;
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     ssl_protocols TLSv1.2 TLSv1.3;
-    location / {{
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}
-}}
-"#
+    location / {{ proxy_pass http://up; }}
+  }}"#
+            ),
         ),
     )?;
     let pem = std::fs::read_to_string(dir.join("server.pem"))?
@@ -242,6 +228,30 @@ backend be
         ),
     )?;
     Ok(())
+}
+
+/// An nginx config: one worker in the foreground, logs to stderr, keep-alive connections to
+/// the upstream group `up` at `upstream`, and the `server` blocks given.
+fn nginx_conf(d: &str, upstream: &str, server: &str) -> String {
+    format!(
+        r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  # nginx closes a client connection (HTTP/1.1 and, since 1.19.7, HTTP/2) after
+  # keepalive_requests requests, 1000 by default; h2load does not reconnect, so the HTTP/2
+  # run would stop after 16000 requests. The other proxies have no such limit.
+  keepalive_requests 1000000;
+  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+{server}
+}}
+"#
+    )
 }
 
 /// Peak RSS of `pid` and all its descendants: nginx serves from a worker process, a child of
@@ -888,19 +898,11 @@ fn write_reference_configs(dir: &Path, ports: Ports) -> Result<()> {
     let [_, _, nginx, _, haproxy, _, _, _] = ports.all();
     std::fs::write(
         dir.join("nginx.conf"),
-        format!(
-            r#"worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  upstream up {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  server {{
+        nginx_conf(
+            &d.to_string(),
+            &upstream,
+            &format!(
+                r#"  server {{
     listen 127.0.0.1:{nginx};
     location /plain/ {{ proxy_pass http://up; }}
     location /gzip/ {{
@@ -912,9 +914,8 @@ http {{
       gzip_proxied any;
       gzip_vary on;
     }}
-  }}
-}}
-"#
+  }}"#
+            ),
         ),
     )?;
     std::fs::write(
@@ -971,6 +972,50 @@ fn wrk_totals(report: &str) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference configs of `bench policies` are valid for the installed nginx and HAProxy
+    /// (checked when they are installed, as `bench policies` installs them).
+    #[test]
+    fn reference_configs_pass_the_proxies_own_checks() {
+        let dir = std::env::temp_dir().join(format!("xtask-ref-configs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let result = (|| -> Result<()> {
+            write_reference_configs(&dir, Ports { base: 18000 })?;
+            let nginx = std::fs::read_to_string(dir.join("nginx.conf"))?;
+            assert!(nginx.contains("location /gzip/ {\n      proxy_pass http://up;"));
+            assert_eq!(nginx.matches('{').count(), nginx.matches('}').count());
+            for (tool, args) in [
+                ("nginx", ["-t", "-q", "-c"]),
+                ("haproxy", ["-c", "-q", "-f"]),
+            ] {
+                let conf = dir.join(if tool == "nginx" {
+                    "nginx.conf"
+                } else {
+                    "haproxy.cfg"
+                });
+                let installed = ["/usr/sbin", "/usr/bin"]
+                    .iter()
+                    .any(|d| Path::new(d).join(tool).exists());
+                if !installed {
+                    eprintln!(
+                        "{tool} is not installed: its check of {} skipped",
+                        conf.display()
+                    );
+                    continue;
+                }
+                let out = Command::new(tool).args(args).arg(&conf).output()?;
+                assert!(
+                    out.status.success(),
+                    "{tool} refused {}: {}",
+                    conf.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result.unwrap();
+    }
 
     #[test]
     fn wrk_totals_reads_requests_and_binary_units() {

@@ -266,3 +266,19 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got 
 pub fn one_group(name: &str, addr: SocketAddr) -> HashMap<String, SocketAddr> {
     HashMap::from([(name.to_string(), addr)])
 }
+
+/// An Argon2id PHC string for `password`, with `m_kib` KiB of memory and `t` passes (cheap
+/// settings keep tests fast; the string carries them) and a fixed salt.
+pub fn argon2id_phc(password: &str, m_kib: u32, t: u32) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(m_kib, t, 1, None).unwrap(),
+    );
+    let salt = SaltString::encode_b64(b"fixed test salt!").unwrap();
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
