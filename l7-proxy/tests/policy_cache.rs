@@ -605,3 +605,31 @@ async fn etags_with_commas_match_whole() {
     assert_eq!(inm("\"b\", \"a,\"").await, 200);
     assert_eq!(up.hits(), 1);
 }
+
+/// Preconditions (`If-Match`, `If-Unmodified-Since`) are the origin's to evaluate (RFC 9111
+/// section 4.3.2): such requests go upstream as they are and neither use nor fill the cache.
+#[tokio::test]
+async fn preconditions_reach_the_origin() {
+    let up = upstream(|parts, _| async move {
+        let headers = [("etag", "\"v2\""), ("cache-control", "max-age=60")];
+        match parts.headers.get("if-match").map(|v| v.as_bytes()) {
+            Some(b"\"v2\"") | None => reply(200, &headers, "current"),
+            Some(_) => reply(412, &[], ""),
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    let stale_writer = get(gw, "/doc", &[("if-match", "\"v1\"")]).await;
+    assert_eq!(
+        (stale_writer.status, stale_writer.header("x-cache")),
+        (412, None)
+    );
+    // The entry is stored by an unconditional request and still not used for preconditions.
+    assert_eq!(get(gw, "/doc", &[]).await.header("x-cache"), Some("MISS"));
+    assert_eq!(get(gw, "/doc", &[]).await.header("x-cache"), Some("HIT"));
+    let got = get(gw, "/doc", &[("if-match", "\"v1\"")]).await;
+    assert_eq!(got.status, 412);
+    let got = get(gw, "/doc", &[("if-match", "\"v2\"")]).await;
+    assert_eq!((got.status, got.header("x-cache")), (200, None));
+    assert_eq!(up.hits(), 4);
+}

@@ -18,9 +18,11 @@
 //! 4.2.3): `max-age=60` with `Age: 50` is fresh for 10 more seconds, and the `Age` sent on a
 //! hit includes those 50.
 //! A request that goes upstream for the cache (a miss or a revalidation) goes without the
-//! client's `If-None-Match`, `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `Range`
-//! and `If-Range`, as with nginx and Varnish: the upstream answers the full 200, which can be
-//! stored, and the client's validators are checked against it (a 304 when they match).
+//! client's `If-None-Match`, `If-Modified-Since`, `Range` and `If-Range`, as with nginx and
+//! Varnish: the upstream answers the full 200, which can be stored, and the client's
+//! validators are checked against it (a 304 when they match). A request with a precondition
+//! (`If-Match`, `If-Unmodified-Since`) bypasses the cache, so the origin evaluates it (RFC 9111
+//! section 4.3.2).
 //! Concurrent misses for one key are coalesced: the first goes upstream, the others wait for
 //! its result and answer from it (or go upstream themselves when it was not cacheable).
 //!
@@ -433,13 +435,12 @@ impl Conditionals {
 }
 
 /// Request headers that make the upstream answer something other than the full response
-/// (304, 206, 412). Like nginx and Varnish, a fetch for the cache goes without them, and the
-/// client's validators are checked against the full response.
-const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+/// (304, 206). Like nginx and Varnish, a fetch for the cache goes without them, and the
+/// client's validators are checked against the full response. (`If-Match` and
+/// `If-Unmodified-Since` are left to the origin: such requests bypass the cache.)
+const CLIENT_CONDITIONALS: [HeaderName; 4] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
     header::RANGE,
     header::IF_RANGE,
 ];
@@ -547,6 +548,13 @@ impl Policy for CachePolicy {
             return RequestOutcome::Continue(req);
         }
         if has_directive(directives(req.headers()), "no-store") {
+            return RequestOutcome::Continue(req);
+        }
+        // Preconditions are the origin's to evaluate (RFC 9111 section 4.3.2): such a request
+        // goes upstream as it is, neither served from nor stored in the cache.
+        if req.headers().contains_key(header::IF_MATCH)
+            || req.headers().contains_key(header::IF_UNMODIFIED_SINCE)
+        {
             return RequestOutcome::Continue(req);
         }
         // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
