@@ -275,6 +275,25 @@ async fn redis_buckets_are_per_route_unless_a_prefix_is_shared() {
     assert_eq!(get(a1, "/", &[]).await.status, 200);
     assert_eq!(get(a2, "/", &[]).await.status, 429);
     assert_eq!(get(b, "/", &[]).await.status, 200);
+    // Two limits of one route count in buckets of their own: the first two requests pass
+    // both (sharing a key, the second request would be the fourth step on it).
+    let stacked = gateway_for_route(
+        chain_from_toml(&format!(
+            "{}\n{}",
+            policy("").replace("requests = 1", "requests = 2"),
+            policy("").replace("requests = 1", "requests = 5")
+        )),
+        one_group("app", up.addr),
+        "app",
+        "stacked",
+    )
+    .await;
+    let statuses = [
+        get(stacked, "/", &[]).await.status,
+        get(stacked, "/", &[]).await.status,
+        get(stacked, "/", &[]).await.status,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
     // The same explicit prefix shares buckets across routes.
     let (c, d) = (
         on_route("c", "redis_prefix = \"shared\"").await,

@@ -9,8 +9,10 @@
 //! every `period_secs / requests`. The state lives in process memory, or in Redis when
 //! `redis_url` is set so several proxy instances share one bucket: a Lua script runs the same
 //! algorithm atomically with Redis's clock. Redis keys are `<redis_prefix>:key:<key>` and
-//! `<redis_prefix>:ip:<address>`; the prefix defaults to `l7rl:<route name>`, so the limits of
-//! different routes never share buckets, while the same route on every instance does. Limits
+//! `<redis_prefix>:ip:<address>`; the prefix defaults to
+//! `l7rl:<route name>:<requests>/<period_secs>s/<burst>/<key source>` (for example
+//! `l7rl:orders:5/1s/5/client_ip`), so the limits of different routes, and different limits
+//! of one route, never share buckets, while the same limit on every instance does. Limits
 //! that should share buckets across routes name the same `redis_prefix`. When Redis is
 //! unreachable, `on_redis_error` decides between letting the request through (`fail_open`)
 //! and answering 503 (`fail_closed`).
@@ -50,8 +52,8 @@ pub struct RateLimitConfig {
     /// `redis://host:port/db`: share buckets through Redis.
     #[serde(default)]
     pub redis_url: Option<String>,
-    /// Prefix of Redis keys: `l7rl:<route name>` by default; limits given the same prefix
-    /// share their buckets.
+    /// Prefix of Redis keys: `l7rl:<route name>:<requests>/<period_secs>s/<burst>/<key>` by
+    /// default; limits given the same prefix share their buckets.
     #[serde(default)]
     pub redis_prefix: Option<String>,
     #[serde(default = "default_redis_timeout_ms")]
@@ -280,8 +282,10 @@ struct RedisBuckets {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
-    /// `None`: `l7rl:<route name>`.
+    /// `None`: `l7rl:<route name>:<limit>`.
     prefix: Option<String>,
+    /// The `<limit>` of the default prefix: `<requests>/<period_secs>s/<burst>/<key source>`.
+    limit: String,
     timeout: Duration,
 }
 
@@ -359,6 +363,10 @@ impl RateLimitPolicy {
                 conn: OnceCell::new(),
                 script: redis::Script::new(GCRA_LUA),
                 prefix: config.redis_prefix.clone(),
+                limit: format!(
+                    "{}/{}s/{burst}/{}",
+                    config.requests, config.period_secs, config.key
+                ),
                 timeout: Duration::from_millis(config.redis_timeout_ms),
             })),
             None => Store::Local(LocalBuckets::new()),
@@ -406,7 +414,7 @@ impl Policy for RateLimitPolicy {
             Store::Redis(redis) => {
                 let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
                     Some(prefix) => format!("{prefix}:{k}"),
-                    None => format!("l7rl:{}:{k}", ctx.route_name),
+                    None => format!("l7rl:{}:{}:{k}", ctx.route_name, redis.limit),
                 });
                 // Boxed so the Redis client's large future does not sit in every request's future
                 // (local buckets need none).
