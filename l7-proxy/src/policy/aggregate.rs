@@ -2,7 +2,8 @@
 //! their JSON bodies into one object.
 //!
 //! Data in: the client request supplies only the headers listed in `forward_headers` (for
-//! example `authorization`) and, when `forward_query` is set, its query string, appended to
+//! example `authorization`; after a `jwt` policy, which removes it once verified, that needs
+//! the jwt's `forward_token = true`, and the chain is refused without it) and, when `forward_query` is set, its query string, appended to
 //! each call's URL. Each call is a GET with its own timeout; a call fails on connection error,
 //! timeout, non-2xx status, a body over `max_body_bytes` or a body that is not JSON. A
 //! success without content (204, or an empty 200) counts as `null`.

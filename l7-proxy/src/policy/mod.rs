@@ -454,7 +454,30 @@ pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildE
 /// Refuses a chain where `cache` comes before a policy that decides who may see a response:
 /// a cache hit is answered at the cache, so an authentication policy or address filter listed
 /// after it would never see those requests.
+///
+/// Also refuses an `aggregate` that forwards `Authorization` after a `jwt` that removes it
+/// (`forward_token = false`, the default): its calls would go without the credential.
 fn check_order(configs: &[PolicyConfig]) -> Result<(), PolicyBuildError> {
+    let strips_token = configs
+        .iter()
+        .position(|c| matches!(c, PolicyConfig::Jwt(j) if !j.forward_token));
+    if let Some(jwt_at) = strips_token {
+        let forwarding = configs.iter().enumerate().skip(jwt_at + 1).find(|(_, c)| {
+            matches!(c, PolicyConfig::Aggregate(a)
+                if a.forward_headers.iter().any(|h| h.eq_ignore_ascii_case("authorization")))
+        });
+        if let Some((i, _)) = forwarding {
+            return Err(PolicyBuildError {
+                policy: "aggregate".into(),
+                message: format!(
+                    "it is policy #{} and forwards authorization, but jwt (#{}) removes that \
+                     header once it has verified the token; set forward_token = true on jwt",
+                    i + 1,
+                    jwt_at + 1
+                ),
+            });
+        }
+    }
     let Some(cache_at) = configs
         .iter()
         .position(|c| matches!(c, PolicyConfig::Cache(_)))
@@ -538,6 +561,22 @@ mod tests {
         assert!(
             err.starts_with("policy api_key: it is policy #2 but cache is #1"),
             "{err}"
+        );
+
+        // An aggregate forwarding the token a jwt before it removes.
+        let jwt = |extra: &str| {
+            format!(r#"{{ type = "jwt", jwks_url = "http://127.0.0.1:9/jwks"{extra} }}"#)
+        };
+        let aggregate = r#"{ type = "aggregate", forward_headers = ["Authorization"], calls = [{ key = "a", url = "http://127.0.0.1:9/a" }] }"#;
+        let err = build(&format!("{}, {aggregate}", jwt(""))).unwrap_err();
+        assert_eq!(
+            err,
+            "policy aggregate: it is policy #2 and forwards authorization, but jwt (#1) removes \
+             that header once it has verified the token; set forward_token = true on jwt"
+        );
+        assert_eq!(
+            build(&format!("{}, {aggregate}", jwt(", forward_token = true"))),
+            Ok(())
         );
     }
 
