@@ -7,8 +7,12 @@
 //!
 //! Data out: a denied address answers 403, an oversized body 413 (from `Content-Length`, or,
 //! for a body without one, after reading at most `max_bytes` of it: such bodies are buffered up
-//! to the limit, never beyond), a method not listed 405 with `Allow`. CORS answers preflights itself with 204 and adds
-//! `Access-Control-Allow-Origin` (and friends) to responses for allowed origins.
+//! to the limit, never beyond), a method not listed 405 with `Allow` (allowing `GET` allows
+//! `HEAD`). CORS answers preflights itself with 204 and adds `Access-Control-Allow-Origin` (and
+//! friends) to responses for allowed origins; with listed origins (not `*`) every response
+//! carries `Vary: Origin`, allowed or not, so a cache keeps them apart. A preflight allows the
+//! request headers in `headers`, or, when that list is empty, the headers it asks for (as
+//! Kong does: with no list, CORS limits origins and methods, not headers).
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
@@ -260,6 +264,8 @@ pub struct CorsConfig {
     pub origins: Vec<String>,
     #[serde(default = "default_cors_methods")]
     pub methods: Vec<String>,
+    /// Request headers a preflight allows (`Access-Control-Allow-Headers`); empty (the
+    /// default): those the preflight asks for.
     #[serde(default)]
     pub headers: Vec<String>,
     #[serde(default)]
