@@ -1,8 +1,9 @@
 //! Request and response transformation: headers, path rewrite and JSON body fields.
 //!
 //! Data in: the request (headers, path, JSON body) in the request phase, the response in the
-//! response phase. Header values may use `${client_ip}`, `${request_id}`, `${route}` and
-//! `${upstream}`, filled from [`RequestCtx`].
+//! response phase. Header values (and string values JSON edits add) may use `${client_ip}`,
+//! `${request_id}`, `${route}` and `${upstream}`, filled from [`RequestCtx`]; `$${` is a
+//! literal `${`. Another `${name}` is a config error.
 //!
 //! Order per phase: headers `remove`, then `set` (replace), then `add` (append); on requests
 //! the path rewrite (first regex match replaced, `$1` style groups) and the JSON edits
@@ -73,8 +74,16 @@ pub struct JsonEdits {
     pub rename: BTreeMap<String, String>,
 }
 
-/// The variables a template may use.
-const VARIABLES: [&str; 4] = ["client_ip", "request_id", "route", "upstream"];
+/// The variables a template may use, and how each is filled from the request.
+const VARIABLES: [(&str, fn(&RequestCtx, &mut String)); 4] = [
+    ("client_ip", |ctx, out| {
+        use std::fmt::Write;
+        let _ = write!(out, "{}", ctx.client_addr.ip().to_canonical());
+    }),
+    ("request_id", |ctx, out| out.push_str(&ctx.request_id)),
+    ("route", |ctx, out| out.push_str(&ctx.route_name)),
+    ("upstream", |ctx, out| out.push_str(&ctx.upstream_group)),
+];
 
 fn build_err(message: String) -> PolicyBuildError {
     PolicyBuildError {
@@ -83,10 +92,15 @@ fn build_err(message: String) -> PolicyBuildError {
     }
 }
 
-/// Checks that every `${...}` in `template` is closed and names a known variable.
+/// Checks that every `${...}` in `template` (other than an escaped `$${`) is closed and names
+/// a known variable.
 fn check_variables(field: &str, template: &str) -> Result<(), PolicyBuildError> {
     let mut rest = template;
     while let Some(start) = rest.find("${") {
+        if rest[..start].ends_with('$') {
+            rest = &rest[start + 2..];
+            continue;
+        }
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
             return Err(build_err(format!(
@@ -94,10 +108,11 @@ fn check_variables(field: &str, template: &str) -> Result<(), PolicyBuildError> 
             )));
         };
         let name = &after[..end];
-        if !VARIABLES.contains(&name) {
+        if !VARIABLES.iter().any(|(v, _)| *v == name) {
             return Err(build_err(format!(
-                "{field}: unknown variable ${{{name}}} in {template:?} (known: {})",
-                VARIABLES.map(|v| format!("${{{v}}}")).join(", ")
+                "{field}: unknown variable ${{{name}}} in {template:?} (known: {}; write $${{ \
+                 for a literal ${{)",
+                VARIABLES.map(|(v, _)| format!("${{{v}}}")).join(", ")
             )));
         }
         rest = &after[end + 1..];
@@ -198,19 +213,36 @@ fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), Policy
     Ok(())
 }
 
-/// Fills `${client_ip}`, `${request_id}`, `${route}` and `${upstream}`.
+/// Fills the [`VARIABLES`] in `template`; `$${` stands for a literal `${`.
 pub fn expand(template: &str, ctx: &RequestCtx) -> String {
-    if !template.contains("${") {
-        return template.to_string();
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let from = &rest[at..];
+        if let Some(tail) = from.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+            continue;
+        }
+        let variable = from.strip_prefix("${").and_then(|tail| {
+            let (name, after) = tail.split_once('}')?;
+            let (_, fill) = VARIABLES.iter().find(|(n, _)| *n == name)?;
+            Some((fill, after))
+        });
+        match variable {
+            Some((fill, after)) => {
+                fill(ctx, &mut out);
+                rest = after;
+            }
+            None => {
+                out.push('$');
+                rest = &from[1..];
+            }
+        }
     }
-    template
-        .replace(
-            "${client_ip}",
-            &ctx.client_addr.ip().to_canonical().to_string(),
-        )
-        .replace("${request_id}", &ctx.request_id)
-        .replace("${route}", &ctx.route_name)
-        .replace("${upstream}", &ctx.upstream_group)
+    out.push_str(rest);
+    out
 }
 
 fn expand_value(v: &Value, ctx: &RequestCtx) -> Value {
@@ -398,6 +430,14 @@ mod tests {
             expand("${client_ip}/${request_id}/${route}", &ctx()),
             "192.0.2.7/req-1/users"
         );
+        assert_eq!(
+            expand("Hello $${name}, ${upstream} costs $5 ${route", &ctx()),
+            "Hello ${name}, api costs $5 ${route"
+        );
+        // An escaped `${` is no variable for the config check either.
+        let cfg: TransformConfig =
+            toml::from_str("request_headers = { set = { x-t = \"Hello $${name}\" } }").unwrap();
+        assert!(TransformPolicy::build(cfg).is_ok());
     }
 
     #[test]
