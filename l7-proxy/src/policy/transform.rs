@@ -74,8 +74,11 @@ pub struct JsonEdits {
     pub rename: BTreeMap<String, String>,
 }
 
+/// Appends a variable's value for a request.
+type Fill = fn(&RequestCtx, &mut String);
+
 /// The variables a template may use, and how each is filled from the request.
-const VARIABLES: [(&str, fn(&RequestCtx, &mut String)); 4] = [
+const VARIABLES: [(&str, Fill); 4] = [
     ("client_ip", |ctx, out| {
         use std::fmt::Write;
         let _ = write!(out, "{}", ctx.client_addr.ip().to_canonical());
