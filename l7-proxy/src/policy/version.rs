@@ -108,8 +108,10 @@ impl VersionPolicy {
                 .sunset
                 .as_deref()
                 .map(|s| {
-                    http_date(&format!("versions.{name}.sunset"), s)?;
-                    HeaderValue::try_from(s).map_err(|e| e.to_string())
+                    // Sent in the IMF-fixdate format senders must use, whichever HTTP date
+                    // format the config spelled it in (RFC 9110 section 5.6.7).
+                    let at = http_date(&format!("versions.{name}.sunset"), s)?;
+                    HeaderValue::try_from(httpdate::fmt_http_date(at)).map_err(|e| e.to_string())
                 })
                 .transpose()
                 .map_err(err)?;
@@ -350,6 +352,15 @@ mod tests {
         );
         let p = policy_with(", deprecated_since = \"Sun, 30 Jun 2024 23:59:59 GMT\"", "").unwrap();
         assert_eq!(p.deprecations["v1"].deprecation, "@1719791999");
+        let p = policy_with(
+            ", deprecated = true, sunset = \"Sunday, 06-Nov-94 08:49:37 GMT\"",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            p.deprecations["v1"].sunset.as_ref().unwrap(),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
     }
 
     #[test]
