@@ -19,7 +19,7 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::respond::error_response;
+use super::respond::{challenge_realm, error_response};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "api_key", keys = [{ id = "team-a", sha256 = "<hex>" }] }`
@@ -83,11 +83,9 @@ impl ApiKeyPolicy {
             .map(HeaderName::try_from)
             .transpose()
             .map_err(|e| err(format!("id_header: {e}")))?;
-        let challenge = HeaderValue::try_from(format!(
-            "Key realm=\"{}\"",
-            config.realm.replace(['"', '\\'], "'")
-        ))
-        .map_err(|e| err(format!("realm: {e}")))?;
+        let realm = challenge_realm(&config.realm).map_err(err)?;
+        let challenge = HeaderValue::try_from(format!("Key realm=\"{realm}\""))
+            .map_err(|e| err(format!("realm: {e}")))?;
         let mut ids_by_hash = HashMap::new();
         for (i, entry) in config.keys.iter().enumerate() {
             let digest: [u8; 32] = hex::decode(entry.sha256.trim())

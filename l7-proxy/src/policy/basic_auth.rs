@@ -24,7 +24,7 @@ use base64::Engine;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use serde::Deserialize;
 
-use super::respond::error_response;
+use super::respond::{challenge_realm, error_response};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "basic_auth", realm = "ops", users = { alice = "$argon2id$..." } }`
@@ -133,11 +133,10 @@ impl BasicAuthPolicy {
             first.get_or_insert(hash);
         }
         let dummy = dummy_hash(first.as_ref());
-        let challenge = HeaderValue::try_from(format!(
-            "Basic realm=\"{}\", charset=\"UTF-8\"",
-            config.realm.replace('"', "'")
-        ))
-        .map_err(|e| err(format!("realm: {e}")))?;
+        let realm = challenge_realm(&config.realm).map_err(err)?;
+        let challenge =
+            HeaderValue::try_from(format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+                .map_err(|e| err(format!("realm: {e}")))?;
         let user_header = config
             .user_header
             .as_deref()

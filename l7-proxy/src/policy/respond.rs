@@ -157,9 +157,32 @@ pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, val
     }
 }
 
+/// A `realm` from config as the quoted string of a `WWW-Authenticate` challenge: printable
+/// ASCII without `"` or `\\`, or an error that says what is wrong with it.
+pub fn challenge_realm(realm: &str) -> Result<&str, String> {
+    match realm
+        .chars()
+        .find(|c| !matches!(c, ' '..='~') || matches!(c, '"' | '\\'))
+    {
+        None => Ok(realm),
+        Some(c) => Err(format!(
+            "realm: {realm:?} has {c:?}; a realm is printable ASCII without quotes or backslashes"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realms_are_checked() {
+        assert_eq!(challenge_realm("orders api"), Ok("orders api"));
+        for bad in ["say \"hi\"", "a\\b", "caf\u{e9}", "tab\there"] {
+            let err = challenge_realm(bad).unwrap_err();
+            assert!(err.starts_with(&format!("realm: {bad:?} has ")), "{err}");
+        }
+    }
 
     #[test]
     fn number_headers_are_decimal_on_both_sides_of_the_table() {
