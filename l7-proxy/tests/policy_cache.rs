@@ -633,3 +633,25 @@ async fn preconditions_reach_the_origin() {
     assert_eq!((got.status, got.header("x-cache")), (200, None));
     assert_eq!(up.hits(), 4);
 }
+
+/// An entry without an ETag revalidates with its Last-Modified (`If-Modified-Since`).
+#[tokio::test]
+async fn entries_without_etag_revalidate_with_last_modified() {
+    const MODIFIED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+    let up = upstream(|parts, _| async move {
+        let headers = [("last-modified", MODIFIED), ("cache-control", "max-age=60")];
+        match parts.headers.get("if-modified-since").map(|v| v.as_bytes()) {
+            Some(since) if since == MODIFIED.as_bytes() => reply(304, &headers, ""),
+            _ => reply(200, &headers, "doc"),
+        }
+    })
+    .await;
+    let gw = gateway(chain_from_toml(CACHE), one_group("app", up.addr), "app").await;
+    assert_eq!(get(gw, "/doc", &[]).await.header("x-cache"), Some("MISS"));
+    let reload = get(gw, "/doc", &[("cache-control", "max-age=0")]).await;
+    assert_eq!(
+        (reload.status, reload.header("x-cache"), &reload.body[..]),
+        (200, Some("REVALIDATED"), &b"doc"[..])
+    );
+    assert_eq!(up.hits(), 2);
+}

@@ -9,8 +9,9 @@
 //! A fresh entry answers directly (`X-Cache: HIT`, `Age`), as 304 when the request's
 //! `If-None-Match` matches its `ETag` (or, without `If-None-Match`, its `If-Modified-Since` is
 //! not before the entry's `Last-Modified`); a `Range` is not served from the cache (the whole
-//! 200 is sent). A stale entry with an `ETag` is revalidated: the request
-//! goes upstream with `If-None-Match`, and a 304 updates the entry (its headers replace the
+//! 200 is sent). A stale entry with a validator is revalidated: the request goes upstream with
+//! `If-None-Match` (its `ETag`) or else `If-Modified-Since` (its `Last-Modified`), and a 304
+//! updates the entry (its headers replace the
 //! stored ones, and the freshness is computed again from the result, RFC 9111 section 4.3.4)
 //! and answers from it.
 //!
@@ -640,9 +641,14 @@ impl Policy for CachePolicy {
             if entry.fresh() && acceptable {
                 return RequestOutcome::Respond(serve(&entry, &client, head));
             }
+            // Revalidate with the entry's validator: its ETag, else its Last-Modified.
             if let Some(etag) = entry.etag() {
                 req.headers_mut()
                     .insert(header::IF_NONE_MATCH, etag.clone());
+                revalidating = Some(entry);
+            } else if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+                req.headers_mut()
+                    .insert(header::IF_MODIFIED_SINCE, modified.clone());
                 revalidating = Some(entry);
             }
         }
