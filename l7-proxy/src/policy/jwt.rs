@@ -48,7 +48,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::respond::error_response;
+use super::respond::{content_length, error_response};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "jwt", ... }`
@@ -535,11 +535,7 @@ async fn fetch_body(url: &str) -> Result<bytes::Bytes, String> {
         return Err(format!("status {}", resp.status()));
     }
     let too_large = || format!("JWKS larger than {JWKS_MAX_BYTES} bytes");
-    let announced = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > JWKS_MAX_BYTES as u64) {
+    if content_length(resp.headers()).is_some_and(|n| n > JWKS_MAX_BYTES as u64) {
         return Err(too_large());
     }
     let body = http_body_util::Limited::new(resp.into_body(), JWKS_MAX_BYTES)
