@@ -127,6 +127,27 @@ struct Entry {
 }
 
 impl Entry {
+    /// An entry stored now. Its initial age is the upstream's `Age`, which is taken out of the
+    /// stored headers (a hit sends the entry's current age instead).
+    fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        (ttl, must_revalidate): (Duration, bool),
+    ) -> Self {
+        let initial_age = received_age(&headers);
+        headers.remove(header::AGE);
+        Self {
+            status,
+            headers,
+            body,
+            stored_at: Instant::now(),
+            initial_age,
+            ttl,
+            must_revalidate,
+        }
+    }
+
     /// Current age: the age it had when received plus the time it has been stored.
     fn age(&self) -> Duration {
         self.initial_age + self.stored_at.elapsed()
@@ -512,15 +533,13 @@ fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
 /// Whether a request is authorized in the sense of RFC 9111 section 3.5: it carries
 /// `Authorization`, or an authentication policy before the cache accepted it (`basic_auth`,
 /// `api_key` and `jwt` may remove the credentials they checked, but the response is still
-/// meant for that user).
+/// meant for that user). None can run after the cache: `build_chain` refuses that order.
 fn authorized(req: &Request<ProxyBody>, ctx: &RequestCtx) -> bool {
-    req.headers().contains_key(header::AUTHORIZATION) || authenticated(ctx)
-}
-
-/// Whether an authentication policy accepted the request.
-fn authenticated(ctx: &RequestCtx) -> bool {
     let id = &ctx.identity;
-    id.jwt.is_some() || id.api_key.is_some() || id.basic_user.is_some()
+    req.headers().contains_key(header::AUTHORIZATION)
+        || id.jwt.is_some()
+        || id.api_key.is_some()
+        || id.basic_user.is_some()
 }
 
 /// Headers that describe a connection, not the stored response.
@@ -675,8 +694,7 @@ impl Policy for CachePolicy {
                 // Known uncacheable, so the request headers a Vary would need were not kept: a
                 // storable response ends the state, and the next request is looked up and
                 // stored.
-                let authorized = passing.authorized || authenticated(ctx);
-                if self.storable(&resp, authorized).is_some() {
+                if self.storable(&resp, passing.authorized).is_some() {
                     self.vary.remove(passing.base_key.as_str());
                 }
                 return miss(resp);
@@ -684,26 +702,19 @@ impl Policy for CachePolicy {
             _ => return resp,
         };
         let head = pending.base_key.starts_with("HEAD ");
-        let authorized = pending.authorized || authenticated(ctx);
         if let Some(stale) = &pending.revalidating {
             if resp.status() == StatusCode::NOT_MODIFIED {
                 // RFC 9111 section 4.3.4: the 304's headers replace the stored ones, and the
                 // freshness is computed again from the result.
                 let mut headers = stale.headers.clone();
                 update_headers(&mut headers, resp.headers());
-                let fresh = self.ttl(&headers, authorized);
-                let initial_age = received_age(&headers);
-                headers.remove(header::AGE);
-                let (ttl, must_revalidate) = fresh.unwrap_or((Duration::ZERO, true));
-                let entry = Arc::new(Entry {
-                    status: stale.status,
+                let fresh = self.ttl(&headers, pending.authorized);
+                let entry = Arc::new(Entry::new(
+                    stale.status,
                     headers,
-                    body: stale.body.clone(),
-                    stored_at: Instant::now(),
-                    initial_age,
-                    ttl,
-                    must_revalidate,
-                });
+                    stale.body.clone(),
+                    fresh.unwrap_or((Duration::ZERO, true)),
+                ));
                 if fresh.is_some() {
                     self.entries.insert(pending.vary_key.clone(), entry.clone());
                 } else {
@@ -718,7 +729,8 @@ impl Policy for CachePolicy {
                 return out;
             }
         }
-        let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, authorized) else {
+        let Some(((ttl, must_revalidate), vary_names)) = self.storable(&resp, pending.authorized)
+        else {
             self.mark_uncacheable(pending.base_key.clone());
             if resp.status() == StatusCode::OK && pending.client.not_modified(resp.headers()) {
                 // The client's validators were not sent upstream: answer them here.
@@ -750,20 +762,15 @@ impl Policy for CachePolicy {
         for h in HOP_BY_HOP {
             headers.remove(h);
         }
-        let initial_age = received_age(&headers);
-        headers.remove(header::AGE);
         if !head {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        let entry = Arc::new(Entry {
-            status: parts.status,
+        let entry = Arc::new(Entry::new(
+            parts.status,
             headers,
-            body: body.clone(),
-            stored_at: Instant::now(),
-            initial_age,
-            ttl,
-            must_revalidate,
-        });
+            body.clone(),
+            (ttl, must_revalidate),
+        ));
         let key = vary_key_with(&pending.base_key, &vary_names, &pending.request_headers);
         self.vary.insert(
             pending.base_key.clone(),
