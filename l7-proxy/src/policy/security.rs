@@ -398,19 +398,20 @@ impl Policy for CorsPolicy {
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Response<ProxyBody> {
-        let state = ctx.take_state();
-        if !self.any_origin {
-            // The response depends on the request's Origin whether or not it was allowed:
-            // without `Vary: Origin` a cache would serve a response made for no origin (or
-            // another) to an allowed one (the Fetch standard's "CORS protocol and HTTP caches").
-            append_token(resp.headers_mut(), header::VARY, "Origin");
-        }
-        if let PhaseState::Cors(origin) = state {
-            self.allow_origin_headers(resp.headers_mut(), &origin);
-            if let Some(v) = &self.expose_headers {
-                resp.headers_mut()
-                    .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+        let PhaseState::Cors(origin) = ctx.take_state() else {
+            if !self.any_origin {
+                // The response depends on the request's Origin even when it was not allowed:
+                // without `Vary: Origin` a cache would serve a response made for no origin (or
+                // another) to an allowed one (the Fetch standard's "CORS protocol and HTTP
+                // caches"). Allowed origins get it from `allow_origin_headers`.
+                append_token(resp.headers_mut(), header::VARY, "Origin");
             }
+            return resp;
+        };
+        self.allow_origin_headers(resp.headers_mut(), &origin);
+        if let Some(v) = &self.expose_headers {
+            resp.headers_mut()
+                .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
         }
         resp
     }
