@@ -532,20 +532,20 @@ fn build_policy(config: &PolicyConfig) -> Result<AnyPolicy, PolicyBuildError> {
 mod tests {
     use super::*;
 
-    /// The chain of a route's `policies = [...]` list, given as the list's items.
-    fn chain(list: &str) -> PolicyChain {
+    /// Builds the chain of a route's `policies = [...]` list, given as the list's items.
+    fn try_chain(list: &str) -> Result<PolicyChain, PolicyBuildError> {
         let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
         let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
-        build_chain(&configs).unwrap()
+        build_chain(&configs)
+    }
+
+    fn chain(list: &str) -> PolicyChain {
+        try_chain(list).unwrap()
     }
 
     #[test]
     fn guards_after_cache_are_refused() {
-        let build = |list: &str| {
-            let table: toml::Table = toml::from_str(&format!("p = [{list}]")).unwrap();
-            let configs: Vec<PolicyConfig> = table["p"].clone().try_into().unwrap();
-            build_chain(&configs).map(|_| ()).map_err(|e| e.to_string())
-        };
+        let build = |list: &str| try_chain(list).map(|_| ()).map_err(|e| e.to_string());
         let cache = r#"{ type = "cache" }"#;
         let filter = r#"{ type = "ip_filter", allow = ["10.0.0.0/8"] }"#;
         let keys = r#"{ type = "api_key", keys = [{ id = "ci", sha256 = "0000000000000000000000000000000000000000000000000000000000000000" }] }"#;

@@ -158,7 +158,7 @@ pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, val
 }
 
 /// A `realm` from config as the quoted string of a `WWW-Authenticate` challenge: printable
-/// ASCII without `"` or `\\`, or an error that says what is wrong with it.
+/// ASCII without `"` or `\`, or an error that says what is wrong with it.
 pub fn challenge_realm(realm: &str) -> Result<&str, String> {
     match realm
         .chars()
