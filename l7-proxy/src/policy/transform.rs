@@ -95,62 +95,131 @@ fn build_err(message: String) -> PolicyBuildError {
     }
 }
 
-/// Checks that every `${...}` in `template` (other than an escaped `$${`) is closed and names
-/// a known variable.
-fn check_variables(field: &str, template: &str) -> Result<(), PolicyBuildError> {
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        if rest[..start].ends_with('$') {
-            rest = &rest[start + 2..];
-            continue;
+/// A template split into text and variables, in one pass: `$${` is a literal `${`, and
+/// `${name}` one of the [`VARIABLES`]. Anything else stays text, and the first such `${` is
+/// reported as the template's problem (a config error where templates are checked).
+struct Template {
+    pieces: Vec<Piece>,
+}
+
+enum Piece {
+    Text(String),
+    Variable(Fill),
+}
+
+impl Template {
+    fn parse(template: &str) -> (Self, Option<String>) {
+        let mut pieces = Vec::new();
+        let mut problem = None;
+        let mut text = String::new();
+        let mut rest = template;
+        while let Some(at) = rest.find('$') {
+            text.push_str(&rest[..at]);
+            let from = &rest[at..];
+            if let Some(tail) = from.strip_prefix("$${") {
+                text.push_str("${");
+                rest = tail;
+                continue;
+            }
+            if let Some(tail) = from.strip_prefix("${") {
+                match tail.split_once('}') {
+                    Some((name, after)) => match VARIABLES.iter().find(|(n, _)| *n == name) {
+                        Some((_, fill)) => {
+                            if !text.is_empty() {
+                                pieces.push(Piece::Text(std::mem::take(&mut text)));
+                            }
+                            pieces.push(Piece::Variable(*fill));
+                            rest = after;
+                            continue;
+                        }
+                        None => {
+                            problem.get_or_insert_with(|| {
+                                format!(
+                                    "unknown variable ${{{name}}} in {template:?} (known: {}; \
+                                     write $${{ for a literal ${{)",
+                                    VARIABLES.map(|(v, _)| format!("${{{v}}}")).join(", ")
+                                )
+                            });
+                        }
+                    },
+                    None => {
+                        problem.get_or_insert_with(|| {
+                            format!(
+                                "{template:?} opens a variable with \"${{\" that is never closed"
+                            )
+                        });
+                    }
+                }
+            }
+            text.push('$');
+            rest = &from[1..];
         }
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            return Err(build_err(format!(
-                "{field}: {template:?} opens a variable with \"${{\" that is never closed"
-            )));
-        };
-        let name = &after[..end];
-        if !VARIABLES.iter().any(|(v, _)| *v == name) {
-            return Err(build_err(format!(
-                "{field}: unknown variable ${{{name}}} in {template:?} (known: {}; write $${{ \
-                 for a literal ${{)",
-                VARIABLES.map(|(v, _)| format!("${{{v}}}")).join(", ")
-            )));
+        text.push_str(rest);
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
         }
-        rest = &after[end + 1..];
+        (Self { pieces }, problem)
     }
-    Ok(())
+
+    /// The template of a config field, or the error naming the field and the problem.
+    fn checked(field: &str, template: &str) -> Result<Self, PolicyBuildError> {
+        match Self::parse(template) {
+            (template, None) => Ok(template),
+            (_, Some(problem)) => Err(build_err(format!("{field}: {problem}"))),
+        }
+    }
+
+    /// The text of a template without variables.
+    fn fixed(&self) -> Option<String> {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(text) => Some(text.as_str()),
+                Piece::Variable(_) => None,
+            })
+            .collect()
+    }
+
+    fn fill(&self, ctx: &RequestCtx) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(text) => out.push_str(text),
+                Piece::Variable(fill) => fill(ctx, &mut out),
+            }
+        }
+        out
+    }
 }
 
 /// A header value from config: fixed, or a template filled per request.
 enum ValueTemplate {
     Fixed(HeaderValue),
-    Variables(String),
+    Variables(Template),
 }
 
 impl ValueTemplate {
     fn compile(field: &str, name: &str, template: &str) -> Result<Self, PolicyBuildError> {
         let field = format!("{field}: header {name:?}");
-        check_variables(&field, template)?;
+        let parsed = Template::checked(&field, template)?;
         // Variables fill in an IP address, a request id or a config name, none of which can
         // make a valid value invalid; so the template itself must be a valid value.
-        let value = HeaderValue::try_from(template).map_err(|_| {
+        let invalid = || {
             build_err(format!(
                 "{field}: {template:?} is not a valid header value (control characters?)"
             ))
-        })?;
-        Ok(if template.contains("${") {
-            Self::Variables(template.to_string())
-        } else {
-            Self::Fixed(value)
+        };
+        HeaderValue::try_from(template).map_err(|_| invalid())?;
+        Ok(match parsed.fixed() {
+            Some(text) => Self::Fixed(HeaderValue::try_from(text).map_err(|_| invalid())?),
+            None => Self::Variables(parsed),
         })
     }
 
     fn value(&self, ctx: &RequestCtx) -> Option<HeaderValue> {
         match self {
             Self::Fixed(v) => Some(v.clone()),
-            Self::Variables(t) => HeaderValue::try_from(expand(t, ctx)).ok(),
+            Self::Variables(t) => HeaderValue::try_from(t.fill(ctx)).ok(),
         }
     }
 }
@@ -210,7 +279,7 @@ impl CompiledHeaders {
 fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), PolicyBuildError> {
     for (key, value) in edits.iter().flat_map(|e| &e.add) {
         if let Value::String(s) = value {
-            check_variables(&format!("{field}.add.{key}"), s)?;
+            Template::checked(&format!("{field}.add.{key}"), s)?;
         }
     }
     Ok(())
@@ -218,34 +287,7 @@ fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), Policy
 
 /// Fills the [`VARIABLES`] in `template`; `$${` stands for a literal `${`.
 pub fn expand(template: &str, ctx: &RequestCtx) -> String {
-    let mut out = String::with_capacity(template.len() + 16);
-    let mut rest = template;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let from = &rest[at..];
-        if let Some(tail) = from.strip_prefix("$${") {
-            out.push_str("${");
-            rest = tail;
-            continue;
-        }
-        let variable = from.strip_prefix("${").and_then(|tail| {
-            let (name, after) = tail.split_once('}')?;
-            let (_, fill) = VARIABLES.iter().find(|(n, _)| *n == name)?;
-            Some((fill, after))
-        });
-        match variable {
-            Some((fill, after)) => {
-                fill(ctx, &mut out);
-                rest = after;
-            }
-            None => {
-                out.push('$');
-                rest = &from[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    Template::parse(template).0.fill(ctx)
 }
 
 fn expand_value(v: &Value, ctx: &RequestCtx) -> Value {
@@ -489,7 +531,7 @@ mod tests {
         );
 
         let cfg: TransformConfig = toml::from_str(
-            "response_headers = { set = { x-fixed = \"1\", x-route = \"${route}:${upstream}\" } }",
+            "response_headers = { set = { x-fixed = \"1\", x-route = \"${route}:${upstream}\", x-esc = \"$${name} ${route}\", x-lit = \"$${name}\" } }",
         )
         .unwrap();
         let p = TransformPolicy::build(cfg).unwrap();
@@ -497,6 +539,8 @@ mod tests {
         p.response_headers.apply(&mut headers, &ctx());
         assert_eq!(headers["x-fixed"], "1");
         assert_eq!(headers["x-route"], "users:api");
+        assert_eq!(headers["x-esc"], "${name} users");
+        assert_eq!(headers["x-lit"], "${name}");
     }
 
     #[test]
