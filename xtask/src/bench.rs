@@ -207,8 +207,25 @@ action = {{ forward = {{ group = "up" }} }}
     std::fs::write(dir.join("haproxy.pem"), pem)?;
     std::fs::write(
         dir.join("haproxy.cfg"),
-        format!(
-            r#"global
+        haproxy_cfg(&format!(
+            r#"frontend fe
+  bind 127.0.0.1:{haproxy}
+  bind 127.0.0.1:{haproxy_tls} ssl crt {d}/haproxy.pem alpn h2,http/1.1
+  default_backend be
+backend be
+  http-reuse always
+  server s1 {upstream}
+"#
+        )),
+    )?;
+    Ok(())
+}
+
+/// A HAProxy config: one thread, HTTP mode, the usual timeouts, and the `proxies` sections
+/// given (frontends and backends).
+fn haproxy_cfg(proxies: &str) -> String {
+    format!(
+        r#"global
   nbthread 1
   maxconn 4000
   ssl-default-bind-options ssl-min-ver TLSv1.2
@@ -217,17 +234,8 @@ defaults
   timeout connect 5s
   timeout client 30s
   timeout server 30s
-frontend fe
-  bind 127.0.0.1:{haproxy}
-  bind 127.0.0.1:{haproxy_tls} ssl crt {d}/haproxy.pem alpn h2,http/1.1
-  default_backend be
-backend be
-  http-reuse always
-  server s1 {upstream}
-"#
-        ),
-    )?;
-    Ok(())
+{proxies}"#
+    )
 }
 
 /// An nginx config: one worker in the foreground, logs to stderr, keep-alive connections to
@@ -920,16 +928,8 @@ fn write_reference_configs(dir: &Path, ports: Ports) -> Result<()> {
     )?;
     std::fs::write(
         dir.join("haproxy.cfg"),
-        format!(
-            r#"global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-frontend fe
+        haproxy_cfg(&format!(
+            r#"frontend fe
   bind 127.0.0.1:{haproxy}
   use_backend gzip if {{ path_beg /gzip/ }}
   default_backend plain
@@ -942,7 +942,7 @@ backend gzip
   compression type application/json
   server s1 {upstream}
 "#
-        ),
+        )),
     )?;
     Ok(())
 }
