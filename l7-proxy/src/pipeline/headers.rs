@@ -155,6 +155,23 @@ fn header_value(text: String) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
+/// All non-empty values of `name`, joined with `, ` (empty when there are none).
+fn joined_values(headers: &HeaderMap, name: &HeaderName) -> String {
+    let mut joined = String::new();
+    for value in headers.get_all(name) {
+        let Ok(text) = value.to_str() else { continue };
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(text);
+    }
+    joined
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, tls: bool, host: &str) {
     use std::fmt::Write;
@@ -163,25 +180,23 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, tls: 
     let ip = client.ip();
     let mut ip_text = String::with_capacity(48);
     let _ = write!(ip_text, "{ip}");
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip_text}"),
-        _ => ip_text.clone(),
-    };
+    // Every earlier line counts, in order: a proxy in front may have added its own line
+    // after the client's (RFC 9110 5.3: repeated lines are one comma-separated list).
+    let mut xff = joined_values(headers, &X_FORWARDED_FOR);
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&ip_text);
     headers.remove(&X_FORWARDED_FOR);
     if let Some(v) = header_value(xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 
-    let previous = headers
-        .get(header::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .filter(|prev| !prev.trim().is_empty());
-    let mut forwarded = String::with_capacity(
-        previous.map_or(0, |p| p.len() + 2) + ip_text.len() + host.len() + 32,
-    );
-    if let Some(prev) = previous {
-        forwarded.push_str(prev);
+    let previous = joined_values(headers, &header::FORWARDED);
+    let mut forwarded = String::with_capacity(previous.len() + ip_text.len() + host.len() + 34);
+    if !previous.is_empty() {
+        forwarded.push_str(&previous);
         forwarded.push_str(", ");
     }
     forwarded.push_str("for=");

@@ -455,3 +455,51 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(body, big.as_bytes());
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_forwarded_for_line_is_kept_in_order() {
+    // A proxy in front (HAProxy's `option forwardfor`, for one) adds its own header line
+    // after the client's; dropping any line but the first loses the address it vouches for
+    // and leaves the client's claim in its place.
+    let up = TestUpstream::start("up").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let answer = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\
+X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 203.0.113.7, 198.51.100.2\r\n\
+Forwarded: for=6.6.6.6\r\nForwarded: for=203.0.113.7\r\n\
+Connection: close\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = up.last().headers;
+    let xff: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(
+        xff,
+        ["6.6.6.6, 203.0.113.7, 198.51.100.2, 127.0.0.1"],
+        "{seen:?}"
+    );
+    let fwd: Vec<_> = seen.get_all("forwarded").iter().collect();
+    assert_eq!(
+        fwd,
+        ["for=6.6.6.6, for=203.0.113.7, for=127.0.0.1;proto=http;host=\"a\""],
+        "{seen:?}"
+    );
+    proxy.shutdown().await;
+}
