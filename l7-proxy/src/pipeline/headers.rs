@@ -131,6 +131,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins the `cookie` fields of an HTTP/2 request into one header with `"; "`, as RFC 9113
+/// 8.2.3 requires before the request goes on over HTTP/1.1: HTTP/2 clients send each cookie
+/// as its own field, and HTTP/1.1 servers expect one `Cookie` header.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Keeps the client's `X-Request-Id` if it is sane, else generates a UUID v4.
 ///
 /// The id only correlates log lines; it is not a secret, so it comes from the thread-local
@@ -321,6 +341,16 @@ mod tests {
             h["forwarded"],
             "for=1.2.3.4, for=\"[::1]\";proto=https;host=\"a.example.com\""
         );
+    }
+
+    #[test]
+    fn h2_cookie_fields_are_joined() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("x", "y")]);
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut h = map(&[("cookie", "a=1")]);
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1");
     }
 
     #[test]

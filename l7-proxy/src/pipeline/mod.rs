@@ -201,8 +201,8 @@ where
     policies.run_response(resp, &mut ctx, policies.len()).await
 }
 
-/// The sanitize phase: refuses ambiguous framing and bad paths, sets the request id, removes
-/// hop-by-hop headers, adds the forwarding headers and aligns `Host` with the routing host.
+/// The sanitize phase: refuses ambiguous framing and bad paths, joins HTTP/2 cookie fields,
+/// sets the request id, removes hop-by-hop headers, adds the forwarding headers and aligns `Host` with the routing host.
 /// Returns the `Upgrade` protocol and the client side of the upgrade for upgrade requests.
 // The refusal is the response itself, returned once per refused request: not worth boxing.
 #[allow(clippy::result_large_err)]
@@ -224,6 +224,9 @@ fn sanitize<B>(
         Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
         _ => None,
     };
+    if req.version() == Version::HTTP_2 {
+        headers::join_cookies(req.headers_mut());
+    }
     let upgrade = upgrade.map(|proto| (proto, hyper::upgrade::on(&mut *req)));
     trace.request_id = headers::ensure_request_id(req.headers_mut());
     headers::remove_hop_by_hop(req.headers_mut());

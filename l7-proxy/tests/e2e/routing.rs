@@ -503,3 +503,46 @@ Connection: close\r\n\r\n",
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn h2_cookie_fields_reach_an_h1_upstream_as_one_header() {
+    // Browsers send each cookie as its own `cookie` field over HTTP/2 (RFC 9113 8.2.3);
+    // an HTTP/1.1 upstream must get them joined into one `Cookie` header with "; ".
+    let up = TestUpstream::start("up").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://h2.example.com/")
+        .header("cookie", "sid=abc")
+        .header("cookie", "theme=dark")
+        .header("cookie", "lang=en")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.last().headers;
+    let cookies: Vec<_> = seen.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["sid=abc; theme=dark; lang=en"], "{seen:?}");
+    proxy.shutdown().await;
+}
