@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::policy::{BoxError, PolicyChain, ProxyBody, RequestCtx};
 use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
 use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
+use crate::server::idle::Busy;
 use crate::state::{RuntimeState, Shared};
 use access_log::{AccessRecord, LoggedBody};
 
@@ -46,6 +47,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Raw-head framing verdicts of an HTTP/1 connection, one per request.
     pub framing: Option<Arc<FramingVerdicts>>,
+    /// Marks the connection busy (not idle) while a request waits for its response head.
+    pub busy: Option<Arc<Busy>>,
 }
 
 /// An empty body.
@@ -79,6 +82,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    // The client waits on us, not the other way round: not idle until the head is ready.
+    let _busy = conn.busy.as_ref().map(Busy::enter);
     let state = shared.state.load_full();
     let method = req.method().clone();
     let host = request_host(&req);

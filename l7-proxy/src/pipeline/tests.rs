@@ -94,6 +94,7 @@ async fn run(state: &RuntimeState, host: &str) -> (Response<ProxyBody>, Trace) {
         client_addr: "192.0.2.1:5000".parse().unwrap(),
         tls: false,
         framing: None,
+        busy: None,
     };
     let req = Request::get("/x")
         .header("host", host)

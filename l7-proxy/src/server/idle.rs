@@ -6,20 +6,53 @@
 //! Activity only records the time; the timer is moved when it fires early. Resetting a tokio
 //! timer on every read and write costs a timer-wheel update each time, which showed up on the
 //! per-request profile.
+//!
+//! A connection with a request the proxy is still working on (policies, waiting for the
+//! upstream's response head) is not idle even when no byte moves: the pipeline holds a
+//! [`Busy`] guard for it, and the group's request timeout bounds that wait instead.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// Requests of one connection that the proxy is working on, before their response head.
+#[derive(Debug, Default)]
+pub struct Busy(AtomicUsize);
+
+impl Busy {
+    /// Marks one request as in progress until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> BusyGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(self.clone())
+    }
+
+    fn is_busy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Ends one request's [`Busy`] mark when dropped.
+#[derive(Debug)]
+pub struct BusyGuard(Arc<Busy>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Wraps a stream with an inactivity deadline.
 pub struct IdleTimeoutIo<S> {
     inner: S,
     timeout: Duration,
+    busy: Arc<Busy>,
     /// When a byte last moved.
     last_activity: Instant,
     /// Fires at or before `last_activity + timeout`; moved forward when it fires early.
@@ -27,11 +60,13 @@ pub struct IdleTimeoutIo<S> {
 }
 
 impl<S> IdleTimeoutIo<S> {
-    pub fn new(inner: S, timeout: Duration) -> Self {
+    /// `busy` is shared with the requests of the connection (see [`Busy`]).
+    pub fn new(inner: S, timeout: Duration, busy: Arc<Busy>) -> Self {
         let now = Instant::now();
         Self {
             inner,
             timeout,
+            busy,
             last_activity: now,
             deadline: Box::pin(tokio::time::sleep_until(deadline_after(now, timeout))),
         }
@@ -47,6 +82,9 @@ impl<S> IdleTimeoutIo<S> {
         loop {
             if self.deadline.as_mut().poll(cx).is_pending() {
                 return false;
+            }
+            if self.busy.is_busy() {
+                self.touch();
             }
             let due = deadline_after(self.last_activity, self.timeout);
             if due <= Instant::now() {

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::framing_guard::FramingGuard;
-use super::idle::IdleTimeoutIo;
+use super::idle::{Busy, IdleTimeoutIo};
 use super::proxy_protocol;
 use crate::pipeline::{self, ConnInfo};
 use crate::state::{ListenerSettings, Shared};
@@ -132,24 +132,28 @@ async fn serve_connection(
         }
     }
     let idle = Duration::from_millis(server.idle_timeout_ms);
+    let busy = Arc::new(Busy::default());
     match &settings.tls {
         None => {
-            let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(stream, idle));
+            let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(stream, idle, busy.clone()));
             let conn = ConnInfo {
                 client_addr,
                 tls: false,
                 framing: Some(framing),
+                busy: Some(busy),
             };
             serve_http(io, conn, shared, watcher, handshake_timeout).await
         }
         Some(acceptor) => {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(tls, idle));
+                    let (io, framing) =
+                        FramingGuard::new(IdleTimeoutIo::new(tls, idle, busy.clone()));
                     let conn = ConnInfo {
                         client_addr,
                         tls: true,
                         framing: Some(framing),
+                        busy: Some(busy),
                     };
                     serve_http(io, conn, shared, watcher, handshake_timeout).await
                 }

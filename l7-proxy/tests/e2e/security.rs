@@ -177,3 +177,42 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(up.hits(), 1);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_timeout_does_not_cut_a_request_waiting_for_its_upstream() {
+    // The client sent its whole request and waits; the upstream takes longer than the client
+    // idle timeout but answers within the group's request timeout. The idle timeout is for
+    // silent connections, not for requests the proxy itself is still working on.
+    let (proxy, up) = proxy_with_upstream("idle_timeout_ms = 300").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let answer = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Delay-Ms: 1000\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.ends_with("victim"), "{answer:?}");
+    assert_eq!(up.hits(), 1);
+    // Over HTTP/2 as well.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://a/")
+        .header("x-delay-ms", "1000")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("h2 answer");
+    assert_eq!(resp.status(), 200);
+    // A silent connection is still closed.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
+    proxy.shutdown().await;
+}
