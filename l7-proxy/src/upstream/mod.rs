@@ -101,11 +101,21 @@ impl Member {
     }
 
     /// Passive health: a success resets the failure streak; `fall` consecutive failures eject
-    /// the member for `ejection_ms`, doubled per repeated ejection (up to 8x).
+    /// the member for `ejection_ms`, doubled per repeated ejection (up to 8x). A member that
+    /// has been back and answering for as long as its last ejection lasted starts over at
+    /// `ejection_ms`.
     pub fn record_outcome(&self, success: bool, passive: &PassiveHealthConfig, metrics: &Metrics) {
         if success {
             self.consecutive_failures.store(0, Ordering::Relaxed);
-            if self.ejected_until_ms.load(Ordering::Relaxed) == 0 {
+            let until = self.ejected_until_ms.load(Ordering::Relaxed);
+            let last = self
+                .ejections
+                .load(Ordering::Relaxed)
+                .saturating_sub(1)
+                .min(3);
+            let last_backoff = passive.ejection_ms.saturating_mul(1 << last);
+            if until == 0 || now_ms() >= until.saturating_add(last_backoff) {
+                self.ejected_until_ms.store(0, Ordering::Relaxed);
                 self.ejections.store(0, Ordering::Relaxed);
             }
             return;
@@ -356,6 +366,40 @@ mod tests {
         assert_eq!(counts(&g, 10), vec![0, 10]);
         g.members[1].set_active_up(false, &m);
         assert_eq!(g.pick(None, &[]), None);
+    }
+
+    #[tokio::test]
+    async fn ejection_backoff_resets_once_the_member_stays_healthy() {
+        let text = "[[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:9000\" }]\n\
+passive_health = { consecutive_failures = 1, ejection_ms = 100 }\n";
+        let config = Config::from_toml_str(text).unwrap();
+        let m = Arc::new(Metrics::new());
+        let g = UpstreamGroup::build(&config.upstreams[0], &ClientCache::default(), &m);
+        let member = &g.members[0];
+        let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        // Failing again right after coming back doubles the ejection.
+        member.record_outcome(false, &g.passive, &m);
+        assert!(!member.is_available());
+        sleep(150).await;
+        assert!(member.is_available());
+        member.record_outcome(false, &g.passive, &m);
+        sleep(150).await;
+        assert!(!member.is_available(), "second ejection lasts 200 ms");
+        sleep(100).await;
+        assert!(member.is_available());
+        // Healthy for longer than it was out: the next ejection is the first length again.
+        for _ in 0..3 {
+            member.record_outcome(true, &g.passive, &m);
+            sleep(100).await;
+        }
+        member.record_outcome(true, &g.passive, &m);
+        member.record_outcome(false, &g.passive, &m);
+        assert!(!member.is_available());
+        sleep(150).await;
+        assert!(
+            member.is_available(),
+            "a member healthy for a while is ejected for ejection_ms again"
+        );
     }
 
     #[tokio::test]
