@@ -267,7 +267,8 @@ impl RouteTable {
     }
 }
 
-/// Applies a forward action's path change to a path-and-query.
+/// Applies a forward action's path change to a path-and-query. `strip_prefix` removes whole
+/// path segments only; a path it does not start is forwarded unchanged.
 pub fn rewrite_path(
     path: &str,
     query: Option<&str>,
@@ -277,10 +278,11 @@ pub fn rewrite_path(
     let new_path = if let Some(p) = rewrite {
         p.to_string()
     } else if let Some(prefix) = strip_prefix {
+        // Whole segments only: `/api` comes off `/api` and `/api/x`, never off `/apix`.
         match path.strip_prefix(prefix.trim_end_matches('/')) {
+            Some("") => "/".to_string(),
             Some(rest) if rest.starts_with('/') => rest.to_string(),
-            Some(rest) => format!("/{rest}"),
-            None => path.to_string(),
+            _ => path.to_string(),
         }
     } else {
         path.to_string()
@@ -402,5 +404,9 @@ match = {{ path = {{ prefix = "/a" }} }}
         assert_eq!(rewrite_path("/api", None, Some("/api"), None), "/");
         assert_eq!(rewrite_path("/api/x", None, Some("/api/"), None), "/x");
         assert_eq!(rewrite_path("/api/x", None, None, Some("/new")), "/new");
+        assert_eq!(rewrite_path("/apix", None, Some("/api"), None), "/apix");
+        assert_eq!(rewrite_path("/apix", None, Some("/api/"), None), "/apix");
+        assert_eq!(rewrite_path("/api/", None, Some("/api/"), None), "/");
+        assert_eq!(rewrite_path("/x", Some("q"), Some("/"), None), "/x?q");
     }
 }

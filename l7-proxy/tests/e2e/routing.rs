@@ -546,3 +546,39 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(cookies, ["sid=abc; theme=dark; lang=en"], "{seen:?}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn strip_prefix_only_strips_whole_path_segments() {
+    let up = TestUpstream::start("api").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "api"
+members = {}
+[[routes]]
+name = "api-host"
+match = {{ host = "api.example.com" }}
+action = {{ forward = {{ group = "api", strip_prefix = "/api" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for (path, forwarded) in [
+        ("/api/users?x=1", "/users?x=1"),
+        ("/api", "/"),
+        ("/api?x=1", "/?x=1"),
+        ("/apiary/bees", "/apiary/bees"),
+        ("/apix?y=2", "/apix?y=2"),
+        ("/other", "/other"),
+    ] {
+        let a = get(&c, addr, "api.example.com", path).await;
+        assert_eq!(a.status, 200, "{path}");
+        assert_eq!(up.last().path_and_query, forwarded, "{path}");
+    }
+    proxy.shutdown().await;
+}
