@@ -57,10 +57,13 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Removes `.` and `..` segments from a request path (RFC 3986 5.2.4), so that routing and
-/// the upstream see the same path: `/api/../admin` must not match a `/api` route and then
-/// reach `/admin`. Percent-encoded dot segments (`%2e%2e`) are refused, since upstreams
-/// disagree on whether to decode them. `Ok(None)` means the path is already normal.
+/// Normalises a request path so that routing and the upstream see the same path:
+/// percent-encoded unreserved characters are decoded (RFC 3986 6.2.2.2: `/%61dmin` is
+/// `/admin`, and must not slip past an `/admin` route), then `.` and `..` segments are
+/// removed (RFC 3986 5.2.4: `/api/../admin` must not match a `/api` route and then reach
+/// `/admin`). Percent-encoded dot segments (`%2e%2e`) are refused, since upstreams disagree
+/// on whether to decode them; reserved characters (`%2F`, ...) stay encoded. `Ok(None)`
+/// means the path is already normal.
 pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     if path == "*" {
         return Ok(None);
@@ -68,21 +71,25 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("request path must start with /");
     };
-    // Without a `.` there is no dot segment, and without a `%` no encoded one.
+    // Without a `.` there is no dot segment, and without a `%` no encoded character.
     if !path.bytes().any(|b| b == b'.' || b == b'%') {
         return Ok(None);
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
-    let mut changed = false;
-    for (i, segment) in segments.iter().enumerate() {
-        let last = i + 1 == segments.len();
+    for segment in rest.split('/') {
         if segment.len() >= 3 && segment.len() <= 6 {
             let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
             if decoded.len() < segment.len() && (decoded == "." || decoded == "..") {
                 return Err("percent-encoded dot segment in path");
             }
         }
+    }
+    let decoded = decode_unreserved(rest);
+    let rest = decoded.as_deref().unwrap_or(rest);
+    let segments: Vec<&str> = rest.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut changed = decoded.is_some();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
         match *segment {
             "." | ".." => {
                 changed = true;
@@ -97,6 +104,35 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
         }
     }
     Ok(changed.then(|| format!("/{}", out.join("/"))))
+}
+
+/// `text` with every percent-encoded unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded;
+/// `None` when there is none.
+fn decode_unreserved(text: &str) -> Option<String> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = text.as_bytes();
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = h * 16 + l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.get_or_insert_with(|| bytes[..i].to_vec()).push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        if let Some(out) = out.as_mut() {
+            out.push(bytes[i]);
+        }
+        i += 1;
+    }
+    // Only ASCII bytes were replaced by ASCII bytes: still UTF-8.
+    out.map(|o| String::from_utf8_lossy(&o).into_owned())
 }
 
 /// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket), if any.
@@ -289,6 +325,18 @@ mod tests {
             Some("/a/b/")
         );
         assert_eq!(normalize_path("/a..b/.c"), Ok(None));
+        assert_eq!(
+            normalize_path("/%61dmin/%7euser/a%2Fb%20%")
+                .unwrap()
+                .as_deref(),
+            Some("/admin/~user/a%2Fb%20%")
+        );
+        assert_eq!(
+            normalize_path("/a/%2e%2e%2e/x%2E/%").unwrap().as_deref(),
+            Some("/a/.../x./%")
+        );
+        assert_eq!(normalize_path("/a%2"), Ok(None));
+        assert_eq!(normalize_path("/a%zz"), Ok(None));
         assert!(normalize_path("/api/%2e%2E/admin").is_err());
         assert!(normalize_path("/api/.%2e").is_err());
         assert!(normalize_path("x").is_err());

@@ -582,3 +582,48 @@ action = {{ forward = {{ group = "api", strip_prefix = "/api" }} }}
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn percent_encoded_letters_cannot_dodge_a_route() {
+    // `/%61dmin` is `/admin` to the upstream (RFC 3986 6.2.2.2: an encoded unreserved
+    // character is the character), so it must not slip past the route that guards /admin.
+    let up = TestUpstream::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "app"
+members = {}
+[[routes]]
+name = "admin"
+match = {{ path = {{ prefix = "/admin" }} }}
+action = {{ fixed = {{ status = 403, body = "no" }} }}
+[[routes]]
+name = "app"
+action = {{ forward = {{ group = "app" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for path in ["/%61dmin/users", "/%41%44%4D%49%4E", "/ad%6Din"] {
+        let a = get(&c, addr, "a", path).await;
+        // `/ADMIN` is another path (paths are case-sensitive); only the exact spelling is
+        // guarded.
+        if path == "/%41%44%4D%49%4E" {
+            assert_eq!(a.status, 200, "{path}");
+            assert_eq!(up.last().path_and_query, "/ADMIN");
+        } else {
+            assert_eq!((a.status.as_u16(), a.body.as_str()), (403, "no"), "{path}");
+        }
+    }
+    // What is forwarded is the decoded form the route saw; reserved characters stay encoded.
+    let a = get(&c, addr, "a", "/files/%7Eann/a%2Fb%20c?q=%61").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(up.last().path_and_query, "/files/~ann/a%2Fb%20c?q=%61");
+    assert_eq!(up.hits(), 2);
+    proxy.shutdown().await;
+}
