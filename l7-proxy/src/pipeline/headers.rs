@@ -61,7 +61,8 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 /// percent-encoded unreserved characters are decoded (RFC 3986 6.2.2.2: `/%61dmin` is
 /// `/admin`, and must not slip past an `/admin` route), then `.` and `..` segments are
 /// removed (RFC 3986 5.2.4: `/api/../admin` must not match a `/api` route and then reach
-/// `/admin`). Percent-encoded dot segments (`%2e%2e`) are refused, since upstreams disagree
+/// `/admin`) and repeated slashes merged (`//admin` is `/admin` to most servers, as to
+/// nginx). Percent-encoded dot segments (`%2e%2e`) are refused, since upstreams disagree
 /// on whether to decode them; reserved characters (`%2F`, ...) stay encoded. `Ok(None)`
 /// means the path is already normal.
 pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
@@ -71,8 +72,9 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("request path must start with /");
     };
-    // Without a `.` there is no dot segment, and without a `%` no encoded character.
-    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+    // Without a `.` there is no dot segment, without a `%` no encoded character, and
+    // without `//` no empty segment.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') && !path.contains("//") {
         return Ok(None);
     }
     for segment in rest.split('/') {
@@ -100,6 +102,8 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
                     out.push("");
                 }
             }
+            // Repeated slashes are one (the trailing slash stays).
+            "" if !last => changed = true,
             other => out.push(other),
         }
     }
@@ -336,6 +340,11 @@ mod tests {
             Some("/a/.../x./%")
         );
         assert_eq!(normalize_path("/a%2"), Ok(None));
+        assert_eq!(normalize_path("//a//b/").unwrap().as_deref(), Some("/a/b/"));
+        assert_eq!(normalize_path("//").unwrap().as_deref(), Some("/"));
+        assert_eq!(normalize_path("/a//../b").unwrap().as_deref(), Some("/b"));
+        assert_eq!(normalize_path("/"), Ok(None));
+        assert_eq!(normalize_path("/a/"), Ok(None));
         assert_eq!(normalize_path("/a%zz"), Ok(None));
         assert!(normalize_path("/api/%2e%2E/admin").is_err());
         assert!(normalize_path("/api/.%2e").is_err());
@@ -356,6 +365,7 @@ mod tests {
                     !clean.split('/').any(|s| s == "." || s == ".."),
                     "{path} -> {clean}"
                 );
+                assert!(!clean.contains("//"), "{path} -> {clean}");
             }
         }
     }

@@ -627,3 +627,42 @@ action = {{ forward = {{ group = "app" }} }}
     assert_eq!(up.hits(), 2);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn repeated_slashes_cannot_dodge_a_route() {
+    // Most upstreams read `//admin` as `/admin` (nginx merges slashes by default), so the
+    // route that guards /admin must see it that way too.
+    let up = TestUpstream::start("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "app"
+members = {}
+[[routes]]
+name = "admin"
+match = {{ path = {{ prefix = "/admin" }} }}
+action = {{ fixed = {{ status = 403, body = "no" }} }}
+[[routes]]
+name = "app"
+action = {{ forward = {{ group = "app" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let quiet = Duration::from_millis(300);
+    for target in ["//admin/x", "///admin", "/.//admin"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(addr, request.as_bytes(), quiet).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+    }
+    let c = client();
+    let a = get(&c, addr, "a", "/api//v1///users/?q=a//b").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(up.last().path_and_query, "/api/v1/users/?q=a//b");
+    assert_eq!(up.hits(), 1);
+    proxy.shutdown().await;
+}
