@@ -73,21 +73,23 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// A client must send a complete request head within this time (slowloris defence).
+    /// At least 1.
     #[serde(default = "default_header_read_timeout_ms")]
-    pub header_read_timeout_ms: u64,
-    /// A client connection with no bytes moving in either direction for this long is closed.
+    pub header_read_timeout_ms: Spanned<u64>,
+    /// A client connection with no bytes moving in either direction for this long is closed
+    /// (while no request on it waits for its response). At least 1.
     #[serde(default = "default_client_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
+    pub idle_timeout_ms: Spanned<u64>,
     /// On shutdown or when a listener is removed, connections get this long to finish.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
 }
 
-fn default_header_read_timeout_ms() -> u64 {
-    10_000
+fn default_header_read_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 10_000)
 }
-fn default_client_idle_timeout_ms() -> u64 {
-    60_000
+fn default_client_idle_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 60_000)
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
@@ -255,12 +257,12 @@ pub struct UpstreamGroupConfig {
     pub health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     pub passive_health: PassiveHealthConfig,
-    /// Time to establish a TCP connection to a member.
+    /// Time to establish a TCP connection to a member. At least 1.
     #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// Time from sending the request until the response head arrives.
+    pub connect_timeout_ms: Spanned<u64>,
+    /// Time from sending the request until the response head arrives. At least 1.
     #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
+    pub request_timeout_ms: Spanned<u64>,
     /// Idle pooled keep-alive connections are closed after this long.
     #[serde(default = "default_pool_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
@@ -268,11 +270,11 @@ pub struct UpstreamGroupConfig {
     pub retries: RetryConfig,
 }
 
-fn default_connect_timeout_ms() -> u64 {
-    1_000
+fn default_connect_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 1_000)
 }
-fn default_request_timeout_ms() -> u64 {
-    30_000
+fn default_request_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 30_000)
 }
 fn default_pool_idle_timeout_ms() -> u64 {
     60_000
@@ -324,8 +326,9 @@ pub struct HealthCheckConfig {
     pub path: String,
     #[serde(default = "default_health_interval_ms")]
     pub interval_ms: u64,
+    /// At least 1.
     #[serde(default = "default_health_timeout_ms")]
-    pub timeout_ms: u64,
+    pub timeout_ms: Spanned<u64>,
     /// Consecutive successes that bring a down member back.
     #[serde(default = "default_rise")]
     pub rise: u32,
@@ -340,8 +343,8 @@ fn default_health_path() -> String {
 fn default_health_interval_ms() -> u64 {
     2_000
 }
-fn default_health_timeout_ms() -> u64 {
-    1_000
+fn default_health_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 1_000)
 }
 fn default_rise() -> u32 {
     2

@@ -15,6 +15,15 @@ impl Config {
         if let Some(admin) = &self.admin {
             self.check_addr("admin.address", &admin.address)?;
         }
+        for (field, value) in [
+            (
+                "header_read_timeout_ms",
+                &self.server.header_read_timeout_ms,
+            ),
+            ("idle_timeout_ms", &self.server.idle_timeout_ms),
+        ] {
+            self.check_timeout(&format!("server.{field}"), value)?;
+        }
         self.validate_listeners()?;
         self.validate_upstreams()?;
         self.validate_routes()
@@ -32,6 +41,19 @@ impl Config {
                 format!("`{}` is not an ip:port address: {e}", value.get_ref()),
             )
         })
+    }
+
+    /// A timeout of 0 would fail every request or close every connection at once (HAProxy
+    /// users may expect it to mean "none").
+    fn check_timeout(&self, field: &str, value: &toml::Spanned<u64>) -> Result<(), ConfigError> {
+        if *value.get_ref() == 0 {
+            return Err(self.invalid(
+                field,
+                value,
+                "must be at least 1 (milliseconds); 0 would time out at once",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {
@@ -109,7 +131,10 @@ impl Config {
                     ))
                 }
             }
+            self.check_timeout(&format!("{at}.connect_timeout_ms"), &g.connect_timeout_ms)?;
+            self.check_timeout(&format!("{at}.request_timeout_ms"), &g.request_timeout_ms)?;
             if let Some(hc) = &g.health_check {
+                self.check_timeout(&format!("{at}.health_check.timeout_ms"), &hc.timeout_ms)?;
                 if !hc.path.starts_with('/') || hc.rise == 0 || hc.fall == 0 {
                     return Err(self.invalid(
                         format!("{at}.health_check"),

@@ -113,7 +113,7 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let server = shared.state.load().server.clone();
-    let handshake_timeout = Duration::from_millis(server.header_read_timeout_ms);
+    let handshake_timeout = Duration::from_millis(*server.header_read_timeout_ms.get_ref());
     let mut client_addr = peer;
     if settings.proxy_protocol {
         match tokio::time::timeout(handshake_timeout, proxy_protocol::read_header(&mut stream))
@@ -131,7 +131,7 @@ async fn serve_connection(
             }
         }
     }
-    let idle = Duration::from_millis(server.idle_timeout_ms);
+    let idle = Duration::from_millis(*server.idle_timeout_ms.get_ref());
     let busy = Arc::new(Busy::default());
     match &settings.tls {
         None => {

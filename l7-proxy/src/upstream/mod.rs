@@ -223,11 +223,11 @@ impl UpstreamGroup {
             balancer: Balancer::new(config.algorithm, &members),
             hash_on: config.hash_on.as_ref().map(|h| h.get_ref().clone()),
             passive: config.passive_health.clone(),
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            request_timeout: Duration::from_millis(*config.request_timeout_ms.get_ref()),
             retries: config.retries.clone(),
             retry_tokens: AtomicI64::new(RETRY_RESERVE),
             client: clients.get(
-                Duration::from_millis(config.connect_timeout_ms),
+                Duration::from_millis(*config.connect_timeout_ms.get_ref()),
                 Duration::from_millis(config.idle_timeout_ms),
                 metrics,
             ),

@@ -136,3 +136,46 @@ async fn binary_reloads_on_sighup_and_exits_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn zero_timeouts_are_refused_with_the_field_and_line() {
+    // HAProxy reads `timeout ... 0` as "no timeout"; here 0 would fail every request or
+    // close every connection at once, so it is a config error that says where.
+    let group = "[[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:1\" }]\n";
+    let cases = [
+        ("[server]\nidle_timeout_ms = 0\n", "server.idle_timeout_ms", 2),
+        (
+            "[server]\ndrain_timeout_ms = 5\nheader_read_timeout_ms = 0\n",
+            "server.header_read_timeout_ms",
+            3,
+        ),
+        (
+            &format!("{group}request_timeout_ms = 0\n"),
+            "upstreams[0].request_timeout_ms",
+            4,
+        ),
+        (
+            &format!("{group}connect_timeout_ms = 0\n"),
+            "upstreams[0].connect_timeout_ms",
+            4,
+        ),
+        (
+            &format!("{group}health_check = {{ path = \"/\", timeout_ms = 0 }}\n"),
+            "upstreams[0].health_check.timeout_ms",
+            4,
+        ),
+    ];
+    for (text, want_field, want_line) in cases {
+        match Config::from_toml_str(text) {
+            Err(ConfigError::Invalid { field, line, message }) => {
+                assert_eq!((field.as_str(), line), (want_field, want_line), "{message}");
+            }
+            other => panic!("{text}: unexpected {other:?}"),
+        }
+    }
+    // Zero stays fine where it means "none": no drain wait, no pooled idle connections.
+    Config::from_toml_str(&format!(
+        "[server]\ndrain_timeout_ms = 0\n{group}idle_timeout_ms = 0\n"
+    ))
+    .unwrap();
+}
