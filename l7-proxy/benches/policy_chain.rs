@@ -84,6 +84,11 @@ fn policy_chain(c: &mut Criterion) {
         ("json/plain", String::new(), &json),
         ("json/gzip", compress("gzip"), &json),
         ("json/zstd", compress("zstd"), &json),
+        (
+            "json/gzip_fixed",
+            compress("gzip").replace(" }", r#", gzip_strategy = "fixed" }"#),
+            &json,
+        ),
         ("json/full_chain_gzip", full_chain("gzip"), &json),
         ("json/full_chain_zstd", full_chain("zstd"), &json),
     ];

@@ -137,6 +137,42 @@ async fn zstd_fast_levels_round_trip() {
     }
 }
 
+/// gzip with fixed Huffman codes (`gzip_strategy = "fixed"`): a whole body (known length up
+/// to 64 KiB) gets fixed-code blocks; a streamed one is ordinary level-1 gzip. Both decode.
+#[tokio::test]
+async fn gzip_fixed_strategy_round_trips() {
+    let (_up, gw) =
+        compress_gateway_with("algorithms = [\"gzip\"]\ngzip_level = 1\ngzip_strategy = \"fixed\"")
+            .await;
+    let (_up2, dynamic_gw) = compress_gateway_with("algorithms = [\"gzip\"]").await;
+    let original = text_body();
+    // Bits 1-2 of the first deflate byte, after the 10-byte gzip header (RFC 1951 3.2.3).
+    let block_type = |gz: &[u8]| (gz[10] >> 1) & 3;
+    // Twice: the second response comes from the reused per-thread stream.
+    for _ in 0..2 {
+        let got = get(gw, "/short", &[("accept-encoding", "gzip")]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-encoding"), Some("gzip"));
+        assert_eq!(
+            got.header("content-length"),
+            Some(got.body.len().to_string().as_str())
+        );
+        assert_eq!(block_type(&got.body), 1, "fixed codes");
+        assert!(decode("gzip", &got.body) == original[..20_000]);
+        let dynamic = get(dynamic_gw, "/short", &[("accept-encoding", "gzip")]).await;
+        assert_eq!(block_type(&dynamic.body), 2, "dynamic codes by default");
+        assert!(
+            got.body.len() < 20_000 / 2 && got.body.len() > dynamic.body.len(),
+            "fixed {} bytes, dynamic {}",
+            got.body.len(),
+            dynamic.body.len()
+        );
+    }
+    let streamed = get(gw, "/text", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(streamed.header("content-encoding"), Some("gzip"));
+    assert!(decode("gzip", &streamed.body) == original);
+}
+
 #[tokio::test]
 async fn short_known_length_bodies_get_a_compressed_content_length() {
     let (_up, gw) = compress_gateway().await;

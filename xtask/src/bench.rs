@@ -697,6 +697,14 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
             "full chain, zstd -1 (its fastest usual mode)",
         ),
         ours(
+            "chain-fixed",
+            "json",
+            chain_with(
+                r#"{ type = "compress", algorithms = ["gzip"], min_size = 256, gzip_strategy = "fixed" }"#,
+            ),
+            "full chain, gzip -1 with fixed Huffman codes (`gzip_strategy = \"fixed\"`)",
+        ),
+        ours(
             "chain-br",
             "json",
             chain("br"),

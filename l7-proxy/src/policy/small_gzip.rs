@@ -11,118 +11,150 @@
 //! SIMD code is several times faster than the CRC zlib computes for its own gzip wrapper.
 //!
 //! This is the one place that calls zlib's C API directly (through `libz-sys`, the crate flate2
-//! itself uses), because flate2 does not expose the memory level.
+//! itself uses), because flate2 does not expose the memory level. `gzip_strategy = "fixed"`
+//! goes through zlib-rs (`libz-rs-sys`, the same API) instead: see [`gzip_into`].
 
 use std::cell::RefCell;
 use std::ptr;
-
-use libz_sys as z;
-
-/// One raw deflate stream. Boxed because zlib keeps a pointer to it.
-struct Stream {
-    strm: Box<z::z_stream>,
-    /// The gzip header's XFL byte: 4 for the fastest level, 2 for the best, as zlib writes it.
-    xfl: u8,
-}
 
 /// gzip member header (RFC 1952): magic, deflate, no flags, no mtime; XFL and OS follow.
 const GZIP_HEADER: [u8; 8] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0];
 /// OS byte: Unix, as zlib writes on this platform.
 const GZIP_OS_UNIX: u8 = 3;
 
-unsafe extern "C" fn zalloc(_: z::voidpf, items: z::uInt, size: z::uInt) -> z::voidpf {
+/// Huffman codes a deflate stream may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Codes built for each block from its own symbol counts (zlib's default).
+    #[default]
+    Default,
+    /// Only the fixed codes of RFC 1951 §3.2.6, as HAProxy's libslz: no code tables to build
+    /// and send, which on small bodies is most of the work, for a larger output.
+    Fixed,
+}
+
+unsafe extern "C" fn zalloc(_: *mut libc::c_void, items: u32, size: u32) -> *mut libc::c_void {
     // SAFETY: plain C allocation for zlib, freed by `zfree`.
     unsafe { libc::calloc(items as usize, size as usize) }
 }
 
-unsafe extern "C" fn zfree(_: z::voidpf, p: z::voidpf) {
+unsafe extern "C" fn zfree(_: *mut libc::c_void, p: *mut libc::c_void) {
     // SAFETY: `p` came from `zalloc`.
     unsafe { libc::free(p) }
 }
 
-impl Stream {
-    fn new(level: i32, window_bits: i32, mem_level: i32) -> std::io::Result<Self> {
-        let mut strm = Box::new(z::z_stream {
-            next_in: ptr::null_mut(),
-            avail_in: 0,
-            total_in: 0,
-            next_out: ptr::null_mut(),
-            avail_out: 0,
-            total_out: 0,
-            msg: ptr::null_mut(),
-            state: ptr::null_mut(),
-            zalloc,
-            zfree,
-            opaque: ptr::null_mut(),
-            data_type: 0,
-            adler: 0,
-            reserved: 0,
-        });
-        // SAFETY: `strm` is initialised as zlib requires and outlives the stream (it is
-        // boxed, so it does not move); the version and size are this build's.
-        let rc = unsafe {
-            z::deflateInit2_(
-                &mut *strm,
-                level,
-                z::Z_DEFLATED,
-                -window_bits, // negative: raw deflate, the gzip framing is ours
-                mem_level,
-                z::Z_DEFAULT_STRATEGY,
-                z::zlibVersion(),
-                std::mem::size_of::<z::z_stream>() as i32,
-            )
-        };
-        if rc != z::Z_OK {
-            return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
+/// A raw deflate stream over one zlib implementation's C API: `$z` is the crate, `$alloc` and
+/// `$free` the values of its `zalloc` and `zfree` fields. The two implementations share the
+/// API (zlib-rs reproduces zlib's), so the unsafe code is written once.
+macro_rules! deflate_stream {
+    ($name:ident, $z:ident, $alloc:expr, $free:expr) => {
+        /// One raw deflate stream. Boxed because zlib keeps a pointer to it.
+        struct $name {
+            strm: Box<$z::z_stream>,
+            /// The gzip header's XFL byte: 4 for the fastest level, 2 for the best, as zlib
+            /// writes it.
+            xfl: u8,
         }
-        let xfl = match level {
-            1 => 4,
-            9 => 2,
-            _ => 0,
-        };
-        Ok(Self { strm, xfl })
-    }
 
-    /// Compresses all of `data` into a complete gzip member appended to `out`.
-    fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
-        let s = &mut *self.strm;
-        // SAFETY: the stream was initialised by deflateInit2.
-        if unsafe { z::deflateReset(s) } != z::Z_OK {
-            return Err(std::io::Error::other("deflateReset failed"));
+        impl $name {
+            fn new(
+                level: i32,
+                window_bits: i32,
+                mem_level: i32,
+                strategy: i32,
+            ) -> std::io::Result<Self> {
+                use $z as z;
+                let mut strm = Box::new(z::z_stream {
+                    next_in: ptr::null_mut(),
+                    avail_in: 0,
+                    total_in: 0,
+                    next_out: ptr::null_mut(),
+                    avail_out: 0,
+                    total_out: 0,
+                    msg: ptr::null_mut(),
+                    state: ptr::null_mut(),
+                    zalloc: $alloc,
+                    zfree: $free,
+                    opaque: ptr::null_mut(),
+                    data_type: 0,
+                    adler: 0,
+                    reserved: 0,
+                });
+                // SAFETY: `strm` is initialised as zlib requires and outlives the stream (it
+                // is boxed, so it does not move); the version and size are this build's.
+                let rc = unsafe {
+                    z::deflateInit2_(
+                        &mut *strm,
+                        level,
+                        z::Z_DEFLATED,
+                        -window_bits, // negative: raw deflate, the gzip framing is ours
+                        mem_level,
+                        strategy,
+                        z::zlibVersion(),
+                        std::mem::size_of::<z::z_stream>() as i32,
+                    )
+                };
+                if rc != z::Z_OK {
+                    return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
+                }
+                let xfl = match level {
+                    1 => 4,
+                    9 => 2,
+                    _ => 0,
+                };
+                Ok(Self { strm, xfl })
+            }
+
+            /// Compresses all of `data` into a complete gzip member appended to `out`.
+            fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+                use $z as z;
+                let s = &mut *self.strm;
+                // SAFETY: the stream was initialised by deflateInit2.
+                if unsafe { z::deflateReset(s) } != z::Z_OK {
+                    return Err(std::io::Error::other("deflateReset failed"));
+                }
+                // SAFETY: deflateBound only reads the stream's parameters.
+                let bound = unsafe { z::deflateBound(s, data.len() as _) } as usize;
+                out.reserve(10 + bound + 8);
+                out.extend_from_slice(&GZIP_HEADER);
+                out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
+                s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
+                s.avail_in = data.len() as _;
+                // SAFETY: `out` has at least `bound` bytes of spare capacity after its
+                // contents.
+                s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
+                s.avail_out = bound as _;
+                // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare
+                // capacity of `out`; with deflateBound's room one Z_FINISH call completes the
+                // stream.
+                let rc = unsafe { z::deflate(s, z::Z_FINISH) };
+                let written = out.len() + bound - s.avail_out as usize;
+                s.next_in = ptr::null_mut();
+                s.next_out = ptr::null_mut();
+                if rc != z::Z_STREAM_END {
+                    return Err(std::io::Error::other(format!("deflate failed ({rc})")));
+                }
+                // SAFETY: the contents before and zlib's output initialised the first
+                // `written` bytes.
+                unsafe { out.set_len(written) };
+                out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
+                Ok(())
+            }
         }
-        // SAFETY: deflateBound only reads the stream's parameters.
-        let bound = unsafe { z::deflateBound(s, data.len() as z::uLong) } as usize;
-        out.reserve(10 + bound + 8);
-        out.extend_from_slice(&GZIP_HEADER);
-        out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
-        s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
-        s.avail_in = data.len() as z::uInt;
-        // SAFETY: `out` has at least `bound` bytes of spare capacity after its contents.
-        s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
-        s.avail_out = bound as z::uInt;
-        // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare capacity of
-        // `out`; with deflateBound's room one Z_FINISH call completes the stream.
-        let rc = unsafe { z::deflate(s, z::Z_FINISH) };
-        let written = out.len() + bound - s.avail_out as usize;
-        s.next_in = ptr::null_mut();
-        s.next_out = ptr::null_mut();
-        if rc != z::Z_STREAM_END {
-            return Err(std::io::Error::other(format!("deflate failed ({rc})")));
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                // SAFETY: the stream was initialised by deflateInit2 and is ended once.
+                unsafe { $z::deflateEnd(&mut *self.strm) };
+            }
         }
-        // SAFETY: the contents before and zlib's output initialised the first `written` bytes.
-        unsafe { out.set_len(written) };
-        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: length mod 2^32
-        Ok(())
-    }
+    };
 }
 
-impl Drop for Stream {
-    fn drop(&mut self) {
-        // SAFETY: the stream was initialised by deflateInit2 and is ended once.
-        unsafe { z::deflateEnd(&mut *self.strm) };
-    }
-}
+deflate_stream!(ZlibStream, libz_sys, zalloc, zfree);
+deflate_stream!(ZlibRsStream, libz_rs_sys, Some(zalloc), Some(zfree));
 
 /// Window bits and memory level for a body of `len` bytes (nginx's rule).
 fn sizing(len: usize) -> (i32, i32) {
@@ -138,24 +170,47 @@ fn sizing(len: usize) -> (i32, i32) {
 type Params = (i32, i32, i32);
 
 thread_local! {
-    /// Streams by parameters: at most seven sizes per level.
-    static STREAMS: RefCell<Vec<(Params, Stream)>> = const { RefCell::new(Vec::new()) };
+    /// zlib streams by parameters: at most seven sizes per level.
+    static STREAMS: RefCell<Vec<(Params, ZlibStream)>> = const { RefCell::new(Vec::new()) };
+    /// zlib-rs streams for fixed codes at level 1, by window bits and memory level.
+    static FIXED_STREAMS: RefCell<Vec<(Params, ZlibRsStream)>> =
+        const { RefCell::new(Vec::new()) };
 }
 
 /// Appends the gzip of `data` at `level` (1-9) to `out`, with a reused stream sized to it.
-pub fn gzip_into(data: &[u8], level: u32, out: &mut Vec<u8>) -> std::io::Result<()> {
+///
+/// [`Strategy::Fixed`] needs level 1 (the policy's config check makes sure of it) and is
+/// served by zlib-rs, whose level 1 (zlib-ng's `deflate_quick`) is built for fixed codes:
+/// about half the CPU of zlib's level 1 on a 1 KiB JSON body, where zlib's own `Z_FIXED`
+/// saves nothing (it still builds the dynamic code tables to compare).
+pub fn gzip_into(
+    data: &[u8],
+    level: u32,
+    strategy: Strategy,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let (window_bits, mem_level) = sizing(data.len());
     let key = (level as i32, window_bits, mem_level);
-    STREAMS.with_borrow_mut(|streams| {
-        super::compress::pooled(streams, key, || Stream::new(key.0, window_bits, mem_level))?
+    if strategy == Strategy::Fixed && level == 1 {
+        return FIXED_STREAMS.with_borrow_mut(|streams| {
+            super::compress::pooled(streams, key, || {
+                ZlibRsStream::new(1, window_bits, mem_level, libz_rs_sys::Z_FIXED)
+            })?
             .compress(data, out)
+        });
+    }
+    STREAMS.with_borrow_mut(|streams| {
+        super::compress::pooled(streams, key, || {
+            ZlibStream::new(key.0, window_bits, mem_level, libz_sys::Z_DEFAULT_STRATEGY)
+        })?
+        .compress(data, out)
     })
 }
 
 /// The gzip of `data` at `level` (1-9); see [`gzip_into`].
-pub fn gzip(data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
+pub fn gzip(data: &[u8], level: u32, strategy: Strategy) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    gzip_into(data, level, &mut out)?;
+    gzip_into(data, level, strategy, &mut out)?;
     Ok(out)
 }
 
@@ -178,15 +233,21 @@ mod tests {
             .flat_map(|i| format!("{} ", i.wrapping_mul(2654435761) % 977).into_bytes())
             .take(70_000)
             .collect();
+        let cases = [
+            (1, Strategy::Default),
+            (6, Strategy::Default),
+            (9, Strategy::Default),
+            (1, Strategy::Fixed),
+        ];
         for len in [0, 1, 300, 700, 1024, 3000, 9000, 20_000, 40_000, 65_536] {
-            for level in [1, 6, 9] {
+            for (level, strategy) in cases {
                 // Twice: the second call reuses the stream.
                 for _ in 0..2 {
-                    let gz = gzip(&text[..len], level).unwrap();
+                    let gz = gzip(&text[..len], level, strategy).unwrap();
                     let mut out = Vec::new();
                     let mut decoder = flate2::read::GzDecoder::new(&gz[..]);
                     decoder.read_to_end(&mut out).unwrap();
-                    assert!(out == text[..len], "len {len} level {level}");
+                    assert!(out == text[..len], "len {len} level {level} {strategy:?}");
                     // One complete member: the header, then nothing after the trailer.
                     let header = decoder.header().unwrap();
                     assert_eq!(header.operating_system(), GZIP_OS_UNIX);
@@ -202,5 +263,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The first deflate block's type (RFC 1951 3.2.3: bits 1-2 of its first byte, after the
+    /// 10-byte gzip header): 1 for fixed codes, 2 for dynamic ones.
+    fn first_block_type(gz: &[u8]) -> u8 {
+        (gz[10] >> 1) & 3
+    }
+
+    #[test]
+    fn fixed_strategy_uses_fixed_codes_only() {
+        let json: Vec<u8> = (0..40u32)
+            .flat_map(|i| {
+                format!(
+                    r#"{{"id":{i},"name":"user {}","active":true}},"#,
+                    i * 7919 % 1000
+                )
+                .into_bytes()
+            })
+            .collect();
+        let dynamic = gzip(&json, 1, Strategy::Default).unwrap();
+        let fixed = gzip(&json, 1, Strategy::Fixed).unwrap();
+        assert_eq!(first_block_type(&dynamic), 2);
+        assert_eq!(first_block_type(&fixed), 1);
+        // Fixed codes still compress, less than codes fitted to the body.
+        assert!(
+            fixed.len() < json.len() / 2,
+            "{} of {}",
+            fixed.len(),
+            json.len()
+        );
+        assert!(fixed.len() > dynamic.len());
     }
 }
