@@ -154,7 +154,9 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// Removes hop-by-hop headers, including any named in `Connection`.
+/// Removes hop-by-hop headers, including any named in `Connection`, except `Host`: it is
+/// never connection-specific, and without it the upstream would see the member's address
+/// instead of the host the request was routed by.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -162,6 +164,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| name != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);

@@ -233,8 +233,10 @@ fn sanitize<B>(
         headers::join_cookies(req.headers_mut());
     }
     let upgrade = upgrade.map(|proto| (proto, hyper::upgrade::on(&mut *req)));
-    trace.request_id = headers::ensure_request_id(req.headers_mut());
+    // Hop-by-hop first: an id the client named in `Connection` is replaced, so that the
+    // upstream and the response carry the same one.
     headers::remove_hop_by_hop(req.headers_mut());
+    trace.request_id = headers::ensure_request_id(req.headers_mut());
     headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
     // The authority of an absolute-form (or HTTP/2) target is the host routing uses; the
     // upstream must see the same one.

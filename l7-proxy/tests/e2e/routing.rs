@@ -666,3 +666,52 @@ action = {{ forward = {{ group = "app" }} }}
     assert_eq!(up.hits(), 1);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn connection_cannot_strip_the_host_or_the_request_id() {
+    // `Connection` may name the client's own extension headers, not the Host the request was
+    // routed by (the upstream would see the member's address and serve its default site)
+    // nor the request id the proxy answers with.
+    let up = TestUpstream::start("up").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "site"
+match = {{ host = "shop.example.com" }}
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get_with(
+        &c,
+        addr,
+        "shop.example.com",
+        "/",
+        &[
+            ("connection", "host, x-request-id, x-ext"),
+            ("x-request-id", "abc-1"),
+            ("x-ext", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = up.last().headers;
+    assert_eq!(seen["host"], "shop.example.com", "{seen:?}");
+    assert!(!seen.contains_key("x-ext"), "{seen:?}");
+    let answered = a.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(
+        seen.get("x-request-id").map(|v| v.to_str().unwrap()),
+        Some(answered),
+        "the upstream and the client see the same request id"
+    );
+    proxy.shutdown().await;
+}
