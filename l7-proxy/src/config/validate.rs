@@ -9,6 +9,11 @@ use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig};
 /// Largest member weight (each unit is 160 points on the hash ring).
 pub const MAX_WEIGHT: u32 = 1000;
 
+/// The methods of RFC 9110 and PATCH, whose lowercase spelling is surely a typo.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 impl Config {
     /// Checks the parsed config; the first problem found is returned.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -182,11 +187,17 @@ impl Config {
                 }
             }
             for (j, m) in r.matcher.methods.iter().enumerate() {
+                let field = format!("{at}.match.methods[{j}]");
                 if http::Method::from_bytes(m.get_ref().as_bytes()).is_err() {
+                    return Err(self.invalid(field, m, "not an HTTP method"));
+                }
+                // Methods are case-sensitive: `get` never matches a GET request.
+                let upper = m.get_ref().to_ascii_uppercase();
+                if upper != *m.get_ref() && STANDARD_METHODS.contains(&upper.as_str()) {
                     return Err(self.invalid(
-                        format!("{at}.match.methods[{j}]"),
+                        field,
                         m,
-                        "not an HTTP method",
+                        format!("methods are case-sensitive: write `{upper}`"),
                     ));
                 }
             }

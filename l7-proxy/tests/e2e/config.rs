@@ -179,3 +179,23 @@ fn zero_timeouts_are_refused_with_the_field_and_line() {
     ))
     .unwrap();
 }
+
+#[test]
+fn lowercase_standard_methods_are_refused() {
+    // Methods are case-sensitive: `get` would never match a GET, and the route would
+    // silently answer 404.
+    let text = "[[routes]]\nname = \"r\"\nmatch = { methods = [\"GET\",\n  \"post\"] }\naction = { fixed = { status = 200 } }\n";
+    match Config::from_toml_str(text) {
+        Err(ConfigError::Invalid {
+            field,
+            line,
+            message,
+        }) => {
+            assert_eq!((field.as_str(), line), ("routes[0].match.methods[1]", 4));
+            assert!(message.contains("POST"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Extension methods keep their spelling.
+    Config::from_toml_str(&text.replace("\"post\"", "\"PURGE\"")).unwrap();
+}
