@@ -140,6 +140,13 @@ impl Config {
             self.check_timeout(&format!("{at}.request_timeout_ms"), &g.request_timeout_ms)?;
             if let Some(hc) = &g.health_check {
                 self.check_timeout(&format!("{at}.health_check.timeout_ms"), &hc.timeout_ms)?;
+                if hc.path.parse::<http::uri::PathAndQuery>().is_err() {
+                    return Err(self.invalid(
+                        format!("{at}.health_check.path"),
+                        &g.name,
+                        format!("`{}` is not a valid request path", hc.path),
+                    ));
+                }
                 if !hc.path.starts_with('/') || hc.rise == 0 || hc.fall == 0 {
                     return Err(self.invalid(
                         format!("{at}.health_check"),

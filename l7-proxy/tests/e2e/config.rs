@@ -199,3 +199,15 @@ fn lowercase_standard_methods_are_refused() {
     // Extension methods keep their spelling.
     Config::from_toml_str(&text.replace("\"post\"", "\"PURGE\"")).unwrap();
 }
+
+#[test]
+fn health_check_path_that_is_not_a_request_target_is_refused() {
+    // An unusable path used to stop the member's checks silently, leaving it up for ever.
+    let text = "[[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:1\" }]\nhealth_check = { path = \"/health check\" }\n";
+    match Config::from_toml_str(text) {
+        Err(ConfigError::Invalid { field, .. }) => {
+            assert_eq!(field, "upstreams[0].health_check.path")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
