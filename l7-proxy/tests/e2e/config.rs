@@ -143,7 +143,11 @@ fn zero_timeouts_are_refused_with_the_field_and_line() {
     // close every connection at once, so it is a config error that says where.
     let group = "[[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:1\" }]\n";
     let cases = [
-        ("[server]\nidle_timeout_ms = 0\n", "server.idle_timeout_ms", 2),
+        (
+            "[server]\nidle_timeout_ms = 0\n",
+            "server.idle_timeout_ms",
+            2,
+        ),
         (
             "[server]\ndrain_timeout_ms = 5\nheader_read_timeout_ms = 0\n",
             "server.header_read_timeout_ms",
@@ -167,7 +171,11 @@ fn zero_timeouts_are_refused_with_the_field_and_line() {
     ];
     for (text, want_field, want_line) in cases {
         match Config::from_toml_str(text) {
-            Err(ConfigError::Invalid { field, line, message }) => {
+            Err(ConfigError::Invalid {
+                field,
+                line,
+                message,
+            }) => {
                 assert_eq!((field.as_str(), line), (want_field, want_line), "{message}");
             }
             other => panic!("{text}: unexpected {other:?}"),
