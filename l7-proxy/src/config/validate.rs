@@ -177,6 +177,23 @@ impl Config {
                         "expected `name.example.com` or `*.example.com`",
                     ));
                 }
+                // Routes see the request's host without its port (and an IPv6 literal
+                // without brackets), so a pattern with either could never match.
+                if rest.contains('[') || rest.contains(']') {
+                    return Err(self.invalid(
+                        format!("{at}.match.host"),
+                        host,
+                        "write an IPv6 host without brackets (`::1`, not `[::1]`)",
+                    ));
+                }
+                if rest.contains(':') && rest.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(self.invalid(
+                        format!("{at}.match.host"),
+                        host,
+                        "a route host must not include a port: routes match the request's host \
+                         without its port",
+                    ));
+                }
             }
             if let Some(path) = &r.matcher.path {
                 let field = format!("{at}.match.path");

@@ -237,7 +237,17 @@ fn sanitize<B>(
     // upstream and the response carry the same one.
     headers::remove_hop_by_hop(req.headers_mut());
     trace.request_id = headers::ensure_request_id(req.headers_mut());
-    headers::add_forwarding_headers(req.headers_mut(), conn.client_addr, conn.tls, host);
+    // `Forwarded: host=` is the Host as received, port included (RFC 7239 5.3).
+    let forwarded_host = match raw_host(&req) {
+        raw if raw == host => std::borrow::Cow::Borrowed(host),
+        raw => std::borrow::Cow::Owned(raw.to_string()),
+    };
+    headers::add_forwarding_headers(
+        req.headers_mut(),
+        conn.client_addr,
+        conn.tls,
+        &forwarded_host,
+    );
     // The authority of an absolute-form (or HTTP/2) target is the host routing uses; the
     // upstream must see the same one.
     if let Some(authority) = req.uri().authority().cloned() {
@@ -330,11 +340,10 @@ fn route_match<'a, B>(
     })
 }
 
-/// The request's host: URI authority (HTTP/2, absolute form), else `Host`; no port,
-/// lowercase.
-fn request_host<B>(req: &Request<B>) -> String {
-    let raw = req
-        .uri()
+/// The request's host as the client sent it, port included: URI authority (HTTP/2, absolute
+/// form), else `Host`.
+fn raw_host<B>(req: &Request<B>) -> &str {
+    req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| {
@@ -342,7 +351,12 @@ fn request_host<B>(req: &Request<B>) -> String {
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok())
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The request's host for routing: [`raw_host`] without the port, lowercase.
+fn request_host<B>(req: &Request<B>) -> String {
+    let raw = raw_host(req);
     let without_port = if let Some(rest) = raw.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {

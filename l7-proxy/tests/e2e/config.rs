@@ -219,3 +219,45 @@ fn health_check_path_that_is_not_a_request_target_is_refused() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn route_hosts_with_a_port_or_brackets_are_refused() {
+    // Routes match the request's host without its port, and an IPv6 literal without its
+    // brackets: such a pattern could never match, and the route would silently never serve.
+    let route = |host: &str| {
+        format!(
+            "[[routes]]\nname = \"r\"\nmatch = {{ host = \"{host}\" }}\naction = {{ fixed = {{ status = 200 }} }}\n"
+        )
+    };
+    for (host, want) in [
+        ("api.example.com:8080", "must not include a port"),
+        ("*.example.com:443", "must not include a port"),
+        ("[::1]", "without brackets"),
+        ("[2001:db8::1]:8080", "without brackets"),
+    ] {
+        match Config::from_toml_str(&route(host)) {
+            Err(ConfigError::Invalid {
+                field,
+                line,
+                message,
+            }) => {
+                assert_eq!(
+                    (field.as_str(), line),
+                    ("routes[0].match.host", 3),
+                    "{host}"
+                );
+                assert!(message.contains(want), "{host}: {message}");
+            }
+            other => panic!("{host}: unexpected {other:?}"),
+        }
+    }
+    for host in [
+        "api.example.com",
+        "*.example.com",
+        "::1",
+        "2001:db8::1",
+        "127.0.0.1",
+    ] {
+        Config::from_toml_str(&route(host)).unwrap_or_else(|e| panic!("{host}: {e}"));
+    }
+}

@@ -161,6 +161,15 @@ action = {{ forward = {{ group = "up" }} }}
     assert_eq!(seen["host"], "svc.example.com");
     assert!(!seen.contains_key("x-secret"));
 
+    // `host=` is the Host as received, port included (RFC 7239 5.3); routing ignores the
+    // port.
+    let a = get(&c, addr, "svc.example.com:8443", "/").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        up.last().headers["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"svc.example.com:8443\""
+    );
+
     let a = get(&c, addr, "svc.example.com", "/hop").await;
     assert_eq!(a.upstream(), "up");
     for name in ["x-private-hop", "keep-alive", "proxy-authenticate"] {
