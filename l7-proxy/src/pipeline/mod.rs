@@ -238,7 +238,7 @@ fn sanitize<B>(
     headers::remove_hop_by_hop(req.headers_mut());
     trace.request_id = headers::ensure_request_id(req.headers_mut());
     // `Forwarded: host=` is the Host as received, port included (RFC 7239 5.3).
-    let forwarded_host = match raw_host(&req) {
+    let forwarded_host = match raw_host(req) {
         raw if raw == host => std::borrow::Cow::Borrowed(host),
         raw => std::borrow::Cow::Owned(raw.to_string()),
     };
