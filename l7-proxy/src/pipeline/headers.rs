@@ -140,6 +140,11 @@ fn decode_unreserved(text: &str) -> Option<String> {
 }
 
 /// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket), if any.
+///
+/// `h2c` is never tunnelled (the request goes on as a plain one, its `Upgrade` removed with
+/// the other hop-by-hop headers, as Envoy does): once upgraded, the client would speak HTTP/2
+/// straight to the upstream and send any request it likes on that connection, past this
+/// proxy's routes and policies ("h2c smuggling"). RFC 9113 has dropped the upgrade anyway.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
@@ -147,11 +152,17 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if connection_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
+    if !connection_upgrade {
+        return None;
     }
+    let upgrade = headers.get(header::UPGRADE)?;
+    let h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("h2c"))
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("h2c"));
+    (!h2c).then(|| upgrade.clone())
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`, except `Host`: it is

@@ -187,6 +187,57 @@ action = {{ forward = {{ group = "up" }} }}
     proxy.shutdown().await;
 }
 
+/// An h2c upgrade would give the client an HTTP/2 connection straight to the upstream, past
+/// the proxy's routes ("h2c smuggling"): it goes on as a plain request instead.
+#[tokio::test]
+async fn h2c_upgrade_is_not_tunnelled() {
+    let up = TestUpstream::start("up").await;
+    let proxy = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[&up])
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    for upgrade in ["h2c", "websocket, H2C"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /x HTTP/1.1\r\nHost: up.example.com\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                 Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed before a response");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{upgrade}: {head}");
+        let seen = up.last().headers;
+        assert!(!seen.contains_key("upgrade"), "{upgrade}: {seen:?}");
+        assert!(!seen.contains_key("http2-settings"), "{upgrade}: {seen:?}");
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
     let up = TestUpstream::start("ws").await;
