@@ -118,21 +118,7 @@ action = { fixed = { status = 418, body = "short and stout", headers = { x-kind 
 #[tokio::test]
 async fn forwarding_headers_set_and_hop_by_hop_removed() {
     let up = TestUpstream::start("up").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     let a = get_with(
@@ -192,21 +178,7 @@ action = {{ forward = {{ group = "up" }} }}
 #[tokio::test]
 async fn h2c_upgrade_is_not_tunnelled() {
     let up = TestUpstream::start("up").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     for upgrade in ["h2c", "websocket, H2C"] {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -241,21 +213,7 @@ action = {{ forward = {{ group = "up" }} }}
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
     let up = TestUpstream::start("ws").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "ws"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "ws" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
@@ -463,21 +421,7 @@ action = {{ forward = {{ group = "up" }} }}
 #[tokio::test]
 async fn request_bodies_arrive_intact_over_h1_and_h2() {
     let up = TestUpstream::start("echo").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let big: String = (0..50_000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
@@ -522,21 +466,7 @@ async fn every_forwarded_for_line_is_kept_in_order() {
     // after the client's; dropping any line but the first loses the address it vouches for
     // and leaves the client's claim in its place.
     let up = TestUpstream::start("up").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let answer = raw_exchange(
         addr,
@@ -569,21 +499,7 @@ async fn h2_cookie_fields_reach_an_h1_upstream_as_one_header() {
     // Browsers send each cookie as its own `cookie` field over HTTP/2 (RFC 9113 8.2.3);
     // an HTTP/1.1 upstream must get them joined into one `Cookie` header with "; ".
     let up = TestUpstream::start("up").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -648,25 +564,7 @@ async fn percent_encoded_letters_cannot_dodge_a_route() {
     // `/%61dmin` is `/admin` to the upstream (RFC 3986 6.2.2.2: an encoded unreserved
     // character is the character), so it must not slip past the route that guards /admin.
     let up = TestUpstream::start("app").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "app"
-members = {}
-[[routes]]
-name = "admin"
-match = {{ path = {{ prefix = "/admin" }} }}
-action = {{ fixed = {{ status = 403, body = "no" }} }}
-[[routes]]
-name = "app"
-action = {{ forward = {{ group = "app" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = admin_guarded(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     for path in ["/%61dmin/users", "/%41%44%4D%49%4E", "/ad%6Din"] {
@@ -693,25 +591,7 @@ async fn repeated_slashes_cannot_dodge_a_route() {
     // Most upstreams read `//admin` as `/admin` (nginx merges slashes by default), so the
     // route that guards /admin must see it that way too.
     let up = TestUpstream::start("app").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "app"
-members = {}
-[[routes]]
-name = "admin"
-match = {{ path = {{ prefix = "/admin" }} }}
-action = {{ fixed = {{ status = 403, body = "no" }} }}
-[[routes]]
-name = "app"
-action = {{ forward = {{ group = "app" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = admin_guarded(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let quiet = Duration::from_millis(300);
     for target in ["//admin/x", "///admin", "/.//admin"] {
@@ -774,4 +654,27 @@ action = {{ forward = {{ group = "up" }} }}
         "the upstream and the client see the same request id"
     );
     proxy.shutdown().await;
+}
+
+/// A proxy whose `/admin` prefix answers a fixed 403 and which forwards the rest to `up`.
+async fn admin_guarded(up: &TestUpstream) -> l7_proxy::ProxyHandle {
+    start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "app"
+members = {}
+[[routes]]
+name = "admin"
+match = {{ path = {{ prefix = "/admin" }} }}
+action = {{ fixed = {{ status = 403, body = "no" }} }}
+[[routes]]
+name = "app"
+action = {{ forward = {{ group = "app" }} }}
+"#,
+        members(&[up])
+    ))
+    .await
 }

@@ -190,6 +190,25 @@ pub fn members(ups: &[&TestUpstream]) -> String {
     format!("[{}]", list.join(", "))
 }
 
+/// A proxy with one plain listener, `web`, that forwards every request to `up`.
+pub async fn forward_all(up: &TestUpstream) -> l7_proxy::ProxyHandle {
+    start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        members(&[up])
+    ))
+    .await
+}
+
 pub async fn start_proxy(toml: &str) -> l7_proxy::ProxyHandle {
     let config = l7_proxy::Config::from_toml_str(toml).expect("test config is valid");
     l7_proxy::Proxy::start(config).await.expect("proxy starts")
