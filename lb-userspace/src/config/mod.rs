@@ -509,4 +509,27 @@ table_size = 251
         );
         assert!("10.0.0.1/tcp".parse::<VipId>().is_err());
     }
+
+    #[test]
+    fn huge_durations_are_refused_not_wrapped() {
+        let d = |s: &str| HumanDuration::try_from(s.to_string());
+        // 307445734561825861 minutes is 2^64 + 44 seconds: it must not become 44 s (or panic).
+        let e = d("307445734561825861m").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+        let e = parse(&GOOD.replace(
+            "path = \"/health\" }",
+            "path = \"/health\", interval = \"99999999999999999999m\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("interval") || e.contains("too large"), "{e}");
+        let e = parse(&GOOD.replace(
+            "path = \"/health\" }",
+            "path = \"/health\", timeout = \"999999999999999999m\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("too large") && e.contains("line 11"), "{e}");
+        assert_eq!(d("10m").unwrap().0, Duration::from_secs(600));
+    }
 }

@@ -112,6 +112,9 @@ impl From<TableSize> for u32 {
     }
 }
 
+/// Longest duration accepted (a day): more is a typo, not a health-check interval.
+pub const MAX_DURATION_SECS: u64 = 86_400;
+
 /// A duration written as `1s`, `500ms` or `2m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -125,17 +128,27 @@ impl TryFrom<String> for HumanDuration {
             .find(|c: char| !c.is_ascii_digit())
             .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s or m)"))?;
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("duration {s:?} must start with a number"))?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
+        if num.is_empty() {
+            return Err(format!("duration {s:?} must start with a number"));
+        }
+        let too_large = || format!("duration {s:?} is too large (at most {MAX_DURATION_SECS}s)");
+        // All digits: the only way to fail is not fitting in a u64.
+        let n: u64 = num.parse().map_err(|_| too_large())?;
+        let secs_per_unit = match unit {
+            "ms" => None,
+            "s" => Some(1),
+            "m" => Some(60),
             _ => return Err(format!("duration {s:?}: unit must be ms, s or m")),
+        };
+        let d = match secs_per_unit {
+            None => Duration::from_millis(n),
+            Some(k) => Duration::from_secs(n.checked_mul(k).ok_or_else(too_large)?),
         };
         if d.is_zero() {
             return Err(format!("duration {s:?} must be positive"));
+        }
+        if d > Duration::from_secs(MAX_DURATION_SECS) {
+            return Err(too_large());
         }
         Ok(Self(d))
     }
