@@ -200,6 +200,11 @@ impl HealthCheckSpec {
         if self.rise == 0 || self.fall == 0 {
             return Err("health_check rise and fall must be at least 1".into());
         }
+        if self.port == Some(0) {
+            return Err(
+                "health_check port must not be 0 (leave it out to check the VIP's port)".into(),
+            );
+        }
         if self.kind == CheckKind::Http && !self.path.starts_with('/') {
             return Err(format!(
                 "health_check path {:?} must start with '/'",
@@ -531,5 +536,25 @@ table_size = 251
         .to_string();
         assert!(e.contains("too large") && e.contains("line 11"), "{e}");
         assert_eq!(d("10m").unwrap().0, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn health_check_port_zero_is_refused() {
+        // Checking port 0 fails on every backend: the whole VIP would go down.
+        let bad = GOOD.replace("path = \"/health\" }", "path = \"/health\", port = 0 }");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("health_check port must not be 0") && e.contains("line 7"),
+            "{e}"
+        );
+        let ok = GOOD.replace("path = \"/health\" }", "path = \"/health\", port = 8080 }");
+        assert_eq!(
+            parse(&ok).unwrap().vips[0]
+                .health_check
+                .as_ref()
+                .unwrap()
+                .port,
+            Some(8080)
+        );
     }
 }
