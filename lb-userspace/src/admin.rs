@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
 };
 
@@ -90,14 +90,35 @@ pub async fn serve(listener: UnixListener, services: Arc<Mutex<Services>>) {
     }
 }
 
+/// Longest request line accepted (a VIP with thousands of backends fits many times over); a
+/// longer one is answered with an error and the connection is closed, so a client cannot make
+/// the agent buffer without bound.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 async fn connection(stream: UnixStream, services: Arc<Mutex<Services>>) {
     let (read, mut write) = stream.into_split();
-    let mut lines = TokioBufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim().is_empty() {
+    let mut reader = TokioBufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = MAX_REQUEST_BYTES as u64 + 1;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
+            let response = Response::Error {
+                message: format!("bad request: longer than {MAX_REQUEST_BYTES} bytes"),
+            };
+            let mut out = serde_json::to_string(&response).unwrap_or_default();
+            out.push('\n');
+            let _ = write.write_all(out.as_bytes()).await;
+            return;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let response = match serde_json::from_str::<Request>(&line) {
+        let response = match serde_json::from_slice::<Request>(&line) {
             Ok(req) => {
                 tracing::debug!(?req, "admin request");
                 let services = services.clone();

@@ -813,3 +813,54 @@ mode = "ipip"
     assert!(stats.global["tx"] >= 1200, "{stats:?}");
     agent.stop().unwrap();
 }
+
+/// An agent with no interfaces and no VIPs in a namespace of its own: enough for tests of
+/// the admin API alone.
+fn bare_agent(ns: &integration_tests::netns::Netns) -> (AgentHandle, PinCleanup) {
+    let pin = unique_name("pin");
+    let text = format!("[agent]\npin_name = \"{pin}\"\nadmin_socket = \"/tmp/{pin}.sock\"\n");
+    let cfg = Config::parse(&text, "bare.toml".as_ref()).expect("bare config");
+    let cleanup = pins(&cfg);
+    (AgentHandle::start(ns, cfg, false), cleanup)
+}
+
+/// Sends raw bytes to the admin socket (from another thread, ignoring write errors: the
+/// agent may close first) and returns the first reply line, or "" if the agent closed
+/// without one. Fails the test if nothing comes within 10 s.
+fn raw_exchange(agent: &AgentHandle, bytes: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&bytes);
+    });
+    let mut reply = String::new();
+    let read = BufReader::new(&s).read_line(&mut reply);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    read.unwrap_or_else(|e| panic!("no reply from the agent: {e}"));
+    reply
+}
+
+/// The admin socket survives hostile clients: one that connects and never sends does not
+/// block others; an endless line is refused (not buffered without bound); a line that is
+/// not UTF-8 gets an error reply, not a silent hang-up.
+#[test]
+fn e2e_admin_socket_hostile_clients() {
+    skip_unless_possible!();
+    let ns = integration_tests::netns::Netns::new("adm");
+    let (agent, _pins) = bare_agent(&ns);
+    let _idle = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+
+    let huge = vec![b'x'; 3 << 20];
+    let reply = raw_exchange(&agent, huge);
+    assert!(reply.contains("longer than"), "{reply:?}");
+
+    let reply = raw_exchange(&agent, b"{\"op\":\"vip_list\xff\"}\n".to_vec());
+    assert!(reply.contains("bad request"), "{reply:?}");
+
+    // Still serving, the idle client still connected.
+    assert!(agent.call(&Request::VipList).is_ok());
+    agent.stop().unwrap();
+}
