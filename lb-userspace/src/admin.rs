@@ -58,15 +58,31 @@ fn reply<T: serde::Serialize>(result: Result<T, ServiceError>) -> Response {
     }
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
+/// Binds the socket (replacing a stale one) with mode 0600. A socket that another process
+/// still serves (another agent with the same `admin_socket`), or a path that is not a socket
+/// at all, is left alone and the bind fails.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "admin_socket {} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Ok(_) if StdUnixStream::connect(path).is_ok() => anyhow::bail!(
+            "admin_socket {} is in use by another process (another lb-agent?); \
+             give each agent its own admin_socket",
+            path.display()
+        ),
+        Ok(_) => match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+        },
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;

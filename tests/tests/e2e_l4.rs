@@ -864,3 +864,42 @@ fn e2e_admin_socket_hostile_clients() {
     assert!(agent.call(&Request::VipList).is_ok());
     agent.stop().unwrap();
 }
+
+/// A second agent (another pin_name) configured with the socket of a running one must not
+/// take it over, and an admin_socket path that is not a socket must not be deleted.
+#[test]
+fn e2e_admin_socket_is_not_stolen() {
+    skip_unless_possible!();
+    let ns = integration_tests::netns::Netns::new("adm2");
+    let (first, _pins) = bare_agent(&ns);
+
+    let pin = unique_name("pin");
+    let second = |socket: &std::path::Path| {
+        let text = format!(
+            "[agent]\npin_name = \"{pin}\"\nadmin_socket = \"{}\"\n",
+            socket.display()
+        );
+        let cfg = Config::parse(&text, "second.toml".as_ref()).unwrap();
+        // The start-up wait may be answered by the first agent: the second one's own
+        // result is what `stop` returns.
+        match AgentHandle::try_start(&ns, cfg, false) {
+            Ok(handle) => handle.stop(),
+            Err(e) => Err(e),
+        }
+    };
+    let _second_pins = PinCleanup(pin.clone());
+    let e = second(&first.socket).expect_err("a second agent took over the admin socket");
+    assert!(format!("{e:#}").contains("in use"), "{e:#}");
+    assert!(
+        first.call(&Request::VipList).is_ok(),
+        "the first agent lost its socket"
+    );
+
+    let file = PathBuf::from(format!("/tmp/{pin}.toml"));
+    let _file = FileCleanup(file.clone());
+    std::fs::write(&file, "precious").unwrap();
+    let e = second(&file).expect_err("an agent replaced a regular file with its socket");
+    assert!(format!("{e:#}").contains("not a socket"), "{e:#}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    first.stop().unwrap();
+}
