@@ -70,7 +70,8 @@
 //! - [`tls`]: certificates by SNI, mTLS, ALPN;
 //! - [`server`]: listeners, PROXY protocol, idle timeouts, the admin API;
 //! - [`proxy`]: start, reload, shutdown;
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics;
+//! - [`template`]: `${name}` templates (transform values, redirect locations).
 
 pub mod config;
 pub mod metrics;
@@ -83,6 +84,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod template;
 pub mod tls;
 pub mod upstream;
 

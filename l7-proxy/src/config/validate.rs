@@ -296,6 +296,16 @@ impl Config {
                         "not a valid header value",
                     ));
                 }
+                let variables = &crate::routing::REDIRECT_VARIABLES;
+                if let (_, Some(problem)) =
+                    crate::template::Template::parse(r.location.get_ref(), variables)
+                {
+                    return Err(self.invalid(
+                        format!("{at}.action.redirect.location"),
+                        &r.location,
+                        problem,
+                    ));
+                }
             }
             ActionConfig::Fixed(f) => {
                 if !(100..=599).contains(f.status.get_ref()) {

@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 
 use crate::metrics::Metrics;
 use crate::policy::{BoxError, PolicyChain, ProxyBody, RequestCtx};
-use crate::routing::{rewrite_path, Route, RouteAction, RouteInput};
+use crate::routing::{rewrite_path, RedirectCtx, Route, RouteAction, RouteInput};
 use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::server::idle::Busy;
 use crate::state::{RuntimeState, Shared};
@@ -168,10 +168,23 @@ where
     // Phase: action (upstream pick + forward for `forward` routes).
     let resp = match &route.action {
         RouteAction::Redirect { status, location } => {
-            let mut resp = text_response(*status, String::new());
-            resp.headers_mut()
-                .insert(header::LOCATION, location.clone());
-            resp
+            let location = location.fill(&RedirectCtx {
+                tls: conn.tls,
+                host: host.to_string(),
+                uri: req.uri().clone(),
+            });
+            match HeaderValue::try_from(location) {
+                Ok(location) => {
+                    let mut resp = text_response(*status, String::new());
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
+                }
+                // The template is a valid value and the request's parts are too; stay safe.
+                Err(_) => text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "redirect location is not a valid header value\n".into(),
+                ),
+            }
         }
         RouteAction::Fixed {
             status,

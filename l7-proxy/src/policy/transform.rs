@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::respond::{error_response, full, read_limited, ReadError};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use crate::template::Fill;
 
 /// `{ type = "transform", request_headers = { set = { "x-client" = "${client_ip}" } } }`
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -74,11 +75,8 @@ pub struct JsonEdits {
     pub rename: BTreeMap<String, String>,
 }
 
-/// Appends a variable's value for a request.
-type Fill = fn(&RequestCtx, &mut String);
-
 /// The variables a template may use, and how each is filled from the request.
-const VARIABLES: [(&str, Fill); 4] = [
+const VARIABLES: [(&str, Fill<RequestCtx>); 4] = [
     ("client_ip", |ctx, out| {
         use std::fmt::Write;
         let _ = write!(out, "{}", ctx.client_addr.ip().to_canonical());
@@ -95,100 +93,13 @@ fn build_err(message: String) -> PolicyBuildError {
     }
 }
 
-/// A template split into text and variables, in one pass: `$${` is a literal `${`, and
-/// `${name}` one of the [`VARIABLES`]. Anything else stays text, and the first such `${` is
-/// reported as the template's problem (a config error where templates are checked).
-struct Template {
-    pieces: Vec<Piece>,
-}
+type Template = crate::template::Template<RequestCtx>;
 
-enum Piece {
-    Text(String),
-    Variable(Fill),
-}
-
-impl Template {
-    fn parse(template: &str) -> (Self, Option<String>) {
-        let mut pieces = Vec::new();
-        let mut problem = None;
-        let mut text = String::new();
-        let mut rest = template;
-        while let Some(at) = rest.find('$') {
-            text.push_str(&rest[..at]);
-            let from = &rest[at..];
-            if let Some(tail) = from.strip_prefix("$${") {
-                text.push_str("${");
-                rest = tail;
-                continue;
-            }
-            if let Some(tail) = from.strip_prefix("${") {
-                match tail.split_once('}') {
-                    Some((name, after)) => match VARIABLES.iter().find(|(n, _)| *n == name) {
-                        Some((_, fill)) => {
-                            if !text.is_empty() {
-                                pieces.push(Piece::Text(std::mem::take(&mut text)));
-                            }
-                            pieces.push(Piece::Variable(*fill));
-                            rest = after;
-                            continue;
-                        }
-                        None => {
-                            problem.get_or_insert_with(|| {
-                                format!(
-                                    "unknown variable ${{{name}}} in {template:?} (known: {}; \
-                                     write $${{ for a literal ${{)",
-                                    VARIABLES.map(|(v, _)| format!("${{{v}}}")).join(", ")
-                                )
-                            });
-                        }
-                    },
-                    None => {
-                        problem.get_or_insert_with(|| {
-                            format!(
-                                "{template:?} opens a variable with \"${{\" that is never closed"
-                            )
-                        });
-                    }
-                }
-            }
-            text.push('$');
-            rest = &from[1..];
-        }
-        text.push_str(rest);
-        if !text.is_empty() {
-            pieces.push(Piece::Text(text));
-        }
-        (Self { pieces }, problem)
-    }
-
-    /// The template of a config field, or the error naming the field and the problem.
-    fn checked(field: &str, template: &str) -> Result<Self, PolicyBuildError> {
-        match Self::parse(template) {
-            (template, None) => Ok(template),
-            (_, Some(problem)) => Err(build_err(format!("{field}: {problem}"))),
-        }
-    }
-
-    /// The text of a template without variables.
-    fn fixed(&self) -> Option<String> {
-        self.pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Text(text) => Some(text.as_str()),
-                Piece::Variable(_) => None,
-            })
-            .collect()
-    }
-
-    fn fill(&self, ctx: &RequestCtx) -> String {
-        let mut out = String::new();
-        for piece in &self.pieces {
-            match piece {
-                Piece::Text(text) => out.push_str(text),
-                Piece::Variable(fill) => fill(ctx, &mut out),
-            }
-        }
-        out
+/// The template of a config field, or the error naming the field and the problem.
+fn checked(field: &str, template: &str) -> Result<Template, PolicyBuildError> {
+    match Template::parse(template, &VARIABLES) {
+        (template, None) => Ok(template),
+        (_, Some(problem)) => Err(build_err(format!("{field}: {problem}"))),
     }
 }
 
@@ -201,7 +112,7 @@ enum ValueTemplate {
 impl ValueTemplate {
     fn compile(field: &str, name: &str, template: &str) -> Result<Self, PolicyBuildError> {
         let field = format!("{field}: header {name:?}");
-        let parsed = Template::checked(&field, template)?;
+        let parsed = checked(&field, template)?;
         // Variables fill in an IP address, a request id or a config name, none of which can
         // make a valid value invalid; so the template itself must be a valid value.
         let invalid = || {
@@ -279,7 +190,7 @@ impl CompiledHeaders {
 fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), PolicyBuildError> {
     for (key, value) in edits.iter().flat_map(|e| &e.add) {
         if let Value::String(s) = value {
-            Template::checked(&format!("{field}.add.{key}"), s)?;
+            checked(&format!("{field}.add.{key}"), s)?;
         }
     }
     Ok(())
@@ -287,7 +198,7 @@ fn check_json_edits(field: &str, edits: Option<&JsonEdits>) -> Result<(), Policy
 
 /// Fills the [`VARIABLES`] in `template`; `$${` stands for a literal `${`.
 pub fn expand(template: &str, ctx: &RequestCtx) -> String {
-    Template::parse(template).0.fill(ctx)
+    Template::parse(template, &VARIABLES).0.fill(ctx)
 }
 
 fn expand_value(v: &Value, ctx: &RequestCtx) -> Value {

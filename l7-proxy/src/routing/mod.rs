@@ -27,6 +27,31 @@ use regex::Regex;
 
 use crate::config::{ActionConfig, Config, ConfigError, PathMatchConfig, RouteConfig};
 use crate::policy::{self, PolicyChain};
+use crate::template::{Fill, Template};
+
+/// What a redirect's `Location` is filled from: the request as the route sees it.
+pub struct RedirectCtx {
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// The request's host, without port, lowercase (as routes match it).
+    pub host: String,
+    pub uri: http::Uri,
+}
+
+/// The variables of a redirect `location`, as nginx's: `${scheme}`, `${host}` (no port),
+/// `${request_uri}` (path and query), `${path}` and `${query}` (without `?`; empty when
+/// there is none). `https://${host}${request_uri}` sends a plain-HTTP client to HTTPS.
+pub const REDIRECT_VARIABLES: [(&str, Fill<RedirectCtx>); 5] = [
+    ("scheme", |c, out| {
+        out.push_str(if c.tls { "https" } else { "http" })
+    }),
+    ("host", |c, out| out.push_str(&c.host)),
+    ("request_uri", |c, out| {
+        out.push_str(c.uri.path_and_query().map_or("/", |p| p.as_str()))
+    }),
+    ("path", |c, out| out.push_str(c.uri.path())),
+    ("query", |c, out| out.push_str(c.uri.query().unwrap_or(""))),
+];
 
 /// How a route matches the host.
 #[derive(Debug, Clone)]
@@ -55,7 +80,7 @@ pub enum RouteAction {
     },
     Redirect {
         status: StatusCode,
-        location: HeaderValue,
+        location: Template<RedirectCtx>,
     },
     Fixed {
         status: StatusCode,
@@ -143,8 +168,8 @@ impl Route {
             },
             ActionConfig::Redirect(r) => RouteAction::Redirect {
                 status: StatusCode::from_u16(*r.status.get_ref()).unwrap_or(StatusCode::FOUND),
-                location: HeaderValue::from_str(r.location.get_ref())
-                    .unwrap_or(HeaderValue::from_static("/")),
+                // Checked at load (variables and header value).
+                location: Template::parse(r.location.get_ref(), &REDIRECT_VARIABLES).0,
             },
             ActionConfig::Fixed(f) => RouteAction::Fixed {
                 status: StatusCode::from_u16(*f.status.get_ref()).unwrap_or(StatusCode::OK),

@@ -115,6 +115,66 @@ action = { fixed = { status = 418, body = "short and stout", headers = { x-kind 
     proxy.shutdown().await;
 }
 
+/// nginx's `return 301 https://$host$request_uri;`: a redirect's location takes the
+/// request's scheme, host, path and query.
+#[tokio::test]
+async fn redirect_location_takes_the_request_s_parts() {
+    let proxy = start_proxy(
+        r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[routes]]
+name = "to-https"
+match = { host = "*.example.com" }
+action = { redirect = { status = 308, location = "https://${host}${request_uri}" } }
+
+[[routes]]
+name = "moved"
+match = { host = "old.test", path = { prefix = "/docs" } }
+action = { redirect = { location = "${scheme}://new.test/v2${path}?from=old&${query}#$${x}" } }
+"#,
+    )
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let a = get(&c, addr, "Shop.Example.com:8080", "/a/./b?x=1&y=%20").await;
+    assert_eq!(a.status, 308);
+    assert_eq!(
+        a.headers["location"],
+        "https://shop.example.com/a/b?x=1&y=%20"
+    );
+    let a = get(&c, addr, "shop.example.com", "/").await;
+    assert_eq!(a.headers["location"], "https://shop.example.com/");
+    let a = get(&c, addr, "old.test", "/docs/intro?lang=en").await;
+    assert_eq!(a.status, 302);
+    assert_eq!(
+        a.headers["location"],
+        "http://new.test/v2/docs/intro?from=old&lang=en#${x}"
+    );
+    proxy.shutdown().await;
+
+    // An unknown variable is a config error naming the field and line.
+    let bad =
+        "[[routes]]\nname = \"r\"\naction = { redirect = { location = \"https://${hots}/\" } }\n";
+    match l7_proxy::Config::from_toml_str(bad) {
+        Err(l7_proxy::ConfigError::Invalid {
+            field,
+            line,
+            message,
+        }) => {
+            assert_eq!(
+                (field.as_str(), line),
+                ("routes[0].action.redirect.location", 3)
+            );
+            assert!(message.contains("unknown variable ${hots}"), "{message}");
+            assert!(message.contains("${request_uri}"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn forwarding_headers_set_and_hop_by_hop_removed() {
     let up = TestUpstream::start("up").await;
