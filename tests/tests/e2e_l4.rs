@@ -477,6 +477,25 @@ fn e2e_reload_applies_the_difference() {
     let e = lbctl(&agent, &["reload"]).unwrap_err();
     assert!(e.to_string().contains("not a prime"), "{e}");
     assert_eq!(before, layout(&agent));
+
+    // A valid file whose new backend cannot be reached (its interface does not exist): the
+    // reload fails before it removes anything, the running state stays whole.
+    let mut unreachable = text(&[1], 65537);
+    unreachable.push_str("\n[[vip.backend]]\naddress = \"10.77.0.99\"\ninterface = \"nope0\"\n");
+    std::fs::write(&path, unreachable).unwrap();
+    let e = lbctl(&agent, &["reload"]).unwrap_err();
+    assert!(e.to_string().contains("\"nope0\" does not exist"), "{e}");
+    assert_eq!(
+        before,
+        layout(&agent),
+        "a failed reload applied part of the file"
+    );
+    let counts = spread(&topo, 100);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
     agent.stop().unwrap();
 }
 

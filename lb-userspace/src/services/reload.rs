@@ -41,6 +41,7 @@ impl Services {
 
     /// Applies `config` (already validated) to the running services.
     pub fn apply(&mut self, config: Config) -> Result<ReloadSummary> {
+        self.preflight(&config)?;
         let mut summary = ReloadSummary::default();
         if config.agent.interfaces != self.agent.interfaces
             || config.agent.admin_socket != self.agent.admin_socket
@@ -80,6 +81,32 @@ impl Services {
         }
         tracing::info!(?summary, "configuration reloaded");
         Ok(summary)
+    }
+
+    /// What can fail in `config` without touching anything is tried before anything changes:
+    /// every backend that will be added (or whose `mac` / `interface` changes) must resolve,
+    /// and the backends must fit the id space. Otherwise a reload could remove VIPs and
+    /// backends and then stop halfway at a backend it cannot reach.
+    fn preflight(&self, config: &Config) -> Result<()> {
+        let total: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+        if total > common::MAX_BACKENDS as usize {
+            return Err(ServiceError::Exhausted("backend"));
+        }
+        for spec in &config.vips {
+            let current = self.vips.iter().find(|v| v.spec.id() == spec.id());
+            for b in &spec.backends {
+                let existing =
+                    current.and_then(|v| v.backends.iter().find(|x| x.spec.address == b.address));
+                let needs_resolving = match existing {
+                    None => true,
+                    Some(x) => x.spec.mac != b.mac || x.spec.interface != b.interface,
+                };
+                if needs_resolving {
+                    self.resolve(b)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Brings an existing VIP to `spec`: its own settings, then its backends.
