@@ -167,11 +167,14 @@ pub struct BackendInfo {
     pub family: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The VIP this backend id belongs to (each backend id serves one VIP). An established
+    /// flow stays on its backend only while the backend's `vip_id` is the flow's: an id freed
+    /// by one VIP and reused by another VIP's backend must not capture the first VIP's flows.
+    pub vip_id: u16,
 }
 
 /// The backend exists and is healthy: flows pinned to it keep going to it. A flow whose backend
-/// lacks this bit is re-picked from the Maglev table.
+/// lacks this bit (or belongs to another VIP) is re-picked from the Maglev table.
 pub const BACKEND_F_ALIVE: u8 = 1 << 0;
 
 /// Key of [`map_names::CONN_TABLE`]: the 5-tuple as seen on the client's packet.
@@ -300,4 +303,5 @@ const _: () = {
     assert!(core::mem::size_of::<LbConfig>() == 24);
     assert!(core::mem::align_of::<VipKey>() == 8);
     assert!(core::mem::align_of::<FlowKey>() == 8);
+    assert!(MAX_VIPS <= u16::MAX as u32);
 };

@@ -126,7 +126,8 @@ impl Fixture {
         f
     }
 
-    pub fn set_backend(&mut self, b: &TestBackend, alive: bool) {
+    /// Writes backend `b` as a backend of VIP `vip_id`.
+    pub fn set_backend(&mut self, b: &TestBackend, vip_id: u32, alive: bool) {
         self.dp
             .set_backend(
                 b.id,
@@ -137,7 +138,7 @@ impl Fixture {
                     ifindex: 0,
                     family: b.family,
                     flags: if alive { BACKEND_F_ALIVE } else { 0 },
-                    _pad: [0; 2],
+                    vip_id: vip_id as u16,
                 },
             )
             .unwrap();
@@ -153,7 +154,7 @@ impl Fixture {
         m: u32,
     ) {
         for b in backends {
-            self.set_backend(b, true);
+            self.set_backend(b, vip_id, true);
         }
         self.set_table(key, vip_id, mode, backends, m);
         self.dp

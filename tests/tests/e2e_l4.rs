@@ -922,3 +922,76 @@ fn e2e_admin_socket_is_not_stolen() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
     first.stop().unwrap();
 }
+
+/// A backend id freed by one VIP and reused by another VIP's new backend must not capture
+/// the first VIP's established flows: they are re-picked among their own VIP's backends.
+/// (UDP flows live in the connection table until evicted, so this is the common case.)
+#[test]
+fn e2e_reused_backend_id_does_not_capture_another_vips_flows() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let addr = SocketAddr::from((VIP, 5353));
+    let _srv: Vec<UdpNameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
+        .collect();
+    // VIP A (5353/udp): b0 (id 0) and b1 (id 1). VIP B (5354/udp): no backend yet.
+    let mut cfg = config_text(BackendMode::Dsr, 2, "protocol = \"udp\"\nport = 5353");
+    let mut b_spec = cfg.vips[0].clone();
+    b_spec.port = 5354;
+    b_spec.backends.clear();
+    cfg.vips.push(b_spec);
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+
+    // Client flows (fixed source ports) on VIP A, some on b0.
+    let socks: Vec<std::net::UdpSocket> = topo.client.ns.run(|| {
+        (0..24)
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                s
+            })
+            .collect()
+    });
+    let ask = |s: &std::net::UdpSocket| {
+        s.send(b"which").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let owners: Vec<String> = socks.iter().map(ask).collect();
+    assert!(owners.iter().any(|o| o == "b0"), "{owners:?}");
+    assert!(owners.iter().all(|o| o == "b0" || o == "b1"), "{owners:?}");
+
+    // b0 leaves VIP A; b2 joins VIP B and gets the freed id 0.
+    let vip_a = format!("{VIP}:5353/udp");
+    let vip_b = format!("{VIP}:5354/udp");
+    lbctl(
+        &agent,
+        &["backend", "del", &vip_a, &backend_ip(0).to_string()],
+    )
+    .unwrap();
+    lbctl(
+        &agent,
+        &["backend", "add", &vip_b, &backend_ip(2).to_string()],
+    )
+    .unwrap();
+    let b2 = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == backend_ip(2))
+        .unwrap();
+    assert_eq!(b2.id, 0, "the test expects the freed id to be reused");
+
+    // VIP A's flows now all reach b1, its only backend; none reaches VIP B's b2.
+    let after: Vec<String> = socks.iter().map(ask).collect();
+    assert!(after.iter().all(|o| o == "b1"), "{after:?}");
+    let stats = agent.stats();
+    let vip_b_view = stats.vips.iter().find(|v| v.vip.port == 5354).unwrap();
+    assert_eq!(vip_b_view.backends[0].counters.packets, 0, "{stats:?}");
+    agent.stop().unwrap();
+}

@@ -591,7 +591,7 @@ fn established_flows_stay_when_the_table_changes() {
         );
     }
     // When backend 0 dies, its flows are re-picked; the others stay where they were.
-    f.set_backend(&bs[0], false);
+    f.set_backend(&bs[0], 0, false);
     for (i, port) in (20000..20060u16).enumerate() {
         let got = backend_by_mac(&f.lb(&tcp4(CLIENT4, port, VIP4, 80)).packet, &bs);
         if owners[i] == 0 {
@@ -602,6 +602,33 @@ fn established_flows_stay_when_the_table_changes() {
     }
     assert!(owners.contains(&0), "test needs some flows on backend 0");
     assert!(f.dp.global_stats().unwrap()[reason::CONN_REPICK as usize] > 0);
+}
+
+#[test]
+fn backend_id_reused_by_another_vip_does_not_keep_old_flows() {
+    require_bpf!();
+    let mut f = Fixture::new();
+    let bs = backends4();
+    let key = vip_key_v4(VIP4, 80, IPPROTO_TCP);
+    f.add_vip(key, 0, ForwardMode::L2Dsr, &bs, 251);
+    let mut owners = Vec::new();
+    for port in 20000..20060u16 {
+        let r = f.lb(&tcp4(CLIENT4, port, VIP4, 80));
+        owners.push(backend_by_mac(&r.packet, &bs));
+    }
+    assert!(owners.contains(&0), "test needs some flows on backend 0");
+    // Backend 0 leaves VIP 0 (table rebuilt without it); its id, alive again, now serves
+    // VIP 1. VIP 0's flows that were on it must be re-picked among VIP 0's backends.
+    f.set_table(key, 0, ForwardMode::L2Dsr, &bs[1..], 251);
+    f.set_backend(&bs[0], 1, true);
+    for (i, port) in (20000..20060u16).enumerate() {
+        let got = backend_by_mac(&f.lb(&tcp4(CLIENT4, port, VIP4, 80)).packet, &bs);
+        if owners[i] == 0 {
+            assert_ne!(got, 0, "a flow of VIP 0 went to VIP 1's backend");
+        } else {
+            assert_eq!(got, owners[i], "an established flow moved");
+        }
+    }
 }
 
 #[test]

@@ -150,7 +150,7 @@ fn l4(ctx: &XdpContext, pkt: &Packet) -> u32 {
         if let Some(slot) = VIP_BY_ID.get(e.vip_id) {
             if slot.key == key {
                 if let Some(b) = BACKENDS.get(e.backend_id) {
-                    if b.flags & BACKEND_F_ALIVE != 0 {
+                    if b.flags & BACKEND_F_ALIVE != 0 && b.vip_id as u32 == e.vip_id {
                         count(reason::CONN_HIT);
                         return deliver(ctx, pkt, &slot.meta, e.backend_id, b, false);
                     }
@@ -233,7 +233,7 @@ fn select_backend(
                 let id = entry.backend_id;
                 if entry.vip_id == vip.vip_id {
                     if let Some(b) = BACKENDS.get(id) {
-                        if b.flags & BACKEND_F_ALIVE != 0 {
+                        if b.flags & BACKEND_F_ALIVE != 0 && b.vip_id as u32 == vip.vip_id {
                             count(reason::CONN_HIT);
                             return Some((id, b, false));
                         }

@@ -64,6 +64,8 @@ type Result<T, E = ServiceError> = std::result::Result<T, E>;
 struct Backend {
     spec: BackendSpec,
     id: u32,
+    /// The id of the VIP it belongs to (written to the datapath with it).
+    vip_id: u32,
     hop: NextHop,
     health: HealthState,
     /// Consecutive check results that disagree with `health`.
@@ -144,7 +146,8 @@ impl Services {
             } else {
                 0
             },
-            _pad: [0; 2],
+            // VIP ids are below MAX_VIPS, which fits (asserted in `common`).
+            vip_id: b.vip_id as u16,
         }
     }
 
@@ -223,11 +226,12 @@ impl Services {
         }
     }
 
-    fn new_backend(&mut self, spec: BackendSpec, hop: NextHop) -> Result<Backend> {
+    fn new_backend(&mut self, spec: BackendSpec, hop: NextHop, vip_id: u32) -> Result<Backend> {
         let id = self.backend_ids.take()?;
         Ok(Backend {
             spec,
             id,
+            vip_id,
             hop,
             health: HealthState::Up,
             streak: 0,
@@ -264,7 +268,7 @@ impl Services {
         let vip_id = self.vip_ids.take()?;
         let mut backends = Vec::new();
         for (b, hop) in backend_specs.into_iter().zip(hops) {
-            let mut b = self.new_backend(b, hop)?;
+            let mut b = self.new_backend(b, hop, vip_id)?;
             // At start-up, a backend that the previous run had taken down (same id, same
             // address, ALIVE clear) stays down until its checks pass `rise` times.
             if !fresh_counters && spec.health_check.is_some() {
@@ -356,7 +360,7 @@ impl Services {
         }
         let hop = self.resolve(&spec)?;
         let address = spec.address;
-        let b = self.new_backend(spec, hop)?;
+        let b = self.new_backend(spec, hop, self.vips[vi].id)?;
         let id = b.id;
         self.vips[vi].backends.push(b);
         let bi = self.vips[vi].backends.len() - 1;
