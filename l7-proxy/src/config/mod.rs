@@ -268,6 +268,22 @@ pub struct UpstreamGroupConfig {
     pub idle_timeout_ms: u64,
     #[serde(default)]
     pub retries: RetryConfig,
+    /// How the proxy speaks to the members: `"http1"` (HTTP/1.1, the default) or `"h2c"`
+    /// (HTTP/2 over plain TCP with prior knowledge, as gRPC services and Envoy's
+    /// `http2_protocol_options` clusters do: requests are multiplexed on one connection per
+    /// member, trailers pass through, and health checks speak HTTP/2 too). Upgrades
+    /// (WebSocket) need `http1`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol of an upstream group's members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
 }
 
 fn default_connect_timeout_ms() -> Spanned<u64> {
@@ -307,7 +323,7 @@ pub enum HashOn {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberConfig {
-    /// `ip:port` of the member (plain HTTP/1.1).
+    /// `ip:port` of the member (plain HTTP/1.1, or HTTP/2 with the group's `protocol = "h2c"`).
     pub address: Spanned<String>,
     /// Used by `weighted` and `consistent_hash`; 1 to 1000.
     #[serde(default = "default_weight")]

@@ -12,6 +12,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::{empty_body, text_response};
+use crate::config::UpstreamProtocol;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::policy::ProxyBody;
 use crate::upstream::client::ConnReuse;
@@ -46,11 +47,27 @@ pub async fn forward(
     metrics: &Metrics,
     client_upgrade: Option<OnUpgrade>,
 ) -> Forwarded {
+    if client_upgrade.is_some() && group.protocol == UpstreamProtocol::H2c {
+        return Forwarded {
+            response: text_response(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "upgrades need an HTTP/1.1 upstream; group {} speaks h2c\n",
+                    group.name
+                ),
+            ),
+            member: None,
+        };
+    }
     group.deposit_retry_budget();
     let hash = group.request_hash(req.headers(), client_ip);
     let retryable =
         client_upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if group.protocol == UpstreamProtocol::Http1 {
+        // Only `TE: trailers` is left (see `sanitize`); it means something to HTTP/2 (gRPC).
+        parts.headers.remove(http::header::TE);
+    }
     let mut body = Some(body);
     let mut tried: Vec<usize> = Vec::new();
     let mut client_upgrade = client_upgrade;
@@ -89,7 +106,10 @@ pub async fn forward(
         let mut upstream_req = Request::new(body.take().unwrap_or_else(empty_body));
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.version_mut() = match group.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        };
         *upstream_req.headers_mut() = parts.headers.clone();
 
         let in_flight = member.start_request();

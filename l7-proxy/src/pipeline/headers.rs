@@ -165,6 +165,22 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     (!h2c).then(|| upgrade.clone())
 }
 
+/// Whether the request's `TE` accepts trailers (`TE: trailers`, as gRPC clients send). `TE`
+/// is hop-by-hop; the proxy, which passes trailers through, says the same to an HTTP/2
+/// upstream.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 /// Removes hop-by-hop headers, including any named in `Connection`, except `Host`: it is
 /// never connection-specific, and without it the upstream would see the member's address
 /// instead of the host the request was routed by.

@@ -248,7 +248,13 @@ fn sanitize<B>(
     let upgrade = upgrade.map(|proto| (proto, hyper::upgrade::on(&mut *req)));
     // Hop-by-hop first: an id the client named in `Connection` is replaced, so that the
     // upstream and the response carry the same one.
+    let te_trailers = headers::accepts_trailers(req.headers());
     headers::remove_hop_by_hop(req.headers_mut());
+    // Kept for an h2c group (gRPC servers may insist on it); forward drops it for HTTP/1.1.
+    if te_trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     trace.request_id = headers::ensure_request_id(req.headers_mut());
     // `Forwarded: host=` is the Host as received, port included (RFC 7239 5.3).
     let forwarded_host = match raw_host(req) {

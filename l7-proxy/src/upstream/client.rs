@@ -1,6 +1,6 @@
-//! The HTTP/1.1 client that talks to upstream members: hyper-util's pooling client over a
-//! connector that counts new connections and tags each one, so the pipeline can tell whether
-//! a response came over a reused keep-alive connection.
+//! The client that talks to upstream members, HTTP/1.1 or (for `protocol = "h2c"` groups)
+//! HTTP/2: hyper-util's pooling client over a connector that counts new connections and tags
+//! each one, so the pipeline can tell whether a response came over a reused connection.
 //!
 //! Clients are cached by their timeout settings ([`ClientCache`]) for the life of the process,
 //! so a config reload keeps the warm connection pool.
@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::config::UpstreamProtocol;
 use crate::metrics::Metrics;
 use crate::policy::ProxyBody;
 
@@ -121,10 +122,11 @@ impl Write for TrackedConn {
     }
 }
 
-/// Clients by (connect timeout, pool idle timeout), shared across config generations.
+/// Clients by (connect timeout, pool idle timeout, protocol), shared across config
+/// generations.
 #[derive(Default)]
 pub struct ClientCache {
-    clients: Mutex<HashMap<(Duration, Duration), UpstreamClient>>,
+    clients: Mutex<HashMap<(Duration, Duration, UpstreamProtocol), UpstreamClient>>,
 }
 
 impl ClientCache {
@@ -132,11 +134,12 @@ impl ClientCache {
         &self,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        protocol: UpstreamProtocol,
         metrics: &Arc<Metrics>,
     ) -> UpstreamClient {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry((connect_timeout, idle_timeout))
+            .entry((connect_timeout, idle_timeout, protocol))
             .or_insert_with(|| {
                 let mut http = HttpConnector::new();
                 http.set_connect_timeout(Some(connect_timeout));
@@ -145,6 +148,7 @@ impl ClientCache {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(idle_timeout)
                     .pool_timer(TokioTimer::new())
+                    .http2_only(protocol == UpstreamProtocol::H2c)
                     .build(CountingConnector {
                         http,
                         metrics: metrics.clone(),

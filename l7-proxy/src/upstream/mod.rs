@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
-use crate::config::{HashOn, PassiveHealthConfig, RetryConfig, UpstreamGroupConfig};
+use crate::config::{
+    HashOn, PassiveHealthConfig, RetryConfig, UpstreamGroupConfig, UpstreamProtocol,
+};
 use crate::metrics::{MemberLabels, Metrics};
 use balance::{hash_bytes, Balancer};
 use client::{ClientCache, UpstreamClient};
@@ -185,6 +187,8 @@ pub struct UpstreamGroup {
     /// Retry budget in thousandths of a retry.
     retry_tokens: AtomicI64,
     pub client: UpstreamClient,
+    /// What the client speaks to the members.
+    pub protocol: UpstreamProtocol,
 }
 
 impl std::fmt::Debug for UpstreamGroup {
@@ -229,8 +233,10 @@ impl UpstreamGroup {
             client: clients.get(
                 Duration::from_millis(*config.connect_timeout_ms.get_ref()),
                 Duration::from_millis(config.idle_timeout_ms),
+                config.protocol,
                 metrics,
             ),
+            protocol: config.protocol,
             name,
             members,
         }
