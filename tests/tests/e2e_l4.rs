@@ -995,3 +995,52 @@ fn e2e_reused_backend_id_does_not_capture_another_vips_flows() {
     assert_eq!(vip_b_view.backends[0].counters.packets, 0, "{stats:?}");
     agent.stop().unwrap();
 }
+
+/// A weight change the Maglev table cannot take (more weighted backends than entries) is
+/// refused and leaves the backend's weight as it was, in the agent's view and the maps.
+#[test]
+fn e2e_refused_weight_change_changes_nothing() {
+    skip_unless_possible!();
+    let ns = integration_tests::netns::Netns::new("wt");
+    // A link for the backends' route (no dummy driver here: a veth pair inside the namespace).
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "d0"]);
+    ns.ip(&["link", "set", "d1", "up"]);
+    ns.ip(&["link", "set", "d0", "up"]);
+    let (agent, _pins) = bare_agent(&ns);
+    let vip = "10.99.100.1:80/tcp";
+    lbctl(&agent, &["vip", "add", vip, "--table-size", "3"]).unwrap();
+    let add = |i: u8, weight: &str| {
+        let addr = format!("10.99.0.{}", 10 + i);
+        let mac = format!("02:00:00:00:00:{i:02x}");
+        lbctl(
+            &agent,
+            &[
+                "backend",
+                "add",
+                vip,
+                &addr,
+                "--weight",
+                weight,
+                "--mac",
+                &mac,
+                "--interface",
+                "d0",
+            ],
+        )
+    };
+    for i in 1..=3 {
+        add(i, "1").unwrap();
+    }
+    // A fourth, drained from the start, fits (it takes no table entry).
+    add(4, "0").unwrap();
+    let before = layout(&agent);
+    let e = lbctl(&agent, &["backend", "weight", vip, "10.99.0.14", "1"]).unwrap_err();
+    assert!(e.to_string().contains("table"), "{e}");
+    assert_eq!(before, layout(&agent), "a refused weight change was kept");
+    // A fifth weighted backend is refused up front, too.
+    let e = add(5, "1").unwrap_err();
+    assert!(e.to_string().contains("table"), "{e}");
+    assert_eq!(before, layout(&agent));
+    agent.stop().unwrap();
+}

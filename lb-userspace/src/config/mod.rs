@@ -272,6 +272,16 @@ impl VipSpec {
                 message,
             })?;
         }
+        let weighted = self.backends.iter().filter(|b| b.weight > 0).count();
+        if weighted > self.table_size.get() as usize {
+            return Err(SpecError {
+                backend: None,
+                message: format!(
+                    "{weighted} backends with weight do not fit a Maglev table of size {}",
+                    self.table_size.get()
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -536,6 +546,21 @@ table_size = 251
         .to_string();
         assert!(e.contains("too large") && e.contains("line 11"), "{e}");
         assert_eq!(d("10m").unwrap().0, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn more_weighted_backends_than_table_entries_is_refused() {
+        let small = GOOD.replace("health_check = {", "table_size = 2\nhealth_check = {");
+        assert!(parse(&small).is_ok());
+        let bad = small.replace(
+            "weight = 3",
+            "weight = 3\n[[vip.backend]]\naddress = \"10.0.1.3\"",
+        );
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("3 backends with weight do not fit") && e.contains("line 7"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -358,6 +358,13 @@ impl Services {
                 address: spec.address,
             });
         }
+        let weighted = self.vips[vi]
+            .backends
+            .iter()
+            .filter(|b| b.spec.weight > 0)
+            .count()
+            + usize::from(spec.weight > 0);
+        self.check_fits(vi, weighted)?;
         let hop = self.resolve(&spec)?;
         let address = spec.address;
         let b = self.new_backend(spec, hop, self.vips[vi].id)?;
@@ -378,6 +385,22 @@ impl Services {
         self.start_check(&self.vips[vi], &mut b);
         self.vips[vi].backends.push(b);
         tracing::info!(vip = %vip, backend = %address, "backend added");
+        Ok(())
+    }
+
+    /// Refuses a change that would leave the VIP with more weighted backends than its Maglev
+    /// table has entries. Counted whatever their health, so that a backend coming back up
+    /// can always be put in the table.
+    fn check_fits(&self, vi: usize, weighted: usize) -> Result<()> {
+        let size = self.vips[vi].spec.table_size.get();
+        if weighted > size as usize {
+            return Err(ServiceError::Maglev {
+                vip: self.vips[vi].spec.id(),
+                message: format!(
+                    "{weighted} backends with weight do not fit a table of size {size}"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -414,8 +437,24 @@ impl Services {
                 what: format!("backend {address}"),
                 message,
             })?;
-        self.vips[vi].backends[bi].spec.weight = weight;
-        self.install_table(vi)?;
+        let weighted = self.vips[vi]
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| {
+                if *i == bi {
+                    weight > 0
+                } else {
+                    b.spec.weight > 0
+                }
+            })
+            .count();
+        self.check_fits(vi, weighted)?;
+        let old = std::mem::replace(&mut self.vips[vi].backends[bi].spec.weight, weight);
+        if let Err(e) = self.install_table(vi) {
+            self.vips[vi].backends[bi].spec.weight = old;
+            return Err(e);
+        }
         tracing::info!(vip = %vip, backend = %address, weight, "backend weight set");
         Ok(())
     }
