@@ -92,25 +92,25 @@ pub enum VipCmd {
         #[arg(long, value_parser = parse_check)]
         health: Option<CheckKind>,
         /// Port to check (default: the VIP's).
-        #[arg(long)]
+        #[arg(long, requires = "health")]
         health_port: Option<u16>,
         /// HTTP path to check.
-        #[arg(long, default_value = "/")]
+        #[arg(long, default_value = "/", requires = "health")]
         health_path: String,
         /// HTTP status that means healthy.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, requires = "health")]
         expect_status: u16,
         /// Check interval (e.g. 1s, 500ms).
-        #[arg(long, default_value = "1s")]
+        #[arg(long, default_value = "1s", requires = "health")]
         interval: String,
         /// Check timeout.
-        #[arg(long, default_value = "500ms")]
+        #[arg(long, default_value = "500ms", requires = "health")]
         timeout: String,
         /// Successes to come up.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, requires = "health")]
         rise: u32,
         /// Failures to go down.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, requires = "health")]
         fall: u32,
     },
     /// Remove a VIP.
@@ -489,5 +489,37 @@ mod tests {
         assert!(req(&["backend", "add", "10.0.0.1:80", "10.0.1.300"]).is_err());
         assert!(req(&["backend", "add", "10.0.0.1", "10.0.1.3"]).is_err());
         assert!(req(&["backend", "add", "10.0.0.1:80", "10.0.1.3", "--mac", "zz"]).is_err());
+    }
+
+    #[test]
+    fn health_options_without_health_are_refused_not_ignored() {
+        // Without --health there is no check: a port or path given alone would be dropped
+        // silently and the operator would believe the VIP is checked.
+        for opt in [
+            ["--health-port", "8080"],
+            ["--health-path", "/hc"],
+            ["--expect-status", "204"],
+            ["--interval", "2s"],
+            ["--timeout", "1s"],
+            ["--rise", "3"],
+            ["--fall", "3"],
+        ] {
+            let e = req(&["vip", "add", "10.0.0.1:80", opt[0], opt[1]]).unwrap_err();
+            assert!(e.contains("--health"), "{opt:?}: {e}");
+        }
+        let ok = req(&[
+            "vip",
+            "add",
+            "10.0.0.1:80",
+            "--health",
+            "tcp",
+            "--health-port",
+            "8080",
+        ]);
+        match ok.unwrap() {
+            Request::VipAdd { vip } => assert_eq!(vip.health_check.unwrap().port, Some(8080)),
+            other => panic!("{other:?}"),
+        }
+        assert!(req(&["vip", "add", "10.0.0.1:80"]).is_ok());
     }
 }
