@@ -77,8 +77,13 @@ impl RuntimeState {
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let mut health = HealthTasks::default();
         let mut groups = HashMap::new();
-        for g in &config.upstreams {
-            let group = UpstreamGroup::build(g, clients, metrics);
+        for (i, g) in config.upstreams.iter().enumerate() {
+            let tls = g
+                .tls
+                .as_ref()
+                .map(|tls| crate::tls::upstream_client_config(config, i, tls))
+                .transpose()?;
+            let group = UpstreamGroup::build(g, clients, tls, metrics);
             if let Some(old) = previous.and_then(|p| p.groups.get(&group.name)) {
                 group.inherit_health(old);
                 for member in &group.members {

@@ -8,6 +8,10 @@
 //! with `client_ca` set the client must present a certificate issued by one of those CAs
 //! (mTLS). Certificates are read again on
 //! every reload, since the whole config is rebuilt.
+//!
+//! TLS to upstream members ([`upstream_client_config`]): the members' certificates are
+//! verified against the group's `ca` (or the system's roots), for its `server_name` (or the
+//! member's address), with TLS 1.2 and 1.3 only, and a client certificate when configured.
 
 use std::sync::Arc;
 
@@ -19,7 +23,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, ConfigError, TlsConfig};
+use crate::config::{Config, ConfigError, TlsConfig, UpstreamTlsConfig};
 
 /// The crypto provider used everywhere (ring), with `TLS13_AES_128_GCM_SHA256` first.
 ///
@@ -139,4 +143,98 @@ pub fn build_acceptor(
     // Our suite order (see [`provider`]) rather than the client's.
     server_config.ignore_client_order = true;
     Ok(TlsAcceptor::from(Arc::new(server_config)))
+}
+
+/// The client side of a group's TLS to its members: the rustls config (no ALPN: the
+/// connector sets it from the group's protocol) and the name to verify, if fixed.
+pub struct UpstreamTls {
+    pub config: rustls::ClientConfig,
+    pub server_name: Option<ServerName<'static>>,
+}
+
+/// Builds the TLS client settings of upstream group `index` (see the module documentation).
+pub fn upstream_client_config(
+    config: &Config,
+    index: usize,
+    tls: &toml::Spanned<UpstreamTlsConfig>,
+) -> Result<UpstreamTls, ConfigError> {
+    let at = format!("upstreams[{index}].tls");
+    let t = tls.get_ref();
+    let mut roots = RootCertStore::empty();
+    match &t.ca {
+        Some(ca) => {
+            let cas = CertificateDer::pem_file_iter(ca.get_ref())
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    config.invalid(
+                        format!("{at}.ca"),
+                        ca,
+                        format!("reading {}: {e}", ca.get_ref().display()),
+                    )
+                })?;
+            if roots.add_parsable_certificates(cas).0 == 0 {
+                return Err(config.invalid(
+                    format!("{at}.ca"),
+                    ca,
+                    "no usable CA certificate in file",
+                ));
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            if roots.add_parsable_certificates(native.certs).0 == 0 {
+                return Err(config.invalid(
+                    at.clone(),
+                    tls,
+                    "no CA certificates found on this system; set `ca`",
+                ));
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| config.invalid(at.clone(), tls, e.to_string()))?
+        .with_root_certificates(roots);
+    let client_config = match (&t.client_cert, &t.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert.get_ref())
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    config.invalid(
+                        format!("{at}.client_cert"),
+                        cert,
+                        format!("reading {}: {e}", cert.get_ref().display()),
+                    )
+                })?;
+            if chain.is_empty() {
+                return Err(config.invalid(
+                    format!("{at}.client_cert"),
+                    cert,
+                    "no certificate in file",
+                ));
+            }
+            let private = PrivateKeyDer::from_pem_file(key.get_ref()).map_err(|e| {
+                config.invalid(
+                    format!("{at}.client_key"),
+                    key,
+                    format!("reading {}: {e}", key.get_ref().display()),
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| config.invalid(format!("{at}.client_key"), key, e.to_string()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let server_name = match &t.server_name {
+        Some(name) => Some(
+            ServerName::try_from(name.get_ref().clone())
+                .map_err(|e| config.invalid(format!("{at}.server_name"), name, e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok(UpstreamTls {
+        config: client_config,
+        server_name,
+    })
 }

@@ -268,13 +268,17 @@ pub struct UpstreamGroupConfig {
     pub idle_timeout_ms: u64,
     #[serde(default)]
     pub retries: RetryConfig,
-    /// How the proxy speaks to the members: `"http1"` (HTTP/1.1, the default) or `"h2c"`
+    /// How the proxy speaks to the members: `"http1"` (HTTP/1.1, the default), `"h2c"`
     /// (HTTP/2 over plain TCP with prior knowledge, as gRPC services and Envoy's
     /// `http2_protocol_options` clusters do: requests are multiplexed on one connection per
-    /// member, trailers pass through, and health checks speak HTTP/2 too). Upgrades
-    /// (WebSocket) need `http1`.
+    /// member, trailers pass through, and health checks speak HTTP/2 too) or `"h2"` (HTTP/2
+    /// over TLS, which needs `tls`). Upgrades (WebSocket) need `http1`.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// TLS to the members (HTTPS upstreams, as nginx's `proxy_pass https://` with
+    /// `proxy_ssl_verify on`): the members' certificates are always verified.
+    #[serde(default)]
+    pub tls: Option<Spanned<UpstreamTlsConfig>>,
 }
 
 /// The protocol of an upstream group's members.
@@ -284,6 +288,26 @@ pub enum UpstreamProtocol {
     #[default]
     Http1,
     H2c,
+    H2,
+}
+
+/// `tls = { ca = "ca.pem", server_name = "api.internal", client_cert = "..", client_key = ".." }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CAs that sign the members' certificates; by default the system's.
+    #[serde(default)]
+    pub ca: Option<Spanned<PathBuf>>,
+    /// Name sent as SNI and checked against the members' certificates; by default the
+    /// member's IP address (the certificate must then name it).
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    /// Certificate chain (PEM) presented to members that ask for one (mTLS); needs
+    /// `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub client_key: Option<Spanned<PathBuf>>,
 }
 
 fn default_connect_timeout_ms() -> Spanned<u64> {

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig};
+use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig, UpstreamProtocol};
 
 /// Largest member weight (each unit is 160 points on the hash ring).
 pub const MAX_WEIGHT: u32 = 1000;
@@ -134,6 +134,42 @@ impl Config {
                         h,
                         "hash_on is only used with algorithm = \"consistent_hash\"",
                     ))
+                }
+            }
+            match (g.protocol, &g.tls) {
+                (UpstreamProtocol::H2, None) => {
+                    return Err(self.invalid(
+                        format!("{at}.protocol"),
+                        &g.name,
+                        "protocol = \"h2\" is HTTP/2 over TLS and needs `tls` (h2c: over plain TCP)",
+                    ))
+                }
+                (UpstreamProtocol::H2c, Some(tls)) => {
+                    return Err(self.invalid(
+                        format!("{at}.tls"),
+                        tls,
+                        "protocol = \"h2c\" is HTTP/2 over plain TCP; with tls use protocol = \"h2\"",
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(tls) = &g.tls {
+                let t = tls.get_ref();
+                if t.client_cert.is_some() != t.client_key.is_some() {
+                    return Err(self.invalid(
+                        format!("{at}.tls"),
+                        tls,
+                        "client_cert and client_key go together",
+                    ));
+                }
+                if let Some(name) = &t.server_name {
+                    if rustls::pki_types::ServerName::try_from(name.get_ref().as_str()).is_err() {
+                        return Err(self.invalid(
+                            format!("{at}.tls.server_name"),
+                            name,
+                            "not a DNS name or IP address",
+                        ));
+                    }
                 }
             }
             self.check_timeout(&format!("{at}.connect_timeout_ms"), &g.connect_timeout_ms)?;

@@ -47,12 +47,12 @@ pub async fn forward(
     metrics: &Metrics,
     client_upgrade: Option<OnUpgrade>,
 ) -> Forwarded {
-    if client_upgrade.is_some() && group.protocol == UpstreamProtocol::H2c {
+    if client_upgrade.is_some() && group.protocol != UpstreamProtocol::Http1 {
         return Forwarded {
             response: text_response(
                 StatusCode::BAD_GATEWAY,
                 format!(
-                    "upgrades need an HTTP/1.1 upstream; group {} speaks h2c\n",
+                    "upgrades need an HTTP/1.1 upstream; group {} speaks HTTP/2\n",
                     group.name
                 ),
             ),
@@ -87,7 +87,7 @@ pub async fn forward(
         tried.push(index);
         let member = &group.members[index];
         let uri = Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
+            .scheme(group.scheme.clone())
             .authority(member.authority.clone())
             .path_and_query(
                 parts
@@ -108,7 +108,7 @@ pub async fn forward(
         *upstream_req.uri_mut() = uri;
         *upstream_req.version_mut() = match group.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
         };
         *upstream_req.headers_mut() = parts.headers.clone();
 

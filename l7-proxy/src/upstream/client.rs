@@ -21,12 +21,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+
 use crate::config::UpstreamProtocol;
 use crate::metrics::Metrics;
 use crate::policy::ProxyBody;
+use crate::tls::UpstreamTls;
 
-/// The pooled upstream client.
-pub type UpstreamClient = Client<CountingConnector, ProxyBody>;
+/// The pooled upstream client: TLS (when the group has it) around the counting connector.
+pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, ProxyBody>;
 
 /// Put in each response's extensions by the client: shared by all responses of one
 /// connection.
@@ -122,8 +125,9 @@ impl Write for TrackedConn {
     }
 }
 
-/// Clients by (connect timeout, pool idle timeout, protocol), shared across config
-/// generations.
+/// Clients of plain groups by (connect timeout, pool idle timeout, protocol), shared across
+/// config generations. A group with TLS gets a client of its own each generation, so that a
+/// reload picks up renewed certificates.
 #[derive(Default)]
 pub struct ClientCache {
     clients: Mutex<HashMap<(Duration, Duration, UpstreamProtocol), UpstreamClient>>,
@@ -135,25 +139,67 @@ impl ClientCache {
         connect_timeout: Duration,
         idle_timeout: Duration,
         protocol: UpstreamProtocol,
+        tls: Option<UpstreamTls>,
         metrics: &Arc<Metrics>,
     ) -> UpstreamClient {
+        if let Some(tls) = tls {
+            return build(connect_timeout, idle_timeout, protocol, Some(tls), metrics);
+        }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry((connect_timeout, idle_timeout, protocol))
-            .or_insert_with(|| {
-                let mut http = HttpConnector::new();
-                http.set_connect_timeout(Some(connect_timeout));
-                http.set_nodelay(true);
-                http.enforce_http(true);
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(idle_timeout)
-                    .pool_timer(TokioTimer::new())
-                    .http2_only(protocol == UpstreamProtocol::H2c)
-                    .build(CountingConnector {
-                        http,
-                        metrics: metrics.clone(),
-                    })
-            })
+            .or_insert_with(|| build(connect_timeout, idle_timeout, protocol, None, metrics))
             .clone()
     }
+}
+
+fn build(
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    protocol: UpstreamProtocol,
+    tls: Option<UpstreamTls>,
+    metrics: &Arc<Metrics>,
+) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    // The TLS connector around it decides by scheme (`https` only for groups with TLS).
+    http.enforce_http(false);
+    let counting = CountingConnector {
+        http,
+        metrics: metrics.clone(),
+    };
+    let connector = match tls {
+        // Plain groups send `http://` URIs, which pass through without TLS; the config
+        // (no roots) is never used.
+        None => HttpsConnector::<CountingConnector>::builder()
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(counting),
+        Some(tls) => {
+            let builder = HttpsConnector::<CountingConnector>::builder()
+                .with_tls_config(tls.config)
+                .https_only();
+            let builder = match tls.server_name {
+                Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+                None => builder,
+            };
+            match protocol {
+                UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(counting),
+                _ => builder.enable_http2().wrap_connector(counting),
+            }
+        }
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .http2_only(protocol != UpstreamProtocol::Http1)
+        .build(connector)
 }

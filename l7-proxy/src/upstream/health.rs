@@ -40,10 +40,11 @@ impl HealthTasks {
         for member in &group.members {
             let member = member.clone();
             let client = group.client.clone();
+            let scheme = group.scheme.clone();
             let config = config.clone();
             let metrics = metrics.clone();
             self.0.push(tokio::spawn(async move {
-                let uri: Option<Uri> = format!("http://{}{}", member.addr, config.path).parse().ok();
+                let uri: Option<Uri> = format!("{scheme}://{}{}", member.addr, config.path).parse().ok();
                 let Some(uri) = uri else { return };
                 let mut ticker = tokio::time::interval(Duration::from_millis(config.interval_ms.clamp(10, 86_400_000)));
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

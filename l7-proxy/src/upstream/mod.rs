@@ -189,6 +189,8 @@ pub struct UpstreamGroup {
     pub client: UpstreamClient,
     /// What the client speaks to the members.
     pub protocol: UpstreamProtocol,
+    /// `https` for groups with TLS, else `http`.
+    pub scheme: http::uri::Scheme,
 }
 
 impl std::fmt::Debug for UpstreamGroup {
@@ -205,9 +207,11 @@ const RETRY_RESERVE: i64 = 10_000;
 const RETRY_MAX: i64 = 100_000;
 
 impl UpstreamGroup {
+    /// `tls`: the group's TLS to its members, built from `config.tls`.
     pub fn build(
         config: &UpstreamGroupConfig,
         clients: &ClientCache,
+        tls: Option<crate::tls::UpstreamTls>,
         metrics: &Arc<Metrics>,
     ) -> Self {
         let name = config.name.get_ref().clone();
@@ -234,8 +238,14 @@ impl UpstreamGroup {
                 Duration::from_millis(*config.connect_timeout_ms.get_ref()),
                 Duration::from_millis(config.idle_timeout_ms),
                 config.protocol,
+                tls,
                 metrics,
             ),
+            scheme: if config.tls.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
             protocol: config.protocol,
             name,
             members,
@@ -327,6 +337,7 @@ mod tests {
         UpstreamGroup::build(
             &config.upstreams[0],
             &ClientCache::default(),
+            None,
             &Arc::new(Metrics::new()),
         )
     }
@@ -380,7 +391,7 @@ mod tests {
 passive_health = { consecutive_failures = 1, ejection_ms = 100 }\n";
         let config = Config::from_toml_str(text).unwrap();
         let m = Arc::new(Metrics::new());
-        let g = UpstreamGroup::build(&config.upstreams[0], &ClientCache::default(), &m);
+        let g = UpstreamGroup::build(&config.upstreams[0], &ClientCache::default(), None, &m);
         let member = &g.members[0];
         let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
         // Failing again right after coming back doubles the ejection.

@@ -129,7 +129,7 @@ fn unknown_protocol_is_a_config_error() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("unknown variant `h3`, expected `http1` or `h2c`"),
+        err.contains("unknown variant `h3`, expected one of `http1`, `h2c`, `h2`"),
         "{err}"
     );
     assert!(err.contains("line 3"), "{err}");
@@ -162,7 +162,7 @@ action = {{ forward = {{ group = "grpc" }} }}
     .await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(
-        answer.contains("upgrades need an HTTP/1.1 upstream; group grpc speaks h2c"),
+        answer.contains("upgrades need an HTTP/1.1 upstream; group grpc speaks HTTP/2"),
         "{answer}"
     );
     proxy.shutdown().await;

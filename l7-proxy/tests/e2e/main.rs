@@ -9,3 +9,4 @@ mod routing;
 mod security;
 mod support;
 mod tls;
+mod upstream_tls;
