@@ -63,11 +63,16 @@ fn main() {
         &b4,
         65537,
     );
+    // A backend id serves one VIP (the datapath checks it), so the IPIP VIP gets its own ids
+    // for the same addresses.
+    let b4_ipip: Vec<_> = (0..16)
+        .map(|i| TestBackend::v4(16 + i, [10, 0, 1, 10 + i as u8]))
+        .collect();
     f.add_vip(
         vip_key_v4(VIP4, 8080, IPPROTO_TCP),
         1,
         ForwardMode::Ipip,
-        &b4,
+        &b4_ipip,
         65537,
     );
     let b6: Vec<_> = (0..16)
