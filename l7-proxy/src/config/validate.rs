@@ -137,20 +137,16 @@ impl Config {
                 }
             }
             match (g.protocol, &g.tls) {
-                (UpstreamProtocol::H2, None) => {
-                    return Err(self.invalid(
-                        format!("{at}.protocol"),
-                        &g.name,
-                        "protocol = \"h2\" is HTTP/2 over TLS and needs `tls` (h2c: over plain TCP)",
-                    ))
-                }
-                (UpstreamProtocol::H2c, Some(tls)) => {
-                    return Err(self.invalid(
-                        format!("{at}.tls"),
-                        tls,
-                        "protocol = \"h2c\" is HTTP/2 over plain TCP; with tls use protocol = \"h2\"",
-                    ))
-                }
+                (UpstreamProtocol::H2, None) => return Err(self.invalid(
+                    format!("{at}.protocol"),
+                    &g.name,
+                    "protocol = \"h2\" is HTTP/2 over TLS and needs `tls` (h2c: over plain TCP)",
+                )),
+                (UpstreamProtocol::H2c, Some(tls)) => return Err(self.invalid(
+                    format!("{at}.tls"),
+                    tls,
+                    "protocol = \"h2c\" is HTTP/2 over plain TCP; with tls use protocol = \"h2\"",
+                )),
                 _ => {}
             }
             if let Some(tls) = &g.tls {

@@ -64,24 +64,24 @@ async fn h2_only_upstream() -> (std::net::SocketAddr, SeenH2) {
     (addr, seen)
 }
 
+/// A proxy with one plain listener, `web`, forwarding everything to the h2c group `grpc`
+/// whose one member is `up`; `extra` adds lines to the group.
+async fn h2c_proxy(up: std::net::SocketAddr, extra: &str) -> l7_proxy::ProxyHandle {
+    start_proxy(&format!(
+        "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nname = \"grpc\"\nprotocol = \"h2c\"\nmembers = [{{ address = \"{up}\" }}]\n{extra}\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = {{ group = \"grpc\" }} }}\n"
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn h2c_group_carries_grpc_style_calls_and_trailers() {
     let (up, seen) = h2_only_upstream().await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "grpc"
-protocol = "h2c"
-members = [{{ address = "{up}" }}]
-health_check = {{ path = "/health", interval_ms = 20, fall = 1, rise = 1 }}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "grpc" }} }}
-"#
-    ))
+    let proxy = h2c_proxy(
+        up,
+        r#"health_check = { path = "/health", interval_ms = 20, fall = 1, rise = 1 }"#,
+    )
     .await;
     let addr = proxy.listener_addr("web").unwrap();
     // Health checks run several times meanwhile: over HTTP/1.1 they would fail against an
@@ -138,21 +138,7 @@ fn unknown_protocol_is_a_config_error() {
 #[tokio::test]
 async fn upgrades_to_an_h2c_group_are_refused_with_502() {
     let (up, _seen) = h2_only_upstream().await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "grpc"
-protocol = "h2c"
-members = [{{ address = "{up}" }}]
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "grpc" }} }}
-"#
-    ))
-    .await;
+    let proxy = h2c_proxy(up, "").await;
     let addr = proxy.listener_addr("web").unwrap();
     let answer = raw_exchange(
         addr,
