@@ -156,30 +156,97 @@ async fn connection(stream: UnixStream, services: Arc<Mutex<Services>>) {
     }
 }
 
-/// Client: sends one request and waits for its response.
-pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+/// How long a client waits for the agent's reply by default: far above the slowest request
+/// (a reload that rewrites many Maglev tables and resolves backends), but not for ever when
+/// the agent is stuck.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Client: sends one request and waits up to `timeout` for its response.
+pub fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Response> {
     let mut stream = StdUnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the agent at {} (is lb-agent running?)",
             socket.display()
         )
     })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let stuck = |e: std::io::Error, what: &str| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            anyhow::anyhow!(
+                "the agent at {} did not answer within {timeout:?} ({what}); is it stuck? \
+                 See its log (--reply-timeout waits longer)",
+                socket.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("{what} the agent"))
+        }
+    };
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     stream
         .write_all(line.as_bytes())
-        .context("sending the request")?;
+        .map_err(|e| stuck(e, "sending the request to"))?;
     let mut reply = String::new();
     BufReader::new(stream)
         .read_line(&mut reply)
-        .context("reading the agent's reply")?;
+        .map_err(|e| stuck(e, "reading the reply of"))?;
     serde_json::from_str(&reply).with_context(|| format!("bad reply from the agent: {reply:?}"))
 }
 
-/// Client: like [`call`], but an error response becomes `Err` and the payload is returned.
+/// Client: like [`call`] (with [`REPLY_TIMEOUT`]), but an error response becomes `Err` and
+/// the payload is returned.
 pub fn call_ok(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
-    match call(socket, req)? {
+    call_ok_within(socket, req, REPLY_TIMEOUT)
+}
+
+/// [`call_ok`] waiting up to `timeout`.
+pub fn call_ok_within(
+    socket: &Path,
+    req: &Request,
+    timeout: std::time::Duration,
+) -> anyhow::Result<serde_json::Value> {
+    match call(socket, req, timeout)? {
         Response::Ok { data } => Ok(data),
         Response::Error { message } => Err(anyhow::anyhow!(message)),
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    /// A stuck agent (accepts, reads, never answers) gets a clear error after the timeout
+    /// instead of hanging lbctl for ever.
+    #[test]
+    fn a_silent_agent_times_out_with_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("lbctl-timeout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("stuck.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let holder = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(conn);
+        });
+        let started = std::time::Instant::now();
+        let err = call_ok_within(
+            &socket,
+            &Request::VipList,
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() < std::time::Duration::from_millis(1200));
+        assert!(err.contains("did not answer within 200ms"), "{err}");
+        holder.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -54,6 +54,9 @@ pub struct Args {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the agent's reply (e.g. 30s, 2m).
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_reply_timeout)]
+    reply_timeout: HumanDuration,
     #[command(subcommand)]
     command: Command,
 }
@@ -146,6 +149,10 @@ pub enum BackendCmd {
     },
     /// List backends (of one VIP, or all).
     List { vip: Option<VipId> },
+}
+
+fn parse_reply_timeout(s: &str) -> Result<HumanDuration, String> {
+    HumanDuration::try_from(s.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -411,7 +418,8 @@ fn print_human(out: &mut dyn Write, cmd: &Command, data: serde_json::Value) -> a
 /// Runs one parsed command against the agent, writing the answer to `out`.
 pub fn execute(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
     let req = request(args.command.clone()).map_err(CliError::Usage)?;
-    let data = admin::call_ok(&args.socket, &req).map_err(CliError::Failed)?;
+    let data = admin::call_ok_within(&args.socket, &req, args.reply_timeout.0)
+        .map_err(CliError::Failed)?;
     if args.json {
         writeln!(
             out,
