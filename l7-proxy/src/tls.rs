@@ -147,6 +147,7 @@ pub fn build_acceptor(
 
 /// The client side of a group's TLS to its members: the rustls config (no ALPN: the
 /// connector sets it from the group's protocol) and the name to verify, if fixed.
+#[derive(Clone)]
 pub struct UpstreamTls {
     pub config: rustls::ClientConfig,
     pub server_name: Option<ServerName<'static>>,

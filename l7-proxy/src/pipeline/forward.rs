@@ -86,9 +86,18 @@ pub async fn forward(
         };
         tried.push(index);
         let member = &group.members[index];
+        let h2 = group.protocol != UpstreamProtocol::Http1;
+        // HTTP/2 carries the host as `:authority`, taken from the URI: the client's host, as
+        // an intermediary must send it (RFC 9113 8.3.1; the member's client is pinned to it).
+        // HTTP/1.1 keeps `Host`, and the URI names the member to dial.
+        let authority = h2
+            .then(|| parts.headers.get(http::header::HOST))
+            .flatten()
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| member.authority.clone());
         let uri = Uri::builder()
             .scheme(group.scheme.clone())
-            .authority(member.authority.clone())
+            .authority(authority)
             .path_and_query(
                 parts
                     .uri
@@ -111,13 +120,19 @@ pub async fn forward(
             UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
         };
         *upstream_req.headers_mut() = parts.headers.clone();
+        if h2 {
+            upstream_req.headers_mut().remove(http::header::HOST);
+        }
 
         let in_flight = member.start_request();
         metrics
             .upstream_requests
             .get_or_create(member.labels())
             .inc();
-        let sent = tokio::time::timeout(group.request_timeout, group.client.request(upstream_req));
+        let sent = tokio::time::timeout(
+            group.request_timeout,
+            group.client_for(index).request(upstream_req),
+        );
         match sent.await {
             Ok(Ok(mut resp)) => {
                 member.record_outcome(!resp.status().is_server_error(), &group.passive, metrics);

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,11 +44,14 @@ impl ConnReuse {
     }
 }
 
-/// `HttpConnector` plus a connection counter.
+/// `HttpConnector` plus a connection counter. A pinned connector dials its one member
+/// whatever the URI names (HTTP/2 requests carry the client's host in their URI, as
+/// `:authority`).
 #[derive(Clone)]
 pub struct CountingConnector {
     http: HttpConnector,
     metrics: Arc<Metrics>,
+    pin: Option<Uri>,
 }
 
 impl tower_service::Service<Uri> for CountingConnector {
@@ -60,7 +64,7 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
+        let connecting = self.http.call(self.pin.clone().unwrap_or(uri));
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let io = connecting.await.map_err(crate::policy::BoxError::from)?;
@@ -125,38 +129,48 @@ impl Write for TrackedConn {
     }
 }
 
-/// Clients of plain groups by (connect timeout, pool idle timeout, protocol), shared across
-/// config generations. A group with TLS gets a client of its own each generation, so that a
-/// reload picks up renewed certificates.
+/// Clients of plain groups by (connect timeout, pool idle timeout, protocol, pinned member),
+/// shared across config generations. A group with TLS gets clients of its own each
+/// generation, so that a reload picks up renewed certificates.
 #[derive(Default)]
 pub struct ClientCache {
-    clients: Mutex<HashMap<(Duration, Duration, UpstreamProtocol), UpstreamClient>>,
+    clients: Mutex<ClientMap>,
 }
 
+type ClientMap =
+    HashMap<(Duration, Duration, UpstreamProtocol, Option<SocketAddr>), UpstreamClient>;
+
 impl ClientCache {
+    /// `pin`: the member every connection goes to (HTTP/2 groups have a client per member);
+    /// `None`: the member the request's URI names.
     pub fn get(
         &self,
         connect_timeout: Duration,
         idle_timeout: Duration,
         protocol: UpstreamProtocol,
         tls: Option<UpstreamTls>,
+        pin: Option<SocketAddr>,
         metrics: &Arc<Metrics>,
     ) -> UpstreamClient {
+        let settings = (connect_timeout, idle_timeout, protocol, pin);
         if let Some(tls) = tls {
-            return build(connect_timeout, idle_timeout, protocol, Some(tls), metrics);
+            return build(settings, Some(tls), metrics);
         }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry((connect_timeout, idle_timeout, protocol))
-            .or_insert_with(|| build(connect_timeout, idle_timeout, protocol, None, metrics))
+            .entry(settings)
+            .or_insert_with(|| build(settings, None, metrics))
             .clone()
     }
 }
 
 fn build(
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    protocol: UpstreamProtocol,
+    (connect_timeout, idle_timeout, protocol, pin): (
+        Duration,
+        Duration,
+        UpstreamProtocol,
+        Option<SocketAddr>,
+    ),
     tls: Option<UpstreamTls>,
     metrics: &Arc<Metrics>,
 ) -> UpstreamClient {
@@ -168,6 +182,7 @@ fn build(
     let counting = CountingConnector {
         http,
         metrics: metrics.clone(),
+        pin: pin.and_then(|a| format!("http://{a}/").parse().ok()),
     };
     let connector = match tls {
         // Plain groups send `http://` URIs, which pass through without TLS; the config
@@ -187,7 +202,12 @@ fn build(
             let builder = HttpsConnector::<CountingConnector>::builder()
                 .with_tls_config(tls.config)
                 .https_only();
-            let builder = match tls.server_name {
+            // Without a configured name, the member's address (a pinned client's URIs name
+            // the client's host instead).
+            let name = tls
+                .server_name
+                .or_else(|| pin.map(|a| rustls::pki_types::ServerName::IpAddress(a.ip().into())));
+            let builder = match name {
                 Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
                 None => builder,
             };

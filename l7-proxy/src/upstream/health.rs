@@ -37,9 +37,9 @@ impl HealthTasks {
         config: &HealthCheckConfig,
         metrics: &Arc<Metrics>,
     ) {
-        for member in &group.members {
+        for (index, member) in group.members.iter().enumerate() {
             let member = member.clone();
-            let client = group.client.clone();
+            let client = group.client_for(index).clone();
             let scheme = group.scheme.clone();
             let config = config.clone();
             let metrics = metrics.clone();

@@ -187,6 +187,8 @@ pub struct UpstreamGroup {
     /// Retry budget in thousandths of a retry.
     retry_tokens: AtomicI64,
     pub client: UpstreamClient,
+    /// For HTTP/2 groups, a client per member (by index), pinned to it.
+    member_clients: Vec<UpstreamClient>,
     /// What the client speaks to the members.
     pub protocol: UpstreamProtocol,
     /// `https` for groups with TLS, else `http`.
@@ -238,9 +240,29 @@ impl UpstreamGroup {
                 Duration::from_millis(*config.connect_timeout_ms.get_ref()),
                 Duration::from_millis(config.idle_timeout_ms),
                 config.protocol,
-                tls,
+                tls.clone(),
+                None,
                 metrics,
             ),
+            // HTTP/2 requests name the client's host as `:authority` in their URI, so the
+            // member to dial cannot come from the URI: one client per member, pinned to it.
+            member_clients: if config.protocol == UpstreamProtocol::Http1 {
+                Vec::new()
+            } else {
+                members
+                    .iter()
+                    .map(|m| {
+                        clients.get(
+                            Duration::from_millis(*config.connect_timeout_ms.get_ref()),
+                            Duration::from_millis(config.idle_timeout_ms),
+                            config.protocol,
+                            tls.clone(),
+                            Some(m.addr),
+                            metrics,
+                        )
+                    })
+                    .collect()
+            },
             scheme: if config.tls.is_some() {
                 http::uri::Scheme::HTTPS
             } else {
@@ -250,6 +272,11 @@ impl UpstreamGroup {
             name,
             members,
         }
+    }
+
+    /// The client that reaches member `index`.
+    pub fn client_for(&self, index: usize) -> &UpstreamClient {
+        self.member_clients.get(index).unwrap_or(&self.client)
     }
 
     /// Members keep their health across a reload when group name and address are unchanged.

@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-/// What the h2-only upstream saw: version, `te` and path of each request.
-type SeenH2 = Arc<Mutex<Vec<(Version, Option<String>, String)>>>;
+/// What the h2-only upstream saw: version, `te`, path and `:authority` (`Host` if any) of
+/// each request.
+type SeenH2 = Arc<Mutex<Vec<(Version, Option<String>, String, String)>>>;
 
 /// An HTTP/2-only (prior knowledge) server, as a gRPC service is: it echoes the request body
 /// and ends with `grpc-status: 0` in the trailers; `/health` answers 200.
@@ -37,7 +38,17 @@ async fn h2_only_upstream() -> (std::net::SocketAddr, SeenH2) {
                             .get("te")
                             .map(|v| v.to_str().unwrap().to_string());
                         let path = req.uri().path().to_string();
-                        record.lock().unwrap().push((req.version(), te, path));
+                        let mut authority = req
+                            .uri()
+                            .authority()
+                            .map_or(String::new(), |a| a.to_string());
+                        if let Some(host) = req.headers().get("host") {
+                            authority += &format!(" host={}", host.to_str().unwrap());
+                        }
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((req.version(), te, path, authority));
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let mut trailers = http::HeaderMap::new();
                         trailers.insert("grpc-status", "0".parse().unwrap());
@@ -78,10 +89,14 @@ async fn h2c_proxy(up: std::net::SocketAddr, extra: &str) -> l7_proxy::ProxyHand
 #[tokio::test]
 async fn h2c_group_carries_grpc_style_calls_and_trailers() {
     let (up, seen) = h2_only_upstream().await;
-    let proxy = h2c_proxy(
-        up,
-        r#"health_check = { path = "/health", interval_ms = 20, fall = 1, rise = 1 }"#,
-    )
+    let (up2, seen2) = h2_only_upstream().await;
+    let proxy = start_proxy(&format!(
+        "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nname = \"grpc\"\nprotocol = \"h2c\"\n\
+         members = [{{ address = \"{up}\" }}, {{ address = \"{up2}\" }}]\n\
+         health_check = {{ path = \"/health\", interval_ms = 20, fall = 1, rise = 1 }}\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = {{ group = \"grpc\" }} }}\n"
+    ))
     .await;
     let addr = proxy.listener_addr("web").unwrap();
     // Health checks run several times meanwhile: over HTTP/1.1 they would fail against an
@@ -94,7 +109,7 @@ async fn h2c_group_carries_grpc_style_calls_and_trailers() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    for i in 0..3 {
+    for i in 0..4 {
         let message = format!("\0\0\0\0\x05call{i}");
         let req = Request::post(format!("http://grpc.example.com/echo.Echo/Say{i}"))
             .header("content-type", "application/grpc")
@@ -109,16 +124,21 @@ async fn h2c_group_carries_grpc_style_calls_and_trailers() {
         assert_eq!(trailers["grpc-message"], "echoed");
         assert_eq!(collected.to_bytes(), message.as_bytes());
     }
-    let seen = seen.lock().unwrap().clone();
-    let calls: Vec<_> = seen.iter().filter(|(_, _, p)| p != "/health").collect();
-    assert_eq!(calls.len(), 3, "{seen:?}");
-    for (version, te, _) in &calls {
-        assert_eq!(*version, Version::HTTP_2);
-        assert_eq!(te.as_deref(), Some("trailers"));
+    for (seen, member) in [(&seen, up), (&seen2, up2)] {
+        let seen = seen.lock().unwrap().clone();
+        let calls: Vec<_> = seen.iter().filter(|s| s.2 != "/health").collect();
+        // Round robin over the two members, each over its own connection.
+        assert_eq!(calls.len(), 2, "{member}: {seen:?}");
+        for (version, te, _, authority) in &calls {
+            assert_eq!(*version, Version::HTTP_2);
+            assert_eq!(te.as_deref(), Some("trailers"));
+            // The client's host as `:authority` (RFC 9113 8.3.1), and no differing Host.
+            assert_eq!(authority, "grpc.example.com", "{member}");
+        }
+        let checks = seen.iter().filter(|s| s.2 == "/health").count();
+        assert!(checks >= 2, "health checks over HTTP/2: {seen:?}");
+        assert!(seen.iter().all(|s| s.0 == Version::HTTP_2));
     }
-    let checks = seen.iter().filter(|(_, _, p)| p == "/health").count();
-    assert!(checks >= 2, "health checks over HTTP/2: {seen:?}");
-    assert!(seen.iter().all(|(v, _, _)| *v == Version::HTTP_2));
     proxy.shutdown().await;
 }
 
