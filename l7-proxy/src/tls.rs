@@ -39,6 +39,71 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
+/// The TLS versions offered, as a server and to upstream members.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// A PEM file named by config field `field`.
+type PemPath = toml::Spanned<std::path::PathBuf>;
+
+/// The certificates in a PEM file; an error naming the field when it cannot be read.
+fn read_certs(
+    config: &Config,
+    field: &str,
+    path: &PemPath,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    CertificateDer::pem_file_iter(path.get_ref())
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            config.invalid(
+                field,
+                path,
+                format!("reading {}: {e}", path.get_ref().display()),
+            )
+        })
+}
+
+/// A certificate chain: [`read_certs`], at least one.
+fn read_chain(
+    config: &Config,
+    field: &str,
+    path: &PemPath,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = read_certs(config, field, path)?;
+    if certs.is_empty() {
+        return Err(config.invalid(field, path, "no certificate in file"));
+    }
+    Ok(certs)
+}
+
+/// Trusted CAs: the usable certificates of [`read_certs`], at least one.
+fn read_roots(config: &Config, field: &str, path: &PemPath) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    if roots
+        .add_parsable_certificates(read_certs(config, field, path)?)
+        .0
+        == 0
+    {
+        return Err(config.invalid(field, path, "no usable CA certificate in file"));
+    }
+    Ok(roots)
+}
+
+/// The private key in a PEM file.
+fn read_key(
+    config: &Config,
+    field: &str,
+    path: &PemPath,
+) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    PrivateKeyDer::from_pem_file(path.get_ref()).map_err(|e| {
+        config.invalid(
+            field,
+            path,
+            format!("reading {}: {e}", path.get_ref().display()),
+        )
+    })
+}
+
 /// Picks a certificate by SNI.
 #[derive(Debug)]
 pub struct SniResolver {
@@ -84,54 +149,20 @@ pub fn build_acceptor(
     let at = format!("listeners[{index}].tls");
     let mut keys = Vec::new();
     for (i, c) in tls.certs.get_ref().iter().enumerate() {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c.cert.get_ref())
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| {
-                config.invalid(
-                    format!("{at}.certs[{i}].cert"),
-                    &c.cert,
-                    format!("reading {}: {e}", c.cert.get_ref().display()),
-                )
-            })?;
-        if certs.is_empty() {
-            return Err(config.invalid(
-                format!("{at}.certs[{i}].cert"),
-                &c.cert,
-                "no certificate in file",
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_file(c.key.get_ref()).map_err(|e| {
-            config.invalid(
-                format!("{at}.certs[{i}].key"),
-                &c.key,
-                format!("reading {}: {e}", c.key.get_ref().display()),
-            )
-        })?;
+        let certs = read_chain(config, &format!("{at}.certs[{i}].cert"), &c.cert)?;
+        let key = read_key(config, &format!("{at}.certs[{i}].key"), &c.key)?;
         let certified = CertifiedKey::from_der(certs, key, &provider)
             .map_err(|e| config.invalid(format!("{at}.certs[{i}].key"), &c.key, e.to_string()))?;
         keys.push(Arc::new(certified));
     }
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| config.invalid(at.clone(), &tls.certs, e.to_string()))?;
     let builder = match &tls.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let field = format!("{at}.client_ca");
-            let mut roots = RootCertStore::empty();
-            let cas = CertificateDer::pem_file_iter(ca.get_ref())
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    config.invalid(
-                        &field,
-                        ca,
-                        format!("reading {}: {e}", ca.get_ref().display()),
-                    )
-                })?;
-            let (added, _) = roots.add_parsable_certificates(cas);
-            if added == 0 {
-                return Err(config.invalid(&field, ca, "no usable CA certificate in file"));
-            }
+            let roots = read_roots(config, &field, ca)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| config.invalid(&field, ca, e.to_string()))?;
@@ -161,27 +192,10 @@ pub fn upstream_client_config(
 ) -> Result<UpstreamTls, ConfigError> {
     let at = format!("upstreams[{index}].tls");
     let t = tls.get_ref();
-    let mut roots = RootCertStore::empty();
-    match &t.ca {
-        Some(ca) => {
-            let cas = CertificateDer::pem_file_iter(ca.get_ref())
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    config.invalid(
-                        format!("{at}.ca"),
-                        ca,
-                        format!("reading {}: {e}", ca.get_ref().display()),
-                    )
-                })?;
-            if roots.add_parsable_certificates(cas).0 == 0 {
-                return Err(config.invalid(
-                    format!("{at}.ca"),
-                    ca,
-                    "no usable CA certificate in file",
-                ));
-            }
-        }
+    let roots = match &t.ca {
+        Some(ca) => read_roots(config, &format!("{at}.ca"), ca)?,
         None => {
+            let mut roots = RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
             if roots.add_parsable_certificates(native.certs).0 == 0 {
                 return Err(config.invalid(
@@ -190,37 +204,17 @@ pub fn upstream_client_config(
                     "no CA certificates found on this system; set `ca`",
                 ));
             }
+            roots
         }
-    }
+    };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| config.invalid(at.clone(), tls, e.to_string()))?
         .with_root_certificates(roots);
     let client_config = match (&t.client_cert, &t.client_key) {
         (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert.get_ref())
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    config.invalid(
-                        format!("{at}.client_cert"),
-                        cert,
-                        format!("reading {}: {e}", cert.get_ref().display()),
-                    )
-                })?;
-            if chain.is_empty() {
-                return Err(config.invalid(
-                    format!("{at}.client_cert"),
-                    cert,
-                    "no certificate in file",
-                ));
-            }
-            let private = PrivateKeyDer::from_pem_file(key.get_ref()).map_err(|e| {
-                config.invalid(
-                    format!("{at}.client_key"),
-                    key,
-                    format!("reading {}: {e}", key.get_ref().display()),
-                )
-            })?;
+            let chain = read_chain(config, &format!("{at}.client_cert"), cert)?;
+            let private = read_key(config, &format!("{at}.client_key"), key)?;
             builder
                 .with_client_auth_cert(chain, private)
                 .map_err(|e| config.invalid(format!("{at}.client_key"), key, e.to_string()))?
