@@ -146,51 +146,55 @@ fn decode_unreserved(text: &str) -> Option<String> {
 /// straight to the upstream and send any request it likes on that connection, past this
 /// proxy's routes and policies ("h2c smuggling"). RFC 9113 has dropped the upgrade anyway.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let connection_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !connection_upgrade {
+    if !has_token(headers, &header::CONNECTION, "upgrade") {
         return None;
     }
     let upgrade = headers.get(header::UPGRADE)?;
+    // A value that is not text could hide `h2c`: not tunnelled either.
     let h2c = headers
         .get_all(header::UPGRADE)
         .iter()
-        .map(|v| v.to_str().unwrap_or("h2c"))
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("h2c"));
+        .any(|v| v.to_str().is_err())
+        || has_token(headers, &header::UPGRADE, "h2c");
     (!h2c).then(|| upgrade.clone())
+}
+
+/// The items of a comma-separated list header (RFC 9110 5.6.1) over all its lines, trimmed;
+/// lines that are not text are skipped.
+pub fn list_items<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Whether list header `name` has the item `token` (ASCII case-insensitive).
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    list_items(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Whether the request's `TE` accepts trailers (`TE: trailers`, as gRPC clients send). `TE`
 /// is hop-by-hop; the proxy, which passes trailers through, says the same to an HTTP/2
 /// upstream.
 pub fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
-        })
+    list_items(headers, &header::TE).any(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+    })
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`, except `Host`: it is
 /// never connection-specific, and without it the upstream would see the member's address
 /// instead of the host the request was routed by.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|name| name != header::HOST)
         .collect();
     for name in named {

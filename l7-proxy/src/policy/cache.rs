@@ -57,6 +57,7 @@ use super::respond::{
     content_length, directives, full, has_directive, number_header, read_limited, ReadError,
 };
 use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use crate::pipeline::headers::list_items;
 
 /// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
 #[derive(Debug, Clone, Deserialize)]
@@ -289,13 +290,8 @@ impl CachePolicy {
         if vary_star || too_big || sets_cookie {
             return None;
         }
-        let vary_names = resp
-            .headers()
-            .get_all(header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        let vary_names = list_items(resp.headers(), &header::VARY)
+            .filter_map(|n| HeaderName::try_from(n).ok())
             .collect();
         Some((ttl, vary_names))
     }

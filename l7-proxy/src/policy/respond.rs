@@ -13,6 +13,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
 
 use super::{BoxError, ProxyBody};
+use crate::pipeline::headers::{has_token, list_items};
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -99,21 +100,15 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// `Cache-Control` directives with their optional values (quotes removed), as written.
 /// Compare names with `eq_ignore_ascii_case`.
 pub fn directives(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|d| {
-            let d = d.trim();
-            if d.is_empty() {
-                return None;
-            }
-            Some(match d.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-                None => (d, None),
-            })
+    list_items(headers, &header::CACHE_CONTROL).filter_map(|d| {
+        if d.is_empty() {
+            return None;
+        }
+        Some(match d.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (d, None),
         })
+    })
 }
 
 /// Whether `directives` include `name`.
@@ -146,13 +141,7 @@ pub fn number_header(n: u64) -> HeaderValue {
 
 /// Appends `value` to a comma-separated header (`Vary`), unless already listed.
 pub fn append_token(headers: &mut http::HeaderMap, name: header::HeaderName, value: &'static str) {
-    let present = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(value));
-    if !present {
+    if !has_token(headers, &name, value) {
         headers.append(name, HeaderValue::from_static(value));
     }
 }
