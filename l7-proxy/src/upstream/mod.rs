@@ -186,9 +186,7 @@ pub struct UpstreamGroup {
     pub retries: RetryConfig,
     /// Retry budget in thousandths of a retry.
     retry_tokens: AtomicI64,
-    pub client: UpstreamClient,
-    /// For HTTP/2 groups, a client per member (by index), pinned to it.
-    member_clients: Vec<UpstreamClient>,
+    clients: Clients,
     /// What the client speaks to the members.
     pub protocol: UpstreamProtocol,
     /// `https` for groups with TLS, else `http`.
@@ -207,6 +205,42 @@ impl std::fmt::Debug for UpstreamGroup {
 /// Retries always allowed before the request-rate budget kicks in, and the most saved up.
 const RETRY_RESERVE: i64 = 10_000;
 const RETRY_MAX: i64 = 100_000;
+
+/// The clients that reach a group's members.
+enum Clients {
+    /// HTTP/1.1: one client; each request's URI names the member to dial.
+    Shared(Box<UpstreamClient>),
+    /// HTTP/2: requests name the client's host as `:authority` in their URI, so the member to
+    /// dial cannot come from the URI: one client per member (by index), pinned to it.
+    PerMember(Vec<UpstreamClient>),
+}
+
+impl Clients {
+    fn build(
+        config: &UpstreamGroupConfig,
+        cache: &ClientCache,
+        tls: Option<crate::tls::UpstreamTls>,
+        members: &[Arc<Member>],
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let get = |pin| {
+            cache.get(
+                Duration::from_millis(*config.connect_timeout_ms.get_ref()),
+                Duration::from_millis(config.idle_timeout_ms),
+                config.protocol,
+                tls.clone(),
+                pin,
+                metrics,
+            )
+        };
+        match config.protocol {
+            UpstreamProtocol::Http1 => Self::Shared(Box::new(get(None))),
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+                Self::PerMember(members.iter().map(|m| get(Some(m.addr))).collect())
+            }
+        }
+    }
+}
 
 impl UpstreamGroup {
     /// `tls`: the group's TLS to its members, built from `config.tls`.
@@ -236,33 +270,7 @@ impl UpstreamGroup {
             request_timeout: Duration::from_millis(*config.request_timeout_ms.get_ref()),
             retries: config.retries.clone(),
             retry_tokens: AtomicI64::new(RETRY_RESERVE),
-            client: clients.get(
-                Duration::from_millis(*config.connect_timeout_ms.get_ref()),
-                Duration::from_millis(config.idle_timeout_ms),
-                config.protocol,
-                tls.clone(),
-                None,
-                metrics,
-            ),
-            // HTTP/2 requests name the client's host as `:authority` in their URI, so the
-            // member to dial cannot come from the URI: one client per member, pinned to it.
-            member_clients: if config.protocol == UpstreamProtocol::Http1 {
-                Vec::new()
-            } else {
-                members
-                    .iter()
-                    .map(|m| {
-                        clients.get(
-                            Duration::from_millis(*config.connect_timeout_ms.get_ref()),
-                            Duration::from_millis(config.idle_timeout_ms),
-                            config.protocol,
-                            tls.clone(),
-                            Some(m.addr),
-                            metrics,
-                        )
-                    })
-                    .collect()
-            },
+            clients: Clients::build(config, clients, tls, &members, metrics),
             scheme: if config.tls.is_some() {
                 http::uri::Scheme::HTTPS
             } else {
@@ -276,7 +284,10 @@ impl UpstreamGroup {
 
     /// The client that reaches member `index`.
     pub fn client_for(&self, index: usize) -> &UpstreamClient {
-        self.member_clients.get(index).unwrap_or(&self.client)
+        match &self.clients {
+            Clients::Shared(client) => client,
+            Clients::PerMember(clients) => &clients[index],
+        }
     }
 
     /// Members keep their health across a reload when group name and address are unchanged.
