@@ -745,12 +745,7 @@ fn e2e_udp_generic_mode() {
     skip_unless_possible!();
     let topo = Topology::new(3, BackendMode::Dsr);
     let addr = SocketAddr::from((VIP, 5353));
-    let _srv: Vec<UdpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
-        .collect();
+    let _srv = udp_servers(&topo, addr);
     let mut cfg = config_text(BackendMode::Dsr, 3, "protocol = \"udp\"\nport = 5353");
     cfg.agent.xdp_mode = XdpModeSetting::Generic;
     let _pins = pins(&cfg);
@@ -931,12 +926,7 @@ fn e2e_reused_backend_id_does_not_capture_another_vips_flows() {
     skip_unless_possible!();
     let topo = Topology::new(3, BackendMode::Dsr);
     let addr = SocketAddr::from((VIP, 5353));
-    let _srv: Vec<UdpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
-        .collect();
+    let _srv = udp_servers(&topo, addr);
     // VIP A (5353/udp): b0 (id 0) and b1 (id 1). VIP B (5354/udp): no backend yet.
     let mut cfg = config_text(BackendMode::Dsr, 2, "protocol = \"udp\"\nport = 5353");
     let mut b_spec = cfg.vips[0].clone();
@@ -1043,4 +1033,13 @@ fn e2e_refused_weight_change_changes_nothing() {
     assert!(e.to_string().contains("table"), "{e}");
     assert_eq!(before, layout(&agent));
     agent.stop().unwrap();
+}
+
+/// A UDP name server on `addr` in each backend's namespace, named `b0`, `b1`, ...
+fn udp_servers(topo: &Topology, addr: SocketAddr) -> Vec<UdpNameServer> {
+    topo.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
+        .collect()
 }

@@ -566,11 +566,7 @@ fn established_flows_stay_when_the_table_changes() {
     let bs = backends4();
     let key = vip_key_v4(VIP4, 80, IPPROTO_TCP);
     f.add_vip(key, 0, ForwardMode::L2Dsr, &bs, 251);
-    let mut owners = Vec::new();
-    for port in 20000..20060u16 {
-        let r = f.lb(&tcp4(CLIENT4, port, VIP4, 80));
-        owners.push(backend_by_mac(&r.packet, &bs));
-    }
+    let owners = flow_owners(&mut f, &bs);
     // Backend 0 is drained from the table (weight 0) but stays alive: its flows stay.
     f.set_table(key, 0, ForwardMode::L2Dsr, &bs[1..], 251);
     for (i, port) in (20000..20060u16).enumerate() {
@@ -611,11 +607,7 @@ fn backend_id_reused_by_another_vip_does_not_keep_old_flows() {
     let bs = backends4();
     let key = vip_key_v4(VIP4, 80, IPPROTO_TCP);
     f.add_vip(key, 0, ForwardMode::L2Dsr, &bs, 251);
-    let mut owners = Vec::new();
-    for port in 20000..20060u16 {
-        let r = f.lb(&tcp4(CLIENT4, port, VIP4, 80));
-        owners.push(backend_by_mac(&r.packet, &bs));
-    }
+    let owners = flow_owners(&mut f, &bs);
     assert!(owners.contains(&0), "test needs some flows on backend 0");
     // Backend 0 leaves VIP 0 (table rebuilt without it); its id, alive again, now serves
     // VIP 1. VIP 0's flows that were on it must be re-picked among VIP 0's backends.
@@ -770,4 +762,12 @@ fn rare_drops_are_logged_through_aya_log() {
             .any(|l| l.starts_with("WARN") && l.contains("VIP 5 has no backend")),
         "{got:?}"
     );
+}
+
+/// The backend (index into `bs`) of each of 60 TCP flows to VIP4:80 from CLIENT4 (source
+/// ports 20000..20060), in port order; the first call pins them in the connection table.
+fn flow_owners(f: &mut Fixture, bs: &[TestBackend]) -> Vec<u32> {
+    (20000..20060u16)
+        .map(|port| backend_by_mac(&f.lb(&tcp4(CLIENT4, port, VIP4, 80)).packet, bs))
+        .collect()
 }
