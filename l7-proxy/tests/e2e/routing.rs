@@ -435,22 +435,7 @@ action = {{ forward = {{ group = "b" }} }}
 #[tokio::test]
 async fn h2_prior_knowledge_on_a_plain_listener() {
     let up = TestUpstream::start("h2c").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-match = {{ host = "h2.example.com" }}
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_host(&up, "h2.example.com").await;
     let addr = proxy.listener_addr("web").unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -673,22 +658,7 @@ async fn connection_cannot_strip_the_host_or_the_request_id() {
     // routed by (the upstream would see the member's address and serve its default site)
     // nor the request id the proxy answers with.
     let up = TestUpstream::start("up").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "site"
-match = {{ host = "shop.example.com" }}
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_host(&up, "shop.example.com").await;
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     let a = get_with(

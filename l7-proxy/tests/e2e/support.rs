@@ -192,6 +192,17 @@ pub fn members(ups: &[&TestUpstream]) -> String {
 
 /// A proxy with one plain listener, `web`, that forwards every request to `up`.
 pub async fn forward_all(up: &TestUpstream) -> l7_proxy::ProxyHandle {
+    forward_route(up, "").await
+}
+
+/// A proxy with one plain listener, `web`, whose one route forwards the requests for `host`
+/// to `up` (any other host gets 404).
+pub async fn forward_host(up: &TestUpstream, host: &str) -> l7_proxy::ProxyHandle {
+    forward_route(up, &format!("match = {{ host = \"{host}\" }}\n")).await
+}
+
+/// [`forward_all`] with the route's `match` line(s) `matcher`.
+async fn forward_route(up: &TestUpstream, matcher: &str) -> l7_proxy::ProxyHandle {
     start_proxy(&format!(
         r#"
 [[listeners]]
@@ -202,7 +213,7 @@ name = "up"
 members = {}
 [[routes]]
 name = "all"
-action = {{ forward = {{ group = "up" }} }}
+{matcher}action = {{ forward = {{ group = "up" }} }}
 "#,
         members(&[up])
     ))
