@@ -131,6 +131,61 @@ impl<C> Template<C> {
     }
 }
 
+/// A header value from config: fixed when its template has no variable (built once), else
+/// filled per request.
+pub enum HeaderTemplate<C: 'static> {
+    Fixed(http::HeaderValue),
+    Variables(Template<C>),
+}
+
+impl<C> HeaderTemplate<C> {
+    /// The header template of `template`, already parsed from `raw`; `None` when `raw` is not
+    /// a valid header value. Variables fill in parts of a request or names from the config,
+    /// none of which can make a valid value invalid; so the template itself must be one.
+    pub fn new(raw: &str, template: Template<C>) -> Option<Self> {
+        http::HeaderValue::try_from(raw).ok()?;
+        Some(match template.fixed() {
+            Some(text) => Self::Fixed(http::HeaderValue::try_from(text).ok()?),
+            None => Self::Variables(template),
+        })
+    }
+
+    /// The value for one request; `None` if the filled text is no valid header value.
+    pub fn value(&self, ctx: &C) -> Option<http::HeaderValue> {
+        self.value_with(|| ctx)
+    }
+
+    /// [`Self::value`], with the context made only when there are variables to fill.
+    pub fn value_with<R: std::borrow::Borrow<C>>(
+        &self,
+        ctx: impl FnOnce() -> R,
+    ) -> Option<http::HeaderValue> {
+        match self {
+            Self::Fixed(v) => Some(v.clone()),
+            Self::Variables(t) => http::HeaderValue::try_from(t.fill(ctx().borrow())).ok(),
+        }
+    }
+}
+
+// By hand, as for `Template`.
+impl<C> Clone for HeaderTemplate<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Fixed(v) => Self::Fixed(v.clone()),
+            Self::Variables(t) => Self::Variables(t.clone()),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for HeaderTemplate<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(v) => f.debug_tuple("Fixed").field(v).finish(),
+            Self::Variables(t) => f.debug_tuple("Variables").field(t).finish(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

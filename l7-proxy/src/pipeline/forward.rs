@@ -47,7 +47,8 @@ pub async fn forward(
     metrics: &Metrics,
     client_upgrade: Option<OnUpgrade>,
 ) -> Forwarded {
-    if client_upgrade.is_some() && group.protocol != UpstreamProtocol::Http1 {
+    let h2 = group.protocol != UpstreamProtocol::Http1;
+    if client_upgrade.is_some() && h2 {
         return Forwarded {
             response: text_response(
                 StatusCode::BAD_GATEWAY,
@@ -64,7 +65,7 @@ pub async fn forward(
     let retryable =
         client_upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
     let (mut parts, body) = req.into_parts();
-    if group.protocol == UpstreamProtocol::Http1 {
+    if !h2 {
         // Only `TE: trailers` is left (see `sanitize`); it means something to HTTP/2 (gRPC).
         parts.headers.remove(http::header::TE);
     }
@@ -86,7 +87,6 @@ pub async fn forward(
         };
         tried.push(index);
         let member = &group.members[index];
-        let h2 = group.protocol != UpstreamProtocol::Http1;
         // HTTP/2 carries the host as `:authority`, taken from the URI: the client's host, as
         // an intermediary must send it (RFC 9113 8.3.1; the member's client is pinned to it).
         // HTTP/1.1 keeps `Host`, and the URI names the member to dial.
@@ -115,9 +115,10 @@ pub async fn forward(
         let mut upstream_req = Request::new(body.take().unwrap_or_else(empty_body));
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = match group.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
+        *upstream_req.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
         };
         *upstream_req.headers_mut() = parts.headers.clone();
         if h2 {

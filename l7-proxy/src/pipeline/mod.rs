@@ -168,19 +168,19 @@ where
     // Phase: action (upstream pick + forward for `forward` routes).
     let resp = match &route.action {
         RouteAction::Redirect { status, location } => {
-            let location = location.fill(&RedirectCtx {
+            let location = location.value_with(|| RedirectCtx {
                 tls: conn.tls,
                 host: host.to_string(),
                 uri: req.uri().clone(),
             });
-            match HeaderValue::try_from(location) {
-                Ok(location) => {
+            match location {
+                Some(location) => {
                     let mut resp = text_response(*status, String::new());
                     resp.headers_mut().insert(header::LOCATION, location);
                     resp
                 }
                 // The template is a valid value and the request's parts are too; stay safe.
-                Err(_) => text_response(
+                None => text_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "redirect location is not a valid header value\n".into(),
                 ),

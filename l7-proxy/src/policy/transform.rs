@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::respond::{error_response, full, read_limited, ReadError};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
-use crate::template::Fill;
+use crate::template::{Fill, HeaderTemplate};
 
 /// `{ type = "transform", request_headers = { set = { "x-client" = "${client_ip}" } } }`
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -103,36 +103,21 @@ fn checked(field: &str, template: &str) -> Result<Template, PolicyBuildError> {
     }
 }
 
-/// A header value from config: fixed, or a template filled per request.
-enum ValueTemplate {
-    Fixed(HeaderValue),
-    Variables(Template),
-}
+type ValueTemplate = HeaderTemplate<RequestCtx>;
 
-impl ValueTemplate {
-    fn compile(field: &str, name: &str, template: &str) -> Result<Self, PolicyBuildError> {
-        let field = format!("{field}: header {name:?}");
-        let parsed = checked(&field, template)?;
-        // Variables fill in an IP address, a request id or a config name, none of which can
-        // make a valid value invalid; so the template itself must be a valid value.
-        let invalid = || {
-            build_err(format!(
-                "{field}: {template:?} is not a valid header value (control characters?)"
-            ))
-        };
-        HeaderValue::try_from(template).map_err(|_| invalid())?;
-        Ok(match parsed.fixed() {
-            Some(text) => Self::Fixed(HeaderValue::try_from(text).map_err(|_| invalid())?),
-            None => Self::Variables(parsed),
-        })
-    }
-
-    fn value(&self, ctx: &RequestCtx) -> Option<HeaderValue> {
-        match self {
-            Self::Fixed(v) => Some(v.clone()),
-            Self::Variables(t) => HeaderValue::try_from(t.fill(ctx)).ok(),
-        }
-    }
+/// The header template of config field `field`, header `name`.
+fn value_template(
+    field: &str,
+    name: &str,
+    template: &str,
+) -> Result<ValueTemplate, PolicyBuildError> {
+    let field = format!("{field}: header {name:?}");
+    let parsed = checked(&field, template)?;
+    HeaderTemplate::new(template, parsed).ok_or_else(|| {
+        build_err(format!(
+            "{field}: {template:?} is not a valid header value (control characters?)"
+        ))
+    })
 }
 
 /// Header edits with names and values checked once.
@@ -150,12 +135,7 @@ impl CompiledHeaders {
         };
         let pairs = |map: &BTreeMap<String, String>, op: &str| {
             map.iter()
-                .map(|(k, v)| {
-                    Ok((
-                        name(k)?,
-                        ValueTemplate::compile(&format!("{field}.{op}"), k, v)?,
-                    ))
-                })
+                .map(|(k, v)| Ok((name(k)?, value_template(&format!("{field}.{op}"), k, v)?)))
                 .collect::<Result<Vec<_>, PolicyBuildError>>()
         };
         Ok(Self {

@@ -27,7 +27,7 @@ use regex::Regex;
 
 use crate::config::{ActionConfig, Config, ConfigError, PathMatchConfig, RouteConfig};
 use crate::policy::{self, PolicyChain};
-use crate::template::{Fill, Template};
+use crate::template::{Fill, HeaderTemplate, Template};
 
 /// What a redirect's `Location` is filled from: the request as the route sees it.
 pub struct RedirectCtx {
@@ -80,7 +80,7 @@ pub enum RouteAction {
     },
     Redirect {
         status: StatusCode,
-        location: Template<RedirectCtx>,
+        location: HeaderTemplate<RedirectCtx>,
     },
     Fixed {
         status: StatusCode,
@@ -168,8 +168,12 @@ impl Route {
             },
             ActionConfig::Redirect(r) => RouteAction::Redirect {
                 status: StatusCode::from_u16(*r.status.get_ref()).unwrap_or(StatusCode::FOUND),
+                location: HeaderTemplate::new(
+                    r.location.get_ref(),
+                    Template::parse(r.location.get_ref(), &REDIRECT_VARIABLES).0,
+                )
                 // Checked at load (variables and header value).
-                location: Template::parse(r.location.get_ref(), &REDIRECT_VARIABLES).0,
+                .unwrap_or(HeaderTemplate::Fixed(HeaderValue::from_static("/"))),
             },
             ActionConfig::Fixed(f) => RouteAction::Fixed {
                 status: StatusCode::from_u16(*f.status.get_ref()).unwrap_or(StatusCode::OK),
