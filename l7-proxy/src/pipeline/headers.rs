@@ -1,6 +1,6 @@
 //! Header handling at the proxy boundary: framing checks against request smuggling,
-//! hop-by-hop removal, the forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`,
-//! `Forwarded`) and `X-Request-Id`.
+//! expectations (`Expect`), hop-by-hop removal, the forwarding headers (`X-Forwarded-For`,
+//! `X-Forwarded-Proto`, `Forwarded`) and `X-Request-Id`.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -55,6 +55,23 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
         return Err("invalid Content-Length");
     }
     Ok(())
+}
+
+/// Whether the request's `Expect` holds an expectation other than `100-continue` (RFC 9110
+/// 10.1.1, case-insensitive), which no part of this proxy can meet: such a request is answered
+/// `417` and goes no further. `100-continue` is met by hyper, which sends `100 Continue` when
+/// the body is first read (once the request is on its way to a member), and goes upstream
+/// with the request as received. A line that is not text counts as unknown; empty list
+/// members are ignored (RFC 9110 5.6.1).
+pub fn has_unmet_expectation(headers: &HeaderMap) -> bool {
+    headers.get_all(header::EXPECT).iter().any(|line| {
+        let Ok(text) = line.to_str() else {
+            return true;
+        };
+        text.split(',')
+            .map(str::trim)
+            .any(|member| !member.is_empty() && !member.eq_ignore_ascii_case("100-continue"))
+    })
 }
 
 /// Normalises a request path so that routing and the upstream see the same path:
@@ -402,6 +419,34 @@ mod tests {
                 assert!(!clean.contains("//"), "{path} -> {clean}");
             }
         }
+    }
+
+    #[test]
+    fn only_100_continue_is_an_expectation_we_meet() {
+        for met in [
+            &[][..],
+            &[("expect", "100-continue")],
+            &[("expect", "100-Continue")],
+            &[("expect", "100-continue, ,100-CONTINUE")],
+            &[("expect", "")],
+        ] {
+            assert!(!has_unmet_expectation(&map(met)), "{met:?}");
+        }
+        for unmet in [
+            &[("expect", "foo")][..],
+            &[("expect", "100-continue, foo")],
+            &[("expect", "100-continue"), ("expect", "bar=1")],
+            &[("expect", "100-continue;x")],
+            &[("expect", "101-continue")],
+        ] {
+            assert!(has_unmet_expectation(&map(unmet)), "{unmet:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::EXPECT,
+            HeaderValue::from_bytes(b"100-continue\xff").unwrap(),
+        );
+        assert!(has_unmet_expectation(&h));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The request pipeline: every client request passes through these named phases, in order.
 //!
-//! 1. **sanitize** — refuse ambiguous body framing (smuggling), take the `X-Request-Id` (or
-//!    make one), drop hop-by-hop headers, add `X-Forwarded-For`, `X-Forwarded-Proto` and
-//!    `Forwarded`;
+//! 1. **sanitize** — refuse ambiguous body framing (smuggling) and expectations other than
+//!    `100-continue` (`417`), take the `X-Request-Id` (or make one), drop hop-by-hop headers,
+//!    add `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`;
 //! 2. **route match** — find the route ([`crate::routing`]); none → `404`;
 //! 3. **request policies** — the route's [`PolicyChain`]; a policy may answer the request
 //!    itself, or change the upstream group in the [`RequestCtx`];
@@ -219,8 +219,9 @@ where
     policies.run_response(resp, &mut ctx, policies.len()).await
 }
 
-/// The sanitize phase: refuses ambiguous framing and bad paths, joins HTTP/2 cookie fields,
-/// sets the request id, removes hop-by-hop headers, adds the forwarding headers and aligns `Host` with the routing host.
+/// The sanitize phase: refuses ambiguous framing, bad paths and unmet expectations, joins
+/// HTTP/2 cookie fields, sets the request id, removes hop-by-hop headers, adds the forwarding
+/// headers and aligns `Host` with the routing host.
 /// Returns the `Upgrade` protocol and the client side of the upgrade for upgrade requests.
 // The refusal is the response itself, returned once per refused request: not worth boxing.
 #[allow(clippy::result_large_err)]
@@ -238,6 +239,12 @@ fn sanitize<B>(
         }
     }
     headers::check_framing(req.headers()).map_err(bad_request)?;
+    if headers::has_unmet_expectation(req.headers()) {
+        return Err(text_response(
+            StatusCode::EXPECTATION_FAILED,
+            "expectation failed: only `Expect: 100-continue` is supported\n".into(),
+        ));
+    }
     let upgrade = match req.version() {
         Version::HTTP_11 => headers::upgrade_protocol(req.headers()),
         _ => None,

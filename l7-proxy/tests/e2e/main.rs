@@ -3,6 +3,7 @@
 
 mod balancing;
 mod config;
+mod expect;
 mod h2c_upstream;
 mod reload;
 mod routing;
