@@ -66,6 +66,9 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Writes the tests make fail, to check that callers undo what they had done.
+    #[cfg(test)]
+    pub(crate) faults: faults::Faults,
 }
 
 impl Datapath {
@@ -82,6 +85,8 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            #[cfg(test)]
+            faults: faults::Faults::default(),
         };
         for name in [
             common::prog_names::LB,
@@ -121,7 +126,10 @@ impl Datapath {
         })
     }
 
+    /// A map to write to (every write goes through here).
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        #[cfg(test)]
+        self.faults.check(name)?;
         self.ebpf
             .map_mut(name)
             .ok_or_else(|| DatapathError::Missing(format!("map {name}")))
@@ -176,8 +184,10 @@ impl Datapath {
     }
 
     /// Installs `table` for the VIP and makes it live atomically: the table goes into the
-    /// VIP's idle ring slot, then the VIP entry switches to it. `meta.ring` and
-    /// `meta.ring_size` are set here; the other fields are the caller's.
+    /// VIP's idle ring slot, then the VIP's copy in VIP_BY_ID (which established flows read
+    /// for the mode only), then the VIP entry switches to the new slot. `meta.ring` and
+    /// `meta.ring_size` are set here; the other fields are the caller's. On an error the live
+    /// entries are as they were (the idle slot may hold part of the new table).
     pub fn set_vip(&mut self, key: &VipKey, mut meta: VipMeta, table: &[u32]) -> Result<VipMeta> {
         if meta.vip_id >= MAX_VIPS {
             return Err(DatapathError::VipIdOutOfRange(meta.vip_id));
@@ -186,7 +196,8 @@ impl Datapath {
             return Err(DatapathError::TableTooLarge(table.len()));
         }
         let first = meta.vip_id * 2;
-        let slot = match self.vip(key)? {
+        let old = self.vip(key)?;
+        let slot = match old {
             Some(old) if old.vip_id == meta.vip_id && old.ring == first => first + 1,
             _ => first,
         };
@@ -202,11 +213,29 @@ impl Datapath {
         }
         meta.ring = slot;
         meta.ring_size = table.len() as u32;
-        let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        m.insert(key, &meta, 0).map_err(map_err(names::VIPS))?;
+        let old_slot = self.vip_slot(meta.vip_id)?;
         self.set_vip_slot(meta.vip_id, &VipSlot { key: *key, meta })?;
+        let inserted = self
+            .vips_map_mut()
+            .and_then(|mut m| m.insert(key, &meta, 0).map_err(map_err(names::VIPS)));
+        if let Err(e) = inserted {
+            if let Err(undo) = self.set_vip_slot(meta.vip_id, &old_slot) {
+                tracing::error!(vip_id = meta.vip_id, error = %undo, "restoring VIP_BY_ID after a failed VIP write");
+            }
+            return Err(e);
+        }
         Ok(meta)
+    }
+
+    fn vips_map_mut(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>> {
+        HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))
+    }
+
+    /// The VIP id's entry in VIP_BY_ID (all zero when unused).
+    fn vip_slot(&self, vip_id: u32) -> Result<VipSlot> {
+        let m: Array<&MapData, VipSlot> =
+            Array::try_from(self.map(names::VIP_BY_ID)?).map_err(map_err(names::VIP_BY_ID))?;
+        m.get(&vip_id, 0).map_err(map_err(names::VIP_BY_ID))
     }
 
     /// The copy that established flows find by id (see `common::VipSlot`).
@@ -216,17 +245,40 @@ impl Datapath {
         m.set(vip_id, slot, 0).map_err(map_err(names::VIP_BY_ID))
     }
 
-    /// Removes the VIP; its established flows stop matching (the id's slot is cleared).
+    /// Removes the VIP; its established flows stop matching (the id's slot is cleared). On an
+    /// error the VIP is left as it was.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        if let Some(meta) = self.vip(key)? {
-            self.set_vip_slot(meta.vip_id, &VipSlot::default())?;
-        }
-        let mut m: HashMap<&mut MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        match m.remove(key) {
+        let Some(meta) = self.vip(key)? else {
+            return Ok(());
+        };
+        let old_slot = self.vip_slot(meta.vip_id)?;
+        self.set_vip_slot(meta.vip_id, &VipSlot::default())?;
+        let removed = self.vips_map_mut().and_then(|mut m| match m.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::VIPS)(e)),
+        });
+        if let Err(e) = removed {
+            if let Err(undo) = self.set_vip_slot(meta.vip_id, &old_slot) {
+                tracing::error!(vip_id = meta.vip_id, error = %undo, "restoring VIP_BY_ID after a failed VIP removal");
+            }
+            return Err(e);
         }
+        Ok(())
+    }
+
+    /// The VIP's live Maglev table, if the VIP exists.
+    #[cfg(test)]
+    pub(crate) fn live_table(&self, key: &VipKey) -> Result<Option<Vec<u32>>> {
+        let Some(meta) = self.vip(key)? else {
+            return Ok(None);
+        };
+        let rings: Array<&MapData, u32> =
+            Array::try_from(self.map(names::RINGS)?).map_err(map_err(names::RINGS))?;
+        let base = meta.ring * RING_SIZE_MAX;
+        (0..meta.ring_size)
+            .map(|i| rings.get(&(base + i), 0).map_err(map_err(names::RINGS)))
+            .collect::<Result<_>>()
+            .map(Some)
     }
 
     /// Marks (or updates) a VIP address: ICMP and fragment handling look here.
@@ -412,4 +464,49 @@ pub fn load_helper_programs(pin_dir: &Path) -> Result<Ebpf> {
         })?;
     }
     Ok(ebpf)
+}
+
+/// Map writes that fail on purpose, so that tests can check what a change does when the
+/// datapath refuses one of its writes.
+#[cfg(test)]
+pub(crate) mod faults {
+    use super::{DatapathError, MapError};
+
+    #[derive(Debug, Default)]
+    pub(crate) struct Faults {
+        map: Option<&'static str>,
+        /// Writes to `map` that still succeed before the failures start.
+        after: u32,
+        /// Writes that fail after those; then writes succeed again.
+        failures: u32,
+    }
+
+    impl Faults {
+        /// The next `failures` writes to `map`, after `after` successful ones, fail.
+        pub(crate) fn fail(&mut self, map: &'static str, after: u32, failures: u32) {
+            *self = Self {
+                map: Some(map),
+                after,
+                failures,
+            };
+        }
+
+        pub(super) fn check(&mut self, name: &'static str) -> Result<(), DatapathError> {
+            if self.map != Some(name) || self.failures == 0 {
+                return Ok(());
+            }
+            if self.after > 0 {
+                self.after -= 1;
+                return Ok(());
+            }
+            self.failures -= 1;
+            Err(DatapathError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::from_raw_os_error(libc::EIO),
+                }),
+            })
+        }
+    }
 }

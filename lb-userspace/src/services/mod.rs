@@ -3,8 +3,11 @@
 //!
 //! Every change (from the config file, the admin API or a health check) goes through a method
 //! of [`Services`], which checks the request completely before it touches anything, so a bad
-//! request leaves the running state as it was. After a change only the VIP concerned gets a
-//! new Maglev table. The connection table is never flushed: a flow stays on its backend while
+//! request leaves the running state as it was. When a map write fails part way through an
+//! admin change, what the change had written is undone, so the agent's view and the datapath
+//! still agree; the error names the change, and says so if undoing failed too (retrying the
+//! change then completes it). After a change only the VIP concerned gets a new Maglev table.
+//! The connection table is never flushed at runtime: a flow stays on its backend while
 //! that backend keeps `BACKEND_F_ALIVE`; taking a backend down clears the flag (after the new
 //! table is live) so its flows are re-picked, while a drained backend (weight 0) keeps it.
 
@@ -19,6 +22,8 @@ use tokio::task::AbortHandle;
 
 mod keys;
 mod reload;
+#[cfg(test)]
+mod tests;
 pub use keys::addr16;
 use keys::{family, vip_key, Ids};
 pub use reload::ReloadSummary;
@@ -56,6 +61,57 @@ pub enum ServiceError {
     Datapath(#[from] DatapathError),
     #[error("Maglev table for {vip}: {message}")]
     Maglev { vip: VipId, message: String },
+    /// A change failed part way in the datapath; what it had written was put back.
+    #[error("{change} failed, nothing was changed: {source}")]
+    Undone {
+        change: String,
+        #[source]
+        source: Box<ServiceError>,
+    },
+    /// A change failed part way in the datapath and putting back what it had written failed
+    /// too. What the agent lists is still there: retrying the change completes it.
+    #[error(
+        "{change} failed: {source}; undoing it failed too ({undo}), so the datapath may not \
+         match what the agent lists until the change is retried"
+    )]
+    NotUndone {
+        change: String,
+        #[source]
+        source: Box<ServiceError>,
+        undo: Box<ServiceError>,
+    },
+}
+
+/// A change that failed in the datapath, and why undoing what it had written failed, if it
+/// did.
+struct Failure {
+    error: Box<ServiceError>,
+    undo: Option<Box<ServiceError>>,
+}
+
+impl Failure {
+    /// `error`, and how undoing what the change had written went.
+    fn undone(error: impl Into<ServiceError>, undo: Result<()>) -> Self {
+        Self {
+            error: Box::new(error.into()),
+            undo: undo.err().map(Box::new),
+        }
+    }
+
+    /// The error to report for `change`.
+    fn into_error(self, change: String) -> ServiceError {
+        match self.undo {
+            None => ServiceError::Undone {
+                change,
+                source: self.error,
+            },
+            Some(undo) => ServiceError::NotUndone {
+                change,
+                source: self.error,
+                undo,
+            },
+        }
+    }
 }
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -135,17 +191,17 @@ impl Services {
     }
 
     fn backend_info(b: &Backend) -> BackendInfo {
+        Self::backend_info_alive(b, b.health == HealthState::Up)
+    }
+
+    fn backend_info_alive(b: &Backend, alive: bool) -> BackendInfo {
         BackendInfo {
             addr: addr16(b.spec.address),
             mac: b.hop.mac,
             src_mac: b.hop.src_mac,
             ifindex: b.hop.ifindex,
             family: family(b.spec.address),
-            flags: if b.health == HealthState::Up {
-                BACKEND_F_ALIVE
-            } else {
-                0
-            },
+            flags: if alive { BACKEND_F_ALIVE } else { 0 },
             // VIP ids are below MAX_VIPS, which fits (asserted in `common`).
             vip_id: b.vip_id as u16,
         }
@@ -193,10 +249,18 @@ impl Services {
 
     /// Rewrites the VIP_ADDRS entry of `addr` from the VIPs that use it.
     fn sync_vip_addr(&mut self, addr: IpAddr) -> Result<()> {
+        self.write_vip_addr(addr, None)
+    }
+
+    /// Rewrites the VIP_ADDRS entry of `addr` from the VIPs that use it, leaving out VIP
+    /// `except` (one being removed).
+    fn write_vip_addr(&mut self, addr: IpAddr, except: Option<usize>) -> Result<()> {
         let on_addr: Vec<&Vip> = self
             .vips
             .iter()
-            .filter(|v| v.spec.address == addr)
+            .enumerate()
+            .filter(|(i, v)| v.spec.address == addr && Some(*i) != except)
+            .map(|(_, v)| v)
             .collect();
         let a = addr16(addr);
         if on_addr.is_empty() {
@@ -226,9 +290,8 @@ impl Services {
         }
     }
 
-    fn new_backend(&mut self, spec: BackendSpec, hop: NextHop, vip_id: u32) -> Result<Backend> {
-        let id = self.backend_ids.take()?;
-        Ok(Backend {
+    fn new_backend(spec: BackendSpec, hop: NextHop, id: u32, vip_id: u32) -> Backend {
+        Backend {
             spec,
             id,
             vip_id,
@@ -237,7 +300,7 @@ impl Services {
             streak: 0,
             last_error: None,
             check: None,
-        })
+        }
     }
 
     /// Adds a VIP with its backends. `fresh_counters`: zero the counters of the ids it gets
@@ -268,7 +331,7 @@ impl Services {
         let vip_id = self.vip_ids.take()?;
         let mut backends = Vec::new();
         for (b, hop) in backend_specs.into_iter().zip(hops) {
-            let mut b = self.new_backend(b, hop, vip_id)?;
+            let mut b = Self::new_backend(b, hop, self.backend_ids.take()?, vip_id);
             // At start-up, a backend that the previous run had taken down (same id, same
             // address, ALIVE clear) stays down until its checks pass `rise` times.
             if !fresh_counters && spec.health_check.is_some() {
@@ -288,9 +351,14 @@ impl Services {
         });
         let vi = self.vips.len() - 1;
         if let Err(e) = self.program_vip(vi, fresh_counters) {
-            // Leave nothing half-installed.
-            let _ = self.del_vip(&id);
-            return Err(e);
+            let change = format!("adding VIP {id}");
+            return Err(match self.unprogram_vip(vi) {
+                Ok(()) => {
+                    self.forget_vip(vi);
+                    Failure::undone(e, Ok(())).into_error(change)
+                }
+                Err(f) => Failure::undone(e, Err(*f.error)).into_error(change),
+            });
         }
         let mut backends = std::mem::take(&mut self.vips[vi].backends);
         for b in &mut backends {
@@ -316,29 +384,66 @@ impl Services {
         self.sync_vip_addr(self.vips[vi].spec.address)
     }
 
-    /// Removes a VIP: new packets to it pass to the kernel; its backends' flows end.
+    /// Removes a VIP: new packets to it pass to the kernel; its backends' flows end. On an
+    /// error the VIP is still listed and still installed (as far as undoing could put it
+    /// back: the error says).
     pub fn del_vip(&mut self, id: &VipId) -> Result<()> {
         let vi = self.vip_index(id)?;
-        let vip = self.vips.remove(vi);
-        self.dp.remove_vip(&vip.key)?;
-        self.sync_vip_addr(id.address)?;
-        for mut b in vip.backends {
-            self.retire_backend(&mut b)?;
-        }
-        self.vip_ids.release(vip.id);
+        self.unprogram_vip(vi)
+            .map_err(|f| f.into_error(format!("removing VIP {id}")))?;
+        self.forget_vip(vi);
         tracing::info!(vip = %id, "VIP removed");
         Ok(())
     }
 
-    /// Stops a backend's checks, clears its ALIVE flag and frees its id.
-    fn retire_backend(&mut self, b: &mut Backend) -> Result<()> {
-        if let Some(h) = b.check.take() {
-            h.abort();
+    /// Takes VIP `vi` out of the datapath and leaves the view alone: first the VIP entry (new
+    /// packets pass to the kernel and its flows stop matching), then its address entry, then
+    /// its backends' ALIVE flags (so that their ids carry no flow to whoever reuses them). On
+    /// an error what was done is put back: the VIP is installed again with the same table.
+    fn unprogram_vip(&mut self, vi: usize) -> Result<(), Failure> {
+        let key = self.vips[vi].key;
+        let addr = self.vips[vi].spec.address;
+        self.dp
+            .remove_vip(&key)
+            .map_err(|e| Failure::undone(e, Ok(())))?;
+        if let Err(e) = self.write_vip_addr(addr, Some(vi)) {
+            let undo = self.reprogram_vip(vi, 0);
+            return Err(Failure::undone(e, undo));
         }
-        b.health = HealthState::Down;
-        self.dp.set_backend(b.id, &Self::backend_info(b))?;
-        self.backend_ids.release(b.id);
+        for bi in 0..self.vips[vi].backends.len() {
+            let b = &self.vips[vi].backends[bi];
+            if let Err(e) = self
+                .dp
+                .set_backend(b.id, &Self::backend_info_alive(b, false))
+            {
+                let undo = self.reprogram_vip(vi, bi);
+                return Err(Failure::undone(e, undo));
+            }
+        }
         Ok(())
+    }
+
+    /// Undoes a partial [`Services::unprogram_vip`]: the first `retired` backends get their
+    /// state back, then the address entry and the VIP entry are written again.
+    fn reprogram_vip(&mut self, vi: usize, retired: usize) -> Result<()> {
+        for b in &self.vips[vi].backends[..retired] {
+            Self::write_backend(&mut self.dp, b)?;
+        }
+        self.sync_vip_addr(self.vips[vi].spec.address)?;
+        self.install_table(vi)
+    }
+
+    /// Drops VIP `vi` from the view (once it is out of the datapath): its checks stop, its
+    /// ids are free.
+    fn forget_vip(&mut self, vi: usize) {
+        let vip = self.vips.remove(vi);
+        for mut b in vip.backends {
+            if let Some(h) = b.check.take() {
+                h.abort();
+            }
+            self.backend_ids.release(b.id);
+        }
+        self.vip_ids.release(vip.id);
     }
 
     pub fn add_backend(&mut self, vip: &VipId, spec: BackendSpec) -> Result<()> {
@@ -367,8 +472,8 @@ impl Services {
         self.check_fits(vi, weighted)?;
         let hop = self.resolve(&spec)?;
         let address = spec.address;
-        let b = self.new_backend(spec, hop, self.vips[vi].id)?;
-        let id = b.id;
+        let id = self.backend_ids.take()?;
+        let b = Self::new_backend(spec, hop, id, self.vips[vi].id);
         self.vips[vi].backends.push(b);
         let bi = self.vips[vi].backends.len() - 1;
         let programmed = Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])
@@ -376,10 +481,15 @@ impl Services {
             .and_then(|()| self.install_table(vi));
         if let Err(e) = programmed {
             // Leave nothing half-installed.
-            let mut b = self.vips[vi].backends.pop().expect("just pushed");
-            let _ = self.install_table(vi);
-            let _ = self.retire_backend(&mut b);
-            return Err(e);
+            let b = self.vips[vi].backends.pop().expect("just pushed");
+            let undo = self.install_table(vi).and_then(|()| {
+                Ok(self
+                    .dp
+                    .set_backend(b.id, &Self::backend_info_alive(&b, false))?)
+            });
+            self.backend_ids.release(b.id);
+            return Err(Failure::undone(e, undo)
+                .into_error(format!("adding backend {address} to VIP {vip}")));
         }
         let mut b = self.vips[vi].backends.pop().expect("just pushed");
         self.start_check(&self.vips[vi], &mut b);
@@ -415,13 +525,31 @@ impl Services {
             })
     }
 
-    /// Removes a backend: out of the table first, then its flows are re-picked.
+    /// Removes a backend: out of the table first, then its flows are re-picked (its ALIVE
+    /// flag goes). On an error the backend is still listed and still installed (as far as
+    /// undoing could put it back: the error says).
     pub fn del_backend(&mut self, vip: &VipId, address: IpAddr) -> Result<()> {
         let vi = self.vip_index(vip)?;
         let bi = self.backend_index(vi, address)?;
+        let change = || format!("removing backend {address} from VIP {vip}");
         let mut b = self.vips[vi].backends.remove(bi);
-        self.install_table(vi)?;
-        self.retire_backend(&mut b)?;
+        if let Err(e) = self.install_table(vi) {
+            // The old table is still live (`Datapath::set_vip` switches last).
+            self.vips[vi].backends.insert(bi, b);
+            return Err(Failure::undone(e, Ok(())).into_error(change()));
+        }
+        if let Err(e) = self
+            .dp
+            .set_backend(b.id, &Self::backend_info_alive(&b, false))
+        {
+            self.vips[vi].backends.insert(bi, b);
+            let undo = self.install_table(vi);
+            return Err(Failure::undone(e, undo).into_error(change()));
+        }
+        if let Some(h) = b.check.take() {
+            h.abort();
+        }
+        self.backend_ids.release(b.id);
         tracing::info!(vip = %vip, backend = %address, "backend removed");
         Ok(())
     }

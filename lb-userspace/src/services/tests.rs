@@ -1,0 +1,214 @@
+//! [`Services`] over the real datapath: the embedded XDP object loaded with its maps pinned in
+//! a private bpffs directory, backends on `lo` (127.0.0.x, MACs given). Map writes are made to
+//! fail on purpose (`Datapath::faults`) to check what a failed change leaves in the agent's
+//! view and in the maps. Loading BPF needs root; without it each test says so and passes.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use common::{map_names, VipKey, BACKEND_F_ALIVE};
+
+use super::{keys::vip_key, ServiceError, Services};
+use crate::{
+    config::{AgentSection, Config, VipId},
+    datapath::{ensure_bpffs, Datapath},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A private pin directory, removed (with the maps, once closed) at the end of the test.
+struct Pins(PathBuf);
+
+impl Pins {
+    /// None (and a note) when BPF cannot be loaded here.
+    fn new() -> Option<Self> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: loading BPF programs needs root");
+            return None;
+        }
+        let root = Path::new("/sys/fs/bpf");
+        ensure_bpffs(root).expect("mounting bpffs");
+        let dir = root.join(format!(
+            "lbunit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        Some(Self(dir))
+    }
+
+    /// An agent's services over these pins, as a (re)started agent has them.
+    fn services(&self) -> Services {
+        let dp = Datapath::load(&self.0).expect("loading the XDP object");
+        Services::new(dp, AgentSection::default(), None)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+const VIP: &str = "10.200.0.1";
+
+/// A config with one VIP per `(port, table_size, backends)`; backend `n` is 127.0.0.`n`
+/// with MAC 02:00:00:00:00:`n`.
+fn config(vips: &[(u16, u32, &[u8])]) -> Config {
+    let mut text = String::new();
+    for (port, table, backends) in vips {
+        text.push_str(&format!(
+            "[[vip]]\naddress = \"{VIP}\"\nport = {port}\nprotocol = \"tcp\"\ntable_size = {table}\n"
+        ));
+        for n in *backends {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"127.0.0.{n}\"\nmac = \"02:00:00:00:00:{n:02x}\"\n"
+            ));
+        }
+    }
+    Config::parse(&text, Path::new("test.toml")).expect("test config")
+}
+
+fn vip(port: u16) -> VipId {
+    format!("{VIP}:{port}/tcp").parse().unwrap()
+}
+
+fn key(port: u16) -> VipKey {
+    vip_key(&vip(port))
+}
+
+fn backend(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
+fn started(pins: &Pins, vips: &[(u16, u32, &[u8])]) -> Services {
+    let mut s = pins.services();
+    for v in config(vips).vips {
+        s.add_vip(v, false).expect("add_vip");
+    }
+    s.remove_leftovers().expect("remove_leftovers");
+    s
+}
+
+/// The backends the agent lists for the VIP on `port`: (last octet, id).
+fn listed(s: &Services, port: u16) -> Vec<(u8, u32)> {
+    s.list_backends(Some(&vip(port)))
+        .unwrap()
+        .into_iter()
+        .map(|b| match b.address {
+            IpAddr::V4(a) => (a.octets()[3], b.id),
+            IpAddr::V6(_) => unreachable!("IPv4 backends"),
+        })
+        .collect()
+}
+
+fn id_of(s: &Services, port: u16, n: u8) -> u32 {
+    listed(s, port)
+        .iter()
+        .find(|b| b.0 == n)
+        .map(|b| b.1)
+        .unwrap_or_else(|| panic!("backend {n} not listed"))
+}
+
+fn alive(s: &Services, id: u32) -> bool {
+    s.dp.backend(id).unwrap().flags & BACKEND_F_ALIVE != 0
+}
+
+/// The backend ids in the VIP's live Maglev table, each once.
+fn table_ids(s: &Services, port: u16) -> Vec<u32> {
+    let mut ids = s.dp.live_table(&key(port)).unwrap().expect("VIP installed");
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+// --- Removing a backend or a VIP when a map write fails -----------------------------------
+
+#[test]
+fn failed_backend_removal_changes_nothing_and_can_be_retried() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 13, &[11, 12, 13])]);
+    let id12 = id_of(&s, 80, 12);
+    let table = table_ids(&s, 80);
+
+    // The table without the backend goes in, then clearing its ALIVE flag fails.
+    s.dp.faults.fail(map_names::BACKENDS, 0, 1);
+    let e = s.del_backend(&vip(80), backend(12)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("removing backend 127.0.0.12 from VIP 10.200.0.1:80/tcp")
+            && msg.contains("nothing was changed")
+            && msg.contains("BACKENDS"),
+        "{msg}"
+    );
+    assert!(
+        listed(&s, 80).iter().any(|b| b.0 == 12),
+        "backend dropped from the view"
+    );
+    assert_eq!(table_ids(&s, 80), table, "the old table is not live again");
+    assert!(alive(&s, id12));
+
+    // The new table itself fails to go live.
+    s.dp.faults.fail(map_names::VIPS, 0, 1);
+    let e = s.del_backend(&vip(80), backend(12)).unwrap_err();
+    assert!(matches!(e, ServiceError::Undone { .. }), "{e}");
+    assert!(listed(&s, 80).iter().any(|b| b.0 == 12));
+    assert_eq!(table_ids(&s, 80), table);
+
+    // Once the datapath takes writes again, the same removal goes through.
+    s.del_backend(&vip(80), backend(12)).unwrap();
+    assert!(!listed(&s, 80).iter().any(|b| b.0 == 12));
+    assert!(!table_ids(&s, 80).contains(&id12));
+    assert!(!alive(&s, id12));
+}
+
+#[test]
+fn failed_vip_removal_changes_nothing_and_can_be_retried() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 13, &[11, 12]), (81, 13, &[13])]);
+    let ids: Vec<u32> = listed(&s, 80).iter().map(|b| b.1).collect();
+    let table = table_ids(&s, 80);
+    let installed = |s: &Services| {
+        s.dp.vip(&key(80)).unwrap().is_some()
+            && table_ids(s, 80) == table
+            && ids.iter().all(|id| alive(s, *id))
+            && s.dp.vip_addrs().unwrap().len() == 1
+    };
+
+    // The address entry (still used by port 81) fails after the VIP entry went.
+    s.dp.faults.fail(map_names::VIP_ADDRS, 0, 1);
+    let e = s.del_vip(&vip(80)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("removing VIP 10.200.0.1:80/tcp") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert_eq!(s.list_vips().len(), 2, "VIP dropped from the view");
+    assert!(installed(&s), "the VIP is not installed as it was");
+
+    // Clearing the second backend's ALIVE flag fails after the first was cleared.
+    s.dp.faults.fail(map_names::BACKENDS, 1, 1);
+    let e = s.del_vip(&vip(80)).unwrap_err();
+    assert!(matches!(e, ServiceError::Undone { .. }), "{e}");
+    assert!(installed(&s));
+
+    // Writes fail again while undoing: the VIP stays listed and the error says so.
+    s.dp.faults.fail(map_names::VIP_ADDRS, 0, 2);
+    let e = s.del_vip(&vip(80)).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("undoing it failed too"), "{msg}");
+    assert_eq!(s.list_vips().len(), 2);
+
+    s.del_vip(&vip(80)).unwrap();
+    assert_eq!(s.list_vips().len(), 1);
+    assert!(s.dp.vip(&key(80)).unwrap().is_none());
+    assert!(ids.iter().all(|id| !alive(&s, *id)));
+    assert_eq!(s.dp.vip_addrs().unwrap().len(), 1);
+}
