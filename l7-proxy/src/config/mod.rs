@@ -17,10 +17,12 @@ mod validate;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::pipeline::via::{ViaHeader, DEFAULT_PSEUDONYM};
 use crate::policy::PolicyConfig;
 
 /// Why a configuration could not be loaded.
@@ -83,6 +85,55 @@ pub struct ServerConfig {
     /// On shutdown or when a listener is removed, connections get this long to finish.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// The pseudonym this proxy adds to `Via` on every request it forwards (RFC 9110 7.6.3:
+    /// `Via: 1.1 l7-proxy`, the version being the client's), or `false` (or `""`) for none.
+    /// A token: letters, digits and ``!#$%&'*+-.^_`|~``.
+    #[serde(default = "default_via")]
+    pub via: Spanned<ViaSetting>,
+    /// Add our `Via` entry to the responses of upstreams too (with the member's protocol
+    /// version: `Via: 2 l7-proxy` from an h2c group). Off by default, as in nginx and Envoy.
+    #[serde(default = "default_off")]
+    pub via_response: Spanned<bool>,
+    /// Answer `508 Loop Detected` to a request whose `Via` already names our pseudonym: it
+    /// went round back to us. Give each proxy tier its own pseudonym first (two tiers that
+    /// share one would refuse each other's requests). Off by default.
+    #[serde(default = "default_off")]
+    pub via_loop_detection: Spanned<bool>,
+    /// The `Via` entries built from the three fields above at load (`None` when off).
+    #[serde(skip)]
+    pub via_header: Option<Arc<ViaHeader>>,
+}
+
+/// `via = "name"`, `via = true` (the default pseudonym) or `via = false` / `""` (off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViaSetting {
+    Off,
+    Pseudonym(Arc<str>),
+}
+
+impl<'de> Deserialize<'de> for ViaSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ViaSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a pseudonym (string) or false")
+            }
+            fn visit_bool<E>(self, on: bool) -> Result<ViaSetting, E> {
+                Ok(match on {
+                    true => ViaSetting::Pseudonym(DEFAULT_PSEUDONYM.into()),
+                    false => ViaSetting::Off,
+                })
+            }
+            fn visit_str<E>(self, name: &str) -> Result<ViaSetting, E> {
+                Ok(match name {
+                    "" => ViaSetting::Off,
+                    name => ViaSetting::Pseudonym(name.into()),
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 fn default_header_read_timeout_ms() -> Spanned<u64> {
@@ -94,14 +145,42 @@ fn default_client_idle_timeout_ms() -> Spanned<u64> {
 fn default_drain_timeout_ms() -> u64 {
     10_000
 }
+fn default_via() -> Spanned<ViaSetting> {
+    Spanned::new(0..0, ViaSetting::Pseudonym(DEFAULT_PSEUDONYM.into()))
+}
+fn default_off() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
+
+impl ServerConfig {
+    /// The `Via` entries of `via`, built once per load; `None` when off (or, before
+    /// validation, not a token).
+    fn build_via(&self) -> Option<Arc<ViaHeader>> {
+        match self.via.get_ref() {
+            ViaSetting::Off => None,
+            ViaSetting::Pseudonym(name) => ViaHeader::new(
+                name,
+                *self.via_response.get_ref(),
+                *self.via_loop_detection.get_ref(),
+            )
+            .map(Arc::new),
+        }
+    }
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
+        let mut server = Self {
             header_read_timeout_ms: default_header_read_timeout_ms(),
             idle_timeout_ms: default_client_idle_timeout_ms(),
             drain_timeout_ms: default_drain_timeout_ms(),
-        }
+            via: default_via(),
+            via_response: default_off(),
+            via_loop_detection: default_off(),
+            via_header: None,
+        };
+        server.via_header = server.build_via();
+        server
     }
 }
 
@@ -469,6 +548,7 @@ impl Config {
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
         config.validate()?;
+        config.server.via_header = config.server.build_via();
         Ok(config)
     }
 

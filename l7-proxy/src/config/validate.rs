@@ -4,7 +4,10 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use super::{ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig, UpstreamProtocol};
+use super::{
+    ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig, UpstreamProtocol, ViaSetting,
+};
+use crate::pipeline::via::is_token;
 
 /// Largest member weight (each unit is 160 points on the hash ring).
 pub const MAX_WEIGHT: u32 = 1000;
@@ -29,6 +32,7 @@ impl Config {
         ] {
             self.check_timeout(&format!("server.{field}"), value)?;
         }
+        self.validate_via()?;
         self.validate_listeners()?;
         self.validate_upstreams()?;
         self.validate_routes()
@@ -59,6 +63,37 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The `Via` pseudonym is a token (RFC 9110 7.6.3); the options that add to `Via` need it.
+    fn validate_via(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        match server.via.get_ref() {
+            ViaSetting::Pseudonym(name) if !is_token(name) => Err(self.invalid(
+                "server.via",
+                &server.via,
+                format!(
+                    "`{name}` is not a valid Via pseudonym: write a token (letters, digits and \
+                     !#$%&'*+-.^_`|~, no spaces, `:` or `/`), or false to add no Via"
+                ),
+            )),
+            ViaSetting::Pseudonym(_) => Ok(()),
+            ViaSetting::Off => {
+                for (field, on) in [
+                    ("via_response", &server.via_response),
+                    ("via_loop_detection", &server.via_loop_detection),
+                ] {
+                    if *on.get_ref() {
+                        return Err(self.invalid(
+                            format!("server.{field}"),
+                            on,
+                            "needs `via`, which is off: name a pseudonym with `via = \"...\"`",
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {
@@ -409,6 +444,90 @@ action = { forward = { group = "api", strip_prefix = "/api" } }
         let msg = Config::from_toml_str(&text).unwrap_err().to_string();
         assert!(msg.contains("line 4"), "{msg}");
         assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    fn with_server(server: &str) -> String {
+        format!("[server]\n{server}\n{GOOD}")
+    }
+
+    #[test]
+    fn via_defaults_to_l7_proxy_on_requests_only() {
+        let c = Config::from_toml_str(GOOD).unwrap();
+        assert_eq!(
+            c.server.via.get_ref(),
+            &ViaSetting::Pseudonym("l7-proxy".into())
+        );
+        let via = c.server.via_header.expect("Via is on by default");
+        assert!(!via.on_responses && !via.loop_detection);
+        let mut headers = http::HeaderMap::new();
+        via.add_to_request(&mut headers, http::Version::HTTP_11)
+            .unwrap();
+        assert_eq!(headers["via"], "1.1 l7-proxy");
+    }
+
+    #[test]
+    fn via_takes_a_pseudonym_true_or_false() {
+        for (line, expected) in [
+            ("via = \"edge-1.example.com\"", Some("edge-1.example.com")),
+            ("via = true", Some("l7-proxy")),
+            ("via = false", None),
+            ("via = \"\"", None),
+        ] {
+            let c = Config::from_toml_str(&with_server(line)).unwrap();
+            let mut headers = http::HeaderMap::new();
+            if let Some(via) = &c.server.via_header {
+                via.add_to_request(&mut headers, http::Version::HTTP_2)
+                    .unwrap();
+            }
+            let got = headers.get("via").map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(got, expected.map(|name| format!("2 {name}")), "{line}");
+        }
+        let c = Config::from_toml_str(&with_server(
+            "via = \"gw\"\nvia_response = true\nvia_loop_detection = true",
+        ))
+        .unwrap();
+        let via = c.server.via_header.unwrap();
+        assert!(via.on_responses && via.loop_detection);
+    }
+
+    #[test]
+    fn a_via_pseudonym_that_is_no_token_names_the_field_and_line() {
+        for bad in ["l7 proxy", "gw:8080", "a/b", "a,b", "(gw)", "prox\u{e9}"] {
+            let text = with_server(&format!("via = \"{bad}\""));
+            match Config::from_toml_str(&text).unwrap_err() {
+                ConfigError::Invalid {
+                    field,
+                    line,
+                    message,
+                } => {
+                    assert_eq!(field, "server.via", "{bad}");
+                    assert_eq!(line, 2, "{bad}");
+                    assert!(message.contains("not a valid Via pseudonym"), "{message}");
+                }
+                other => panic!("{bad}: unexpected {other}"),
+            }
+        }
+        let msg = Config::from_toml_str(&with_server("via = 3"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("a pseudonym (string) or false"), "{msg}");
+    }
+
+    #[test]
+    fn via_options_need_via() {
+        for option in ["via_response", "via_loop_detection"] {
+            let text = with_server(&format!("via = false\n{option} = true"));
+            match Config::from_toml_str(&text).unwrap_err() {
+                ConfigError::Invalid { field, line, .. } => {
+                    assert_eq!(field, format!("server.{option}"));
+                    assert_eq!(line, 3);
+                }
+                other => panic!("unexpected {other}"),
+            }
+            // Off is fine without Via.
+            let text = with_server(&format!("via = false\n{option} = false"));
+            assert!(Config::from_toml_str(&text).is_ok(), "{option}");
+        }
     }
 
     #[test]

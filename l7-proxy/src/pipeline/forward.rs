@@ -23,6 +23,8 @@ pub struct Forwarded {
     pub response: Response<ProxyBody>,
     /// The member that answered (or the last one tried).
     pub member: Option<SocketAddr>,
+    /// The response is the member's; else the proxy's own (no member, unreachable, timeout).
+    pub from_member: bool,
 }
 
 fn is_idempotent(method: &http::Method) -> bool {
@@ -58,6 +60,7 @@ pub async fn forward(
                 ),
             ),
             member: None,
+            from_member: false,
         };
     }
     group.deposit_retry_budget();
@@ -83,7 +86,11 @@ pub async fn forward(
                 text_response(StatusCode::BAD_GATEWAY, "upstream unreachable\n".into())
             };
             let member = tried.last().map(|&i| group.members[i].addr);
-            return Forwarded { response, member };
+            return Forwarded {
+                response,
+                member,
+                from_member: false,
+            };
         };
         tried.push(index);
         let member = &group.members[index];
@@ -110,6 +117,7 @@ pub async fn forward(
             return Forwarded {
                 response: text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()),
                 member: None,
+                from_member: false,
             };
         };
         let mut upstream_req = Request::new(body.take().unwrap_or_else(empty_body));
@@ -157,6 +165,7 @@ pub async fn forward(
                         .boxed()
                     }),
                     member: Some(member.addr),
+                    from_member: true,
                 };
             }
             Ok(Err(err)) => {
@@ -180,6 +189,7 @@ pub async fn forward(
                         "upstream unreachable\n".into(),
                     ),
                     member: Some(member.addr),
+                    from_member: false,
                 };
             }
             Err(_) => {
@@ -190,6 +200,7 @@ pub async fn forward(
                         "upstream timed out\n".into(),
                     ),
                     member: Some(member.addr),
+                    from_member: false,
                 };
             }
         }

@@ -1,6 +1,7 @@
 //! Header handling at the proxy boundary: framing checks against request smuggling,
 //! expectations (`Expect`), hop-by-hop removal, the forwarding headers (`X-Forwarded-For`,
-//! `X-Forwarded-Proto`, `Forwarded`) and `X-Request-Id`.
+//! `X-Forwarded-Proto`, `Forwarded`) and `X-Request-Id`. `Via` has a module of its own,
+//! [`super::via`].
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -2,12 +2,14 @@
 //!
 //! 1. **sanitize** — refuse ambiguous body framing (smuggling) and expectations other than
 //!    `100-continue` (`417`), take the `X-Request-Id` (or make one), drop hop-by-hop headers,
-//!    add `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`;
+//!    add `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` and `Via` ([`via`]; a request
+//!    that already went through us is a loop: `508` when `via_loop_detection` is on);
 //! 2. **route match** — find the route ([`crate::routing`]); none → `404`;
 //! 3. **request policies** — the route's [`PolicyChain`]; a policy may answer the request
 //!    itself, or change the upstream group in the [`RequestCtx`];
 //! 4. **action** — redirect or fixed response, or **upstream pick + forward**
-//!    ([`forward`]): no available member → `503`, unreachable → `502`, timeout → `504`;
+//!    ([`forward`]): no available member → `503`, unreachable → `502`, timeout → `504`; a
+//!    member's response gets our `Via` entry when `via_response` is on;
 //! 5. **response policies** — the same chain in reverse, over the policies that ran;
 //! 6. **access log** — one structured line and the request metrics.
 //!
@@ -17,6 +19,8 @@
 pub mod access_log;
 pub mod forward;
 pub mod headers;
+pub mod via;
+
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +42,7 @@ use crate::server::framing_guard::{FramingVerdict, FramingVerdicts};
 use crate::server::idle::Busy;
 use crate::state::{RuntimeState, Shared};
 use access_log::{AccessRecord, LoggedBody};
+use via::ViaHeader;
 
 /// What the proxy knows about the client connection a request came in on.
 #[derive(Clone, Debug)]
@@ -132,7 +137,8 @@ where
     B::Error: Into<BoxError>,
 {
     // Phase: sanitize.
-    let upgrade = match sanitize(&mut req, conn, host, trace) {
+    let via = state.server.via_header.as_deref();
+    let upgrade = match sanitize(&mut req, conn, host, via, trace) {
         Ok(upgrade) => upgrade,
         Err(refusal) => return refusal,
     };
@@ -219,9 +225,10 @@ where
     policies.run_response(resp, &mut ctx, policies.len()).await
 }
 
-/// The sanitize phase: refuses ambiguous framing, bad paths and unmet expectations, joins
-/// HTTP/2 cookie fields, sets the request id, removes hop-by-hop headers, adds the forwarding
-/// headers and aligns `Host` with the routing host.
+/// The sanitize phase: refuses ambiguous framing, bad paths, unmet expectations and (with
+/// loop detection) requests that came round to us again, joins HTTP/2 cookie fields, sets the
+/// request id, removes hop-by-hop headers, adds the forwarding headers and `Via`, and aligns
+/// `Host` with the routing host.
 /// Returns the `Upgrade` protocol and the client side of the upgrade for upgrade requests.
 // The refusal is the response itself, returned once per refused request: not worth boxing.
 #[allow(clippy::result_large_err)]
@@ -229,6 +236,7 @@ fn sanitize<B>(
     req: &mut Request<B>,
     conn: &ConnInfo,
     host: &str,
+    via: Option<&ViaHeader>,
     trace: &mut Trace,
 ) -> Result<Option<(HeaderValue, hyper::upgrade::OnUpgrade)>, Response<ProxyBody>> {
     let bad_request =
@@ -274,6 +282,15 @@ fn sanitize<B>(
         conn.tls,
         &forwarded_host,
     );
+    if let Some(via) = via {
+        let version = req.version();
+        if via.add_to_request(req.headers_mut(), version).is_err() {
+            return Err(text_response(
+                StatusCode::LOOP_DETECTED,
+                "loop detected: this request already went through this proxy (Via)\n".into(),
+            ));
+        }
+    }
     // The authority of an absolute-form (or HTTP/2) target is the host routing uses; the
     // upstream must see the same one.
     if let Some(authority) = req.uri().authority().cloned() {
@@ -303,7 +320,8 @@ struct Target<'a> {
 }
 
 /// The upstream pick + forward phases: rewrite the path, find the group (a policy may have
-/// changed it), forward, and clean the response's hop-by-hop headers.
+/// changed it), forward, clean the response's hop-by-hop headers and add `Via` to a member's
+/// response when configured to.
 async fn upstream_phase(
     state: &RuntimeState,
     metrics: &Metrics,
@@ -348,6 +366,15 @@ async fn upstream_phase(
     let mut resp = forwarded.response;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         headers::remove_hop_by_hop(resp.headers_mut());
+    }
+    if let Some(via) = state
+        .server
+        .via_header
+        .as_deref()
+        .filter(|_| forwarded.from_member)
+    {
+        let version = resp.version();
+        via.add_to_response(resp.headers_mut(), version);
     }
     resp
 }

@@ -11,3 +11,4 @@ mod security;
 mod support;
 mod tls;
 mod upstream_tls;
+mod via;
