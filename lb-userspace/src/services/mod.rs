@@ -80,6 +80,17 @@ pub enum ServiceError {
         source: Box<ServiceError>,
         undo: Box<ServiceError>,
     },
+    /// A reload failed part way, in a datapath write (everything else is checked before it
+    /// changes anything). The failed step undid its own writes; those before it stay.
+    #[error(
+        "reload stopped part way: {source}; it had applied {applied} before that, and not the \
+         rest of the file (reload again to retry)"
+    )]
+    ReloadStopped {
+        applied: ReloadSummary,
+        #[source]
+        source: Box<ServiceError>,
+    },
 }
 
 /// A change that failed in the datapath, and why undoing what it had written failed, if it
@@ -303,9 +314,8 @@ impl Services {
         }
     }
 
-    /// Adds a VIP with its backends. `fresh_counters`: zero the counters of the ids it gets
-    /// (a runtime add), not at start-up where the ids continue a previous run's.
-    pub fn add_vip(&mut self, mut spec: VipSpec, fresh_counters: bool) -> Result<()> {
+    /// Refuses a VIP that cannot be added, before anything changes.
+    fn check_new_vip(&self, spec: &VipSpec) -> Result<()> {
         let id = spec.id();
         spec.validate(&self.agent)
             .map_err(|e| ServiceError::Invalid {
@@ -321,12 +331,29 @@ impl Services {
         if self.backend_ids.used.len() + spec.backends.len() > MAX_BACKENDS as usize {
             return Err(ServiceError::Exhausted("backend"));
         }
-        // Everything that can fail without side effects first.
-        let hops = spec
-            .backends
-            .iter()
-            .map(|b| self.resolve(b))
-            .collect::<Result<Vec<_>>>()?;
+        Ok(())
+    }
+
+    fn resolve_all(&self, backends: &[BackendSpec]) -> Result<Vec<NextHop>> {
+        backends.iter().map(|b| self.resolve(b)).collect()
+    }
+
+    /// Adds a VIP with its backends. `fresh_counters`: zero the counters of the ids it gets
+    /// (a runtime add), not at start-up where the ids continue a previous run's.
+    pub fn add_vip(&mut self, spec: VipSpec, fresh_counters: bool) -> Result<()> {
+        self.check_new_vip(&spec)?;
+        let hops = self.resolve_all(&spec.backends)?;
+        self.add_vip_resolved(spec, hops, fresh_counters)
+    }
+
+    /// [`Services::add_vip`] with its checks passed and the backends' next hops resolved.
+    fn add_vip_resolved(
+        &mut self,
+        mut spec: VipSpec,
+        hops: Vec<NextHop>,
+        fresh_counters: bool,
+    ) -> Result<()> {
+        let id = spec.id();
         let backend_specs = std::mem::take(&mut spec.backends);
         let vip_id = self.vip_ids.take()?;
         let mut backends = Vec::new();
@@ -448,6 +475,13 @@ impl Services {
 
     pub fn add_backend(&mut self, vip: &VipId, spec: BackendSpec) -> Result<()> {
         let vi = self.vip_index(vip)?;
+        self.check_new_backend(vi, &spec)?;
+        let hop = self.resolve(&spec)?;
+        self.add_backend_resolved(vi, spec, hop)
+    }
+
+    /// Refuses a backend that cannot be added to VIP `vi`, before anything changes.
+    fn check_new_backend(&self, vi: usize, spec: &BackendSpec) -> Result<()> {
         spec.validate(&self.vips[vi].spec)
             .map_err(|message| ServiceError::Invalid {
                 what: format!("backend {}", spec.address),
@@ -459,7 +493,7 @@ impl Services {
             .any(|b| b.spec.address == spec.address)
         {
             return Err(ServiceError::DuplicateBackend {
-                vip: *vip,
+                vip: self.vips[vi].spec.id(),
                 address: spec.address,
             });
         }
@@ -469,8 +503,12 @@ impl Services {
             .filter(|b| b.spec.weight > 0)
             .count()
             + usize::from(spec.weight > 0);
-        self.check_fits(vi, weighted)?;
-        let hop = self.resolve(&spec)?;
+        self.check_fits(vi, weighted)
+    }
+
+    /// [`Services::add_backend`] with its checks passed and its next hop resolved.
+    fn add_backend_resolved(&mut self, vi: usize, spec: BackendSpec, hop: NextHop) -> Result<()> {
+        let vip = self.vips[vi].spec.id();
         let address = spec.address;
         let id = self.backend_ids.take()?;
         let b = Self::new_backend(spec, hop, id, self.vips[vi].id);
@@ -580,8 +618,11 @@ impl Services {
         self.check_fits(vi, weighted)?;
         let old = std::mem::replace(&mut self.vips[vi].backends[bi].spec.weight, weight);
         if let Err(e) = self.install_table(vi) {
+            // The old table is still live (`Datapath::set_vip` switches last).
             self.vips[vi].backends[bi].spec.weight = old;
-            return Err(e);
+            return Err(Failure::undone(e, Ok(())).into_error(format!(
+                "setting the weight of backend {address} of VIP {vip}"
+            )));
         }
         tracing::info!(vip = %vip, backend = %address, weight, "backend weight set");
         Ok(())

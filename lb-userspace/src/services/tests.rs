@@ -212,3 +212,83 @@ fn failed_vip_removal_changes_nothing_and_can_be_retried() {
     assert!(ids.iter().all(|id| !alive(&s, *id)));
     assert_eq!(s.dp.vip_addrs().unwrap().len(), 1);
 }
+
+// --- Reload -------------------------------------------------------------------------------
+
+/// A smaller table for a VIP whose table is full: the reload removes the backends first, so
+/// the smaller table fits, and the VIP before it in the file is not left half reloaded.
+#[test]
+fn reload_shrinks_a_full_table() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(
+        &pins,
+        &[(80, 7, &[11, 12]), (81, 7, &[21, 22, 23, 24, 25, 26, 27])],
+    );
+    let summary = s
+        .apply(config(&[
+            (80, 7, &[11, 12, 13]),
+            (81, 5, &[21, 22, 23, 24, 25]),
+        ]))
+        .unwrap();
+    assert_eq!(
+        summary.to_string(),
+        "VIPs +0 -0 ~1, backends +1 -2 ~0",
+        "{summary:?}"
+    );
+    let v = s.list_vips();
+    assert_eq!((v[1].table_size, v[1].backends.len()), (5, 5));
+    assert_eq!(s.dp.live_table(&key(81)).unwrap().unwrap().len(), 5);
+    assert_eq!(table_ids(&s, 81).len(), 5);
+}
+
+/// A file that cannot be applied (here an IPIP VIP without a source address, which
+/// `Config::load` would refuse too) is refused before anything changes.
+#[test]
+fn reload_refuses_an_invalid_config_before_changing_anything() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 7, &[11]), (81, 7, &[12])]);
+    let mut next = config(&[(80, 7, &[11]), (82, 7, &[13])]);
+    next.vips[1].mode = crate::config::Mode::Ipip;
+    let e = s.apply(next).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("VIP 10.200.0.1:82/tcp") && msg.contains("ipip_src_v4"),
+        "{msg}"
+    );
+    assert_eq!(
+        s.list_vips().len(),
+        2,
+        "the reload removed a VIP before it failed"
+    );
+    assert!(s.dp.vip(&key(81)).unwrap().is_some());
+}
+
+/// A datapath write that fails part way: the error names the backend and says what the
+/// reload had applied; the failed step changed nothing.
+#[test]
+fn reload_stopped_by_a_map_write_says_where() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 7, &[11, 12]), (81, 7, &[21])]);
+    // Removing VIP 81 clears one ALIVE flag; the next BACKENDS write (127.0.0.12's) fails.
+    s.dp.faults.fail(map_names::BACKENDS, 1, 1);
+    let e = s.apply(config(&[(80, 7, &[11, 13])])).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("removing backend 127.0.0.12 from VIP 10.200.0.1:80/tcp")
+            && msg.contains("VIPs +0 -1 ~0, backends +0 -0 ~0")
+            && msg.contains("reload again"),
+        "{msg}"
+    );
+    assert!(matches!(e, ServiceError::ReloadStopped { .. }));
+    assert_eq!(s.list_vips().len(), 1);
+    assert_eq!(
+        listed(&s, 80).iter().map(|b| b.0).collect::<Vec<_>>(),
+        [11, 12]
+    );
+    // Reloading again finishes it.
+    s.apply(config(&[(80, 7, &[11, 13])])).unwrap();
+    assert_eq!(
+        listed(&s, 80).iter().map(|b| b.0).collect::<Vec<_>>(),
+        [11, 13]
+    );
+}
