@@ -27,7 +27,7 @@ use crate::{
 pub fn handle(services: &Mutex<Services>, req: Request) -> Response {
     let mut s = services.lock().unwrap_or_else(|p| p.into_inner());
     match req {
-        Request::VipAdd { vip } => reply(s.add_vip(vip, true)),
+        Request::VipAdd { vip } => reply(s.add_vip(vip)),
         Request::VipDel { vip } => reply(s.del_vip(&vip)),
         Request::VipList => reply(Ok::<_, ServiceError>(s.list_vips())),
         Request::BackendAdd { vip, backend } => reply(s.add_backend(&vip, backend)),

@@ -129,12 +129,9 @@ pub async fn run(
     if let Some(path) = &opts.config_path {
         services.set_config_path(path.clone());
     }
-    for vip in &config.vips {
-        let id = vip.id();
-        tokio::task::block_in_place(|| services.add_vip(vip.clone(), false))
-            .with_context(|| format!("setting up VIP {id}"))?;
-    }
-    services.remove_leftovers()?;
+    // Resolving backends may wait on ARP.
+    tokio::task::block_in_place(|| services.start(&config.vips))
+        .context("loading the configuration into the datapath")?;
 
     // Bind before attaching: a port in use must fail the start, not leave XDP half set up.
     // (Metrics first: the admin socket is a file to clean up if a later step fails.)

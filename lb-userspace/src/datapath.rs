@@ -16,7 +16,7 @@ use aya::{
 };
 use common::{
     map_names as names, reason, BackendInfo, FlowEntry, FlowKey, LbConfig, TrafficStats,
-    VipAddrInfo, VipKey, VipMeta, VipSlot, MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX,
+    VipAddrInfo, VipKey, VipMeta, VipSlot, CONN_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, RING_SIZE_MAX,
 };
 
 /// Errors from the datapath.
@@ -266,6 +266,15 @@ impl Datapath {
         Ok(())
     }
 
+    /// Every VIP entry (those a previous run left included) with its id and live table.
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        let m: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        m.iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err(names::VIPS))
+    }
+
     /// The VIP's live Maglev table, if the VIP exists.
     #[cfg(test)]
     pub(crate) fn live_table(&self, key: &VipKey) -> Result<Option<Vec<u32>>> {
@@ -326,6 +335,39 @@ impl Datapath {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(names::CONN_TABLE)(e)),
         }
+    }
+
+    /// Deletes the connection-table entries that `keep` refuses; returns how many. Walks the
+    /// whole table (up to [`CONN_TABLE_SIZE`] entries): for start-up, not for every change.
+    /// Flows the datapath records while it walks are not all seen.
+    pub fn forget_flows(&mut self, keep: impl Fn(&FlowEntry) -> bool) -> Result<usize> {
+        let stale: Vec<FlowKey> = {
+            let m: HashMap<&MapData, FlowKey, FlowEntry> =
+                HashMap::try_from(self.map(names::CONN_TABLE)?)
+                    .map_err(map_err(names::CONN_TABLE))?;
+            // An entry evicted under the walk makes the kernel start again from the first key:
+            // the bound keeps a busy table from holding the walk for ever.
+            m.iter()
+                .take(2 * CONN_TABLE_SIZE as usize)
+                .filter_map(|kv| match kv {
+                    Ok((k, v)) => (!keep(&v)).then_some(Ok(k)),
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(map_err(names::CONN_TABLE))?
+        };
+        let mut m: HashMap<&mut MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(self.map_mut(names::CONN_TABLE)?)
+                .map_err(map_err(names::CONN_TABLE))?;
+        let mut forgotten = 0;
+        for k in &stale {
+            match m.remove(k) {
+                Ok(()) => forgotten += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::CONN_TABLE)(e)),
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Number of entries in the connection table (walks it: for stats, not hot paths).

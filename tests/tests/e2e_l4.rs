@@ -361,6 +361,46 @@ fn e2e_dsr_add_drain_and_restart() {
     agent.stop().unwrap();
 }
 
+/// A restart with a file that dropped the first backend: each backend the file keeps keeps
+/// its id, so its established connections stay on it (the connection table names backends by
+/// id) and its counters stay its own.
+#[test]
+fn e2e_restart_with_a_changed_config_keeps_the_kept_backends() {
+    skip_unless_possible!();
+    let topo = Topology::new(3, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 3, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg.clone(), false);
+    let mut conns = long_conns(&topo, &["b0", "b1", "b2"], 2);
+    let before = agent.backends();
+    agent.stop().unwrap();
+
+    let mut next = cfg.clone();
+    next.vips[0].backends.remove(0);
+    let agent = AgentHandle::start(&topo.lb.ns, next, false);
+    conns.retain(|(name, _)| name != "b0");
+    assert_conns_keep_backend(&mut conns, "");
+    for b in agent.backends() {
+        let was = before.iter().find(|x| x.address == b.address).unwrap();
+        assert_eq!(b.id, was.id, "backend {} changed id", b.address);
+        assert!(
+            b.counters.packets > was.counters.packets,
+            "backend {}: {:?} after, {:?} before",
+            b.address,
+            b.counters,
+            was.counters
+        );
+    }
+    let counts = spread(&topo, 100);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    agent.stop().unwrap();
+}
+
 /// Number of keys in one of the agent's pinned hash maps.
 fn pinned_len<K: aya::Pod, V: aya::Pod>(cfg: &Config, map: &str) -> usize {
     let path = PathBuf::from("/sys/fs/bpf")

@@ -8,8 +8,9 @@ use common::{VipKey, AF_INET, AF_INET6};
 use super::{Result, ServiceError};
 use crate::config::VipId;
 
-/// Smallest-free-first id allocator: the same config gives the same ids after a restart,
-/// which is what lets pinned connection-table entries keep pointing at the right backend.
+/// Smallest-free-first id allocator for runtime changes. At start-up the ids come from the
+/// previous run's maps instead (`restart`), so that a VIP or backend keeps its id and with
+/// it its pinned connection-table entries and counters, and are claimed one by one.
 pub(super) struct Ids {
     pub(super) used: BTreeSet<u32>,
     limit: u32,
@@ -31,6 +32,17 @@ impl Ids {
             .ok_or(ServiceError::Exhausted(self.what))?;
         self.used.insert(id);
         Ok(id)
+    }
+
+    /// Takes `id` itself (one a start-up planned).
+    pub(super) fn claim(&mut self, id: u32) -> Result<()> {
+        if id >= self.limit || !self.used.insert(id) {
+            return Err(ServiceError::Invalid {
+                what: format!("{} id {id}", self.what),
+                message: "already in use or out of range".into(),
+            });
+        }
+        Ok(())
     }
 
     pub(super) fn release(&mut self, id: u32) {
@@ -83,6 +95,15 @@ mod tests {
             ids.take(),
             Err(ServiceError::Exhausted("backend"))
         ));
+    }
+
+    #[test]
+    fn claim_takes_a_free_id_only() {
+        let mut ids = Ids::new(3, "VIP");
+        ids.claim(2).unwrap();
+        assert!(ids.claim(2).is_err());
+        assert!(ids.claim(3).is_err());
+        assert_eq!(ids.take().unwrap(), 0);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! that backend keeps `BACKEND_F_ALIVE`; taking a backend down clears the flag (after the new
 //! table is live) so its flows are re-picked, while a drained backend (weight 0) keeps it.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::net::IpAddr;
 
 use common::{
     maglev::{build_table, MaglevBackend},
@@ -22,6 +22,7 @@ use tokio::task::AbortHandle;
 
 mod keys;
 mod reload;
+mod restart;
 #[cfg(test)]
 mod tests;
 pub use keys::addr16;
@@ -91,6 +92,13 @@ pub enum ServiceError {
         #[source]
         source: Box<ServiceError>,
     },
+    /// One step of a larger change (a start-up) failed.
+    #[error("{step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<ServiceError>,
+    },
 }
 
 /// A change that failed in the datapath, and why undoing what it had written failed, if it
@@ -146,6 +154,30 @@ struct Vip {
     key: VipKey,
     id: u32,
     backends: Vec<Backend>,
+}
+
+/// An id given to a new VIP or backend. `inherited`: the same VIP or backend had it in the
+/// previous run (see `restart`), so it keeps its counters, flows and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NewId {
+    id: u32,
+    inherited: bool,
+}
+
+impl NewId {
+    fn fresh(id: u32) -> Self {
+        Self {
+            id,
+            inherited: false,
+        }
+    }
+}
+
+/// The ids of a new VIP and of its backends, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NewIds {
+    vip: NewId,
+    backends: Vec<NewId>,
 }
 
 /// All services and the datapath they are written to.
@@ -338,46 +370,76 @@ impl Services {
         backends.iter().map(|b| self.resolve(b)).collect()
     }
 
-    /// Adds a VIP with its backends. `fresh_counters`: zero the counters of the ids it gets
-    /// (a runtime add), not at start-up where the ids continue a previous run's.
-    pub fn add_vip(&mut self, spec: VipSpec, fresh_counters: bool) -> Result<()> {
+    /// Adds a VIP with its backends; their counters start at zero.
+    pub fn add_vip(&mut self, spec: VipSpec) -> Result<()> {
         self.check_new_vip(&spec)?;
         let hops = self.resolve_all(&spec.backends)?;
-        self.add_vip_resolved(spec, hops, fresh_counters)
+        self.add_vip_resolved(spec, hops)
     }
 
     /// [`Services::add_vip`] with its checks passed and the backends' next hops resolved.
-    fn add_vip_resolved(
-        &mut self,
-        mut spec: VipSpec,
-        hops: Vec<NextHop>,
-        fresh_counters: bool,
-    ) -> Result<()> {
+    fn add_vip_resolved(&mut self, spec: VipSpec, hops: Vec<NextHop>) -> Result<()> {
+        let vip = NewId::fresh(self.vip_ids.take()?);
+        let mut backends = Vec::with_capacity(spec.backends.len());
+        for _ in &spec.backends {
+            match self.backend_ids.take() {
+                Ok(id) => backends.push(NewId::fresh(id)),
+                Err(e) => {
+                    self.release_ids(&NewIds { vip, backends });
+                    return Err(e);
+                }
+            }
+        }
+        self.install_vip(spec, hops, NewIds { vip, backends })
+    }
+
+    fn release_ids(&mut self, ids: &NewIds) {
+        self.vip_ids.release(ids.vip.id);
+        for b in &ids.backends {
+            self.backend_ids.release(b.id);
+        }
+    }
+
+    /// Puts a checked VIP, whose ids are taken, into the view and the datapath. On an error
+    /// what was written is removed again and the ids are free; if that removal fails too, the
+    /// VIP stays listed, so that `vip del` can finish it.
+    fn install_vip(&mut self, mut spec: VipSpec, hops: Vec<NextHop>, ids: NewIds) -> Result<()> {
         let id = spec.id();
         let backend_specs = std::mem::take(&mut spec.backends);
-        let vip_id = self.vip_ids.take()?;
-        let mut backends = Vec::new();
-        for (b, hop) in backend_specs.into_iter().zip(hops) {
-            let mut b = Self::new_backend(b, hop, self.backend_ids.take()?, vip_id);
-            // At start-up, a backend that the previous run had taken down (same id, same
-            // address, ALIVE clear) stays down until its checks pass `rise` times.
-            if !fresh_counters && spec.health_check.is_some() {
-                let before = self.dp.backend(b.id)?;
-                if before.addr == addr16(b.spec.address) && before.flags & BACKEND_F_ALIVE == 0 {
+        let mut backends: Vec<Backend> = backend_specs
+            .into_iter()
+            .zip(hops)
+            .zip(&ids.backends)
+            .map(|((b, hop), bid)| Self::new_backend(b, hop, bid.id, ids.vip.id))
+            .collect();
+        // At start-up, a backend that the previous run had taken down (ALIVE clear under the
+        // id it keeps) stays down until its checks pass `rise` times.
+        if spec.health_check.is_some() {
+            for (b, bid) in backends.iter_mut().zip(&ids.backends) {
+                if !bid.inherited {
+                    continue;
+                }
+                let before = match self.dp.backend(b.id) {
+                    Ok(before) => before,
+                    Err(e) => {
+                        self.release_ids(&ids);
+                        return Err(e.into());
+                    }
+                };
+                if before.flags & BACKEND_F_ALIVE == 0 {
                     b.health = HealthState::Down;
                     b.last_error = Some("down before the agent restarted".into());
                 }
             }
-            backends.push(b);
         }
         self.vips.push(Vip {
             key: vip_key(&id),
             spec,
-            id: vip_id,
+            id: ids.vip.id,
             backends,
         });
         let vi = self.vips.len() - 1;
-        if let Err(e) = self.program_vip(vi, fresh_counters) {
+        if let Err(e) = self.program_vip(vi, &ids) {
             let change = format!("adding VIP {id}");
             return Err(match self.unprogram_vip(vi) {
                 Ok(()) => {
@@ -392,19 +454,21 @@ impl Services {
             self.start_check(&self.vips[vi], b);
         }
         self.vips[vi].backends = backends;
+        let vip_id = ids.vip.id;
         tracing::info!(vip = %id, vip_id, backends = self.vips[vi].backends.len(), "VIP added");
         Ok(())
     }
 
-    /// Writes a new VIP's backends, table and address entry to the datapath.
-    fn program_vip(&mut self, vi: usize, fresh_counters: bool) -> Result<()> {
-        for b in &self.vips[vi].backends {
+    /// Writes a new VIP's backends, table and address entry to the datapath. Ids that do not
+    /// continue a previous run's get their counters zeroed.
+    fn program_vip(&mut self, vi: usize, ids: &NewIds) -> Result<()> {
+        for (b, bid) in self.vips[vi].backends.iter().zip(&ids.backends) {
             Self::write_backend(&mut self.dp, b)?;
-            if fresh_counters {
+            if !bid.inherited {
                 self.dp.reset_stats(None, Some(b.id))?;
             }
         }
-        if fresh_counters {
+        if !ids.vip.inherited {
             self.dp.reset_stats(Some(self.vips[vi].id), None)?;
         }
         self.install_table(vi)?;
@@ -693,35 +757,6 @@ impl Services {
             tracing::info!(vip = %vip, backend = %address, "backend up");
             Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi])?;
             self.install_table(vi)?;
-        }
-        Ok(())
-    }
-
-    /// Removes VIPs and VIP addresses this agent does not serve and clears ALIVE on backend
-    /// ids it does not use: leftovers of a previous run with another configuration.
-    pub fn remove_leftovers(&mut self) -> Result<()> {
-        let keys: HashSet<VipKey> = self.vips.iter().map(|v| v.key).collect();
-        for key in self.dp.vip_keys()? {
-            if !keys.contains(&key) {
-                self.dp.remove_vip(&key)?;
-                tracing::info!(?key, "removed a VIP left by a previous run");
-            }
-        }
-        let addrs: HashSet<[u8; 16]> = self.vips.iter().map(|v| v.key.addr).collect();
-        for addr in self.dp.vip_addrs()? {
-            if !addrs.contains(&addr) {
-                self.dp.remove_vip_addr(&addr)?;
-            }
-        }
-        for id in 0..MAX_BACKENDS {
-            if self.backend_ids.used.contains(&id) {
-                continue;
-            }
-            let mut info = self.dp.backend(id)?;
-            if info.flags & BACKEND_F_ALIVE != 0 {
-                info.flags &= !BACKEND_F_ALIVE;
-                self.dp.set_backend(id, &info)?;
-            }
         }
         Ok(())
     }

@@ -209,7 +209,7 @@ impl Services {
                     .map(|b| take_hop(hops, id, b.address))
                     .collect::<Result<Vec<_>>>()?;
                 self.check_new_vip(&spec)?;
-                self.add_vip_resolved(spec, found, true)?;
+                self.add_vip_resolved(spec, found)?;
                 summary.vips_added += 1;
                 continue;
             };

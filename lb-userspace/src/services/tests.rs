@@ -1,7 +1,8 @@
 //! [`Services`] over the real datapath: the embedded XDP object loaded with its maps pinned in
-//! a private bpffs directory, backends on `lo` (127.0.0.x, MACs given). Map writes are made to
-//! fail on purpose (`Datapath::faults`) to check what a failed change leaves in the agent's
-//! view and in the maps. Loading BPF needs root; without it each test says so and passes.
+//! a private bpffs directory, backends on `lo` (127.0.0.x, MACs given), packets run through
+//! `xdp_lb` with BPF_PROG_TEST_RUN. Map writes are made to fail on purpose
+//! (`Datapath::faults`) to check what a failed change leaves in the agent's view and in the
+//! maps. Loading BPF needs root; without it each test says so and passes.
 
 use std::{
     net::IpAddr,
@@ -11,10 +12,12 @@ use std::{
 
 use common::{map_names, VipKey, BACKEND_F_ALIVE};
 
-use super::{keys::vip_key, ServiceError, Services};
+use super::{keys::vip_key, restart, NewId, NewIds, ServiceError, Services};
 use crate::{
+    api::Counters,
     config::{AgentSection, Config, VipId},
     datapath::{ensure_bpffs, Datapath},
+    testrun::{run_xdp, XDP_TX},
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -90,20 +93,17 @@ fn backend(n: u8) -> IpAddr {
 
 fn started(pins: &Pins, vips: &[(u16, u32, &[u8])]) -> Services {
     let mut s = pins.services();
-    for v in config(vips).vips {
-        s.add_vip(v, false).expect("add_vip");
-    }
-    s.remove_leftovers().expect("remove_leftovers");
+    s.start(&config(vips).vips).expect("start");
     s
 }
 
-/// The backends the agent lists for the VIP on `port`: (last octet, id).
-fn listed(s: &Services, port: u16) -> Vec<(u8, u32)> {
+/// The backends the agent lists for the VIP on `port`: (last octet, id, counters).
+fn listed(s: &Services, port: u16) -> Vec<(u8, u32, Counters)> {
     s.list_backends(Some(&vip(port)))
         .unwrap()
         .into_iter()
         .map(|b| match b.address {
-            IpAddr::V4(a) => (a.octets()[3], b.id),
+            IpAddr::V4(a) => (a.octets()[3], b.id, b.counters),
             IpAddr::V6(_) => unreachable!("IPv4 backends"),
         })
         .collect()
@@ -127,6 +127,69 @@ fn table_ids(s: &Services, port: u16) -> Vec<u32> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// A TCP SYN from 10.9.0.1:`sport` to the VIP on `port`.
+fn syn(sport: u16, port: u16) -> Vec<u8> {
+    let mut p = Vec::with_capacity(54);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // to the load balancer
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xcc]); // from the client
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = common::IPPROTO_TCP;
+    ip[12..16].copy_from_slice(&[10, 9, 0, 1]);
+    ip[16..20].copy_from_slice(&VIP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let sum = ip
+        .chunks(2)
+        .fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    p.extend_from_slice(&tcp);
+    p
+}
+
+/// Runs one packet of the flow from `sport` through `xdp_lb`; the last octet of the backend
+/// it went to.
+fn send(s: &mut Services, sport: u16, port: u16) -> u8 {
+    let prog = s.dp.xdp(common::prog_names::LB).unwrap();
+    let out = run_xdp(prog, &syn(sport, port), 1).unwrap();
+    assert_eq!(
+        out.action, XDP_TX,
+        "flow from port {sport} was not forwarded"
+    );
+    out.packet[5]
+}
+
+/// A source port whose flow goes to backend `n`, trying ports from `from`.
+fn flow_to(s: &mut Services, n: u8, port: u16, from: u16) -> u16 {
+    (from..from + 500)
+        .find(|sport| send(s, *sport, port) == n)
+        .unwrap_or_else(|| panic!("no flow reached backend {n}"))
+}
+
+fn flow_key(sport: u16, port: u16) -> common::FlowKey {
+    let k = key(port);
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[10, 9, 0, 1]);
+    common::FlowKey {
+        src,
+        dst: k.addr,
+        sport: sport.to_be(),
+        dport: k.port,
+        proto: k.proto,
+        family: k.family,
+        _pad: [0; 2],
+    }
 }
 
 // --- Removing a backend or a VIP when a map write fails -----------------------------------
@@ -291,4 +354,114 @@ fn reload_stopped_by_a_map_write_says_where() {
         listed(&s, 80).iter().map(|b| b.0).collect::<Vec<_>>(),
         [11, 13]
     );
+}
+
+// --- Restart with a changed configuration ---------------------------------------------------
+
+/// Backends the file keeps keep their ids, flows and counters; a new one starts from zero
+/// and gets none of a dropped one's flows; the dropped one's flows are forgotten.
+#[test]
+fn restart_keeps_kept_backends_and_gives_new_ones_nothing_old() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 13, &[11, 12, 13])]);
+    let on11 = flow_to(&mut s, 11, 80, 1000);
+    let on12 = flow_to(&mut s, 12, 80, 2000);
+    let before = listed(&s, 80);
+    drop(s);
+
+    let mut s = started(&pins, &[(80, 13, &[12, 13, 14])]);
+    let after = listed(&s, 80);
+    for n in [12, 13] {
+        let (was, is) = (
+            before.iter().find(|b| b.0 == n).unwrap(),
+            after.iter().find(|b| b.0 == n).unwrap(),
+        );
+        assert_eq!(
+            (is.1, is.2),
+            (was.1, was.2),
+            "backend {n}: id or counters changed"
+        );
+    }
+    let new = after.iter().find(|b| b.0 == 14).unwrap();
+    assert_eq!(
+        new.2,
+        Counters::default(),
+        "the new backend has old counters"
+    );
+    assert!(
+        !before.iter().any(|b| b.1 == new.1),
+        "the new backend took a dropped backend's id while unused ones were free"
+    );
+    assert!(s.dp.flow(&flow_key(on11, 80)).unwrap().is_none());
+    assert_eq!(
+        send(&mut s, on12, 80),
+        12,
+        "an established flow changed backend"
+    );
+}
+
+/// A new VIP does not show the counters of the dropped VIP whose place it takes in the file;
+/// a kept VIP keeps its id and counters.
+#[test]
+fn restart_gives_a_new_vip_fresh_counters() {
+    let Some(pins) = Pins::new() else { return };
+    let mut s = started(&pins, &[(80, 13, &[11]), (81, 13, &[12])]);
+    send(&mut s, 1000, 80);
+    send(&mut s, 1000, 81);
+    let before = s.list_vips();
+    drop(s);
+
+    let s = started(&pins, &[(82, 13, &[13]), (81, 13, &[12])]);
+    let after = s.list_vips();
+    assert_eq!(after[0].counters, Counters::default(), "{after:?}");
+    assert_eq!(after[0].backends[0].counters, Counters::default());
+    assert_eq!(
+        (after[1].id, after[1].counters),
+        (before[1].id, before[1].counters)
+    );
+    assert!(s.dp.vip(&key(80)).unwrap().is_none());
+}
+
+/// When unused ids run out, a new backend takes a dropped one's id, not inherited.
+#[test]
+fn plan_prefers_ids_the_previous_run_did_not_use() {
+    let mut prev = restart::Previous::default();
+    let cfg = config(&[(80, 7, &[11, 12]), (81, 7, &[13, 14, 15])]);
+    prev.vips.insert(key(81), 0);
+    let info = |n: u8, vip_id: u16| common::BackendInfo {
+        addr: super::addr16(backend(n)),
+        family: common::AF_INET,
+        flags: BACKEND_F_ALIVE,
+        vip_id,
+        ..Default::default()
+    };
+    // VIP 81 had 13 (id 0) and 16 (id 1); ids 2 and up were never used.
+    prev.backends = vec![
+        info(13, 0),
+        info(16, 0),
+        Default::default(),
+        Default::default(),
+    ];
+    let plan = restart::plan(&prev, &cfg.vips, 4, 5).unwrap();
+    let kept = |id| NewId {
+        id,
+        inherited: true,
+    };
+    assert_eq!(
+        plan,
+        [
+            NewIds {
+                vip: NewId::fresh(1),
+                backends: vec![NewId::fresh(2), NewId::fresh(3)],
+            },
+            NewIds {
+                vip: kept(0),
+                backends: vec![kept(0), NewId::fresh(4), NewId::fresh(1)],
+            },
+        ]
+    );
+    assert!(matches!(
+        restart::plan(&prev, &cfg.vips, 4, 4),
+        Err(ServiceError::Exhausted("backend"))
+    ));
 }
