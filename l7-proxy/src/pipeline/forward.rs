@@ -15,7 +15,6 @@ use super::{empty_body, text_response};
 use crate::config::UpstreamProtocol;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::policy::ProxyBody;
-use crate::upstream::client::ConnReuse;
 use crate::upstream::UpstreamGroup;
 
 /// What the forward phase produced.
@@ -94,25 +93,29 @@ pub async fn forward(
         };
         tried.push(index);
         let member = &group.members[index];
-        // HTTP/2 carries the host as `:authority`, taken from the URI: the client's host, as
-        // an intermediary must send it (RFC 9113 8.3.1; the member's client is pinned to it).
-        // HTTP/1.1 keeps `Host`, and the URI names the member to dial.
-        let authority = h2
-            .then(|| parts.headers.get(http::header::HOST))
-            .flatten()
-            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| member.authority.clone());
-        let uri = Uri::builder()
-            .scheme(group.scheme.clone())
-            .authority(authority)
-            .path_and_query(
-                parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            )
-            .build();
+        let client = group.client_for(index);
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let uri = if client.origin_form() {
+            Ok(Uri::from(target))
+        } else {
+            // HTTP/2 carries the host as `:authority`, taken from the URI: the client's host,
+            // as an intermediary must send it (RFC 9113 8.3.1; the member's client is pinned
+            // to it). HTTP/1.1 keeps `Host`, and the URI names the member to dial.
+            let authority = h2
+                .then(|| parts.headers.get(http::header::HOST))
+                .flatten()
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| member.authority.clone());
+            Uri::builder()
+                .scheme(group.scheme.clone())
+                .authority(authority)
+                .path_and_query(target)
+                .build()
+        };
         let Ok(uri) = uri else {
             return Forwarded {
                 response: text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()),
@@ -140,16 +143,11 @@ pub async fn forward(
             .inc();
         let sent = tokio::time::timeout(
             group.request_timeout,
-            group.client_for(index).request(upstream_req),
+            client.request(member.addr, &member.authority, upstream_req),
         );
         match sent.await {
             Ok(Ok(mut resp)) => {
                 member.record_outcome(!resp.status().is_server_error(), &group.passive, metrics);
-                if let Some(reuse) = resp.extensions().get::<ConnReuse>() {
-                    if reuse.mark_used() {
-                        metrics.pool_reused.inc();
-                    }
-                }
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_side) = client_upgrade.take() {
                         tunnel(client_side, hyper::upgrade::on(&mut resp));
@@ -160,7 +158,7 @@ pub async fn forward(
                     response: resp.map(|b| {
                         b.map_err(move |e| {
                             let _still_in_flight = &in_flight;
-                            e.into()
+                            e
                         })
                         .boxed()
                     }),

@@ -1,6 +1,7 @@
-//! The client that talks to upstream members, HTTP/1.1 or (for `protocol = "h2c"` groups)
-//! HTTP/2: hyper-util's pooling client over a connector that counts new connections and tags
-//! each one, so the pipeline can tell whether a response came over a reused connection.
+//! The clients that talk to upstream members ([`GroupClient`]): plain HTTP/1.1 groups use
+//! our own pool over hyper's connection API ([`super::h1`]); TLS and HTTP/2 groups use
+//! hyper-util's pooling client over a connector that counts new connections and tags each
+//! one, so that a response over a reused connection is counted.
 //!
 //! Clients are cached by their timeout settings ([`ClientCache`]) for the life of the process,
 //! so a config reload keeps the warm connection pool.
@@ -26,8 +27,10 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 
 use crate::config::UpstreamProtocol;
 use crate::metrics::Metrics;
-use crate::policy::ProxyBody;
+use crate::policy::{BoxError, ProxyBody};
 use crate::tls::UpstreamTls;
+
+use super::h1::H1Client;
 
 /// The pooled upstream client: TLS (when the group has it) around the counting connector.
 pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, ProxyBody>;
@@ -129,6 +132,52 @@ impl Write for TrackedConn {
     }
 }
 
+/// The client of a group (or, for HTTP/2, of one member).
+#[derive(Clone)]
+pub enum GroupClient {
+    /// Plain HTTP/1.1: our pool ([`H1Client`]).
+    H1(H1Client),
+    /// TLS or HTTP/2: hyper-util's pooling client.
+    Pooled {
+        client: Box<UpstreamClient>,
+        metrics: Arc<Metrics>,
+    },
+}
+
+impl GroupClient {
+    /// True when requests go out in origin form (path and query only): [`GroupClient::H1`].
+    /// hyper-util's client takes absolute URIs and dials the authority they name.
+    pub fn origin_form(&self) -> bool {
+        matches!(self, Self::H1(_))
+    }
+
+    /// Sends `req` to `member` (whose address as a URI authority is `authority`).
+    pub async fn request(
+        &self,
+        member: SocketAddr,
+        authority: &http::uri::Authority,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, BoxError> {
+        match self {
+            Self::H1(client) => client.request(member, authority, req).await,
+            Self::Pooled { client, metrics } => {
+                let resp = client.request(req).await?;
+                if let Some(reuse) = resp.extensions().get::<ConnReuse>() {
+                    if reuse.mark_used() {
+                        metrics.pool_reused.inc();
+                    }
+                }
+                Ok(resp.map(|b| {
+                    http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                        b,
+                        BoxError::from,
+                    ))
+                }))
+            }
+        }
+    }
+}
+
 /// Clients of plain groups by (connect timeout, pool idle timeout, protocol, pinned member),
 /// shared across config generations. A group with TLS gets clients of its own each
 /// generation, so that a reload picks up renewed certificates.
@@ -137,8 +186,7 @@ pub struct ClientCache {
     clients: Mutex<ClientMap>,
 }
 
-type ClientMap =
-    HashMap<(Duration, Duration, UpstreamProtocol, Option<SocketAddr>), UpstreamClient>;
+type ClientMap = HashMap<(Duration, Duration, UpstreamProtocol, Option<SocketAddr>), GroupClient>;
 
 impl ClientCache {
     /// `pin`: the member every connection goes to (HTTP/2 groups have a client per member);
@@ -151,15 +199,26 @@ impl ClientCache {
         tls: Option<UpstreamTls>,
         pin: Option<SocketAddr>,
         metrics: &Arc<Metrics>,
-    ) -> UpstreamClient {
+    ) -> GroupClient {
         let settings = (connect_timeout, idle_timeout, protocol, pin);
+        let pooled = |tls| GroupClient::Pooled {
+            client: Box::new(build(settings, tls, metrics)),
+            metrics: metrics.clone(),
+        };
         if let Some(tls) = tls {
-            return build(settings, Some(tls), metrics);
+            return pooled(Some(tls));
         }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(settings)
-            .or_insert_with(|| build(settings, None, metrics))
+            .or_insert_with(|| match protocol {
+                UpstreamProtocol::Http1 => GroupClient::H1(H1Client::new(
+                    connect_timeout,
+                    idle_timeout,
+                    metrics.clone(),
+                )),
+                _ => pooled(None),
+            })
             .clone()
     }
 }

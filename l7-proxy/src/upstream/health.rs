@@ -56,7 +56,7 @@ impl HealthTasks {
                         .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
                     let Ok(req) = req else { return };
                     let ok = matches!(
-                        tokio::time::timeout(Duration::from_millis(*config.timeout_ms.get_ref()), client.request(req)).await,
+                        tokio::time::timeout(Duration::from_millis(*config.timeout_ms.get_ref()), client.request(member.addr, &member.authority, req)).await,
                         Ok(Ok(resp)) if (200..400).contains(&resp.status().as_u16())
                     );
                     if ok {

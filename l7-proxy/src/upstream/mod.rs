@@ -8,6 +8,7 @@
 
 pub mod balance;
 pub mod client;
+mod h1;
 pub mod health;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +23,7 @@ use crate::config::{
 };
 use crate::metrics::{MemberLabels, Metrics};
 use balance::{hash_bytes, Balancer};
-use client::{ClientCache, UpstreamClient};
+use client::{ClientCache, GroupClient};
 
 /// Milliseconds since the first call: a cheap monotonic clock for atomics.
 fn now_ms() -> u64 {
@@ -209,10 +210,10 @@ const RETRY_MAX: i64 = 100_000;
 /// The clients that reach a group's members.
 enum Clients {
     /// HTTP/1.1: one client; each request's URI names the member to dial.
-    Shared(Box<UpstreamClient>),
+    Shared(Box<GroupClient>),
     /// HTTP/2: requests name the client's host as `:authority` in their URI, so the member to
     /// dial cannot come from the URI: one client per member (by index), pinned to it.
-    PerMember(Vec<UpstreamClient>),
+    PerMember(Vec<GroupClient>),
 }
 
 impl Clients {
@@ -283,7 +284,7 @@ impl UpstreamGroup {
     }
 
     /// The client that reaches member `index`.
-    pub fn client_for(&self, index: usize) -> &UpstreamClient {
+    pub fn client_for(&self, index: usize) -> &GroupClient {
         match &self.clients {
             Clients::Shared(client) => client,
             Clients::PerMember(clients) => &clients[index],

@@ -10,5 +10,6 @@ mod routing;
 mod security;
 mod support;
 mod tls;
+mod upstream_pool;
 mod upstream_tls;
 mod via;

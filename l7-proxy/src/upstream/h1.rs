@@ -1,0 +1,282 @@
+//! The client of plain HTTP/1.1 groups: hyper's connection API (`hyper::client::conn::http1`)
+//! under a pool of idle connections per member.
+//!
+//! hyper-util's pooling client (still used for TLS and HTTP/2 groups) costs more per request
+//! than the rest of the forward phase: it hashes a pool key per request, builds and boxes a
+//! large checkout-or-connect future, and spawns a task per response that waits for the body
+//! to end before it puts the connection back. Here a connection goes back to its member's
+//! idle list when the response body reports its end (or is dropped at its end), found by
+//! member address, without a task or a clock read; a background task closes connections idle
+//! longer than the idle timeout.
+//!
+//! A pooled connection may have been closed by the member meanwhile: a request that could not
+//! be written to it is sent again on another connection (as hyper-util does); one that was
+//! written fails, and the forward phase's retry policy decides.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::metrics::Metrics;
+use crate::policy::{BoxError, ProxyBody};
+
+/// Pooled HTTP/1.1 connections to the members of plain groups, by member address. Shared by
+/// the groups (and config generations) with the same timeouts.
+#[derive(Clone)]
+pub struct H1Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    metrics: Arc<Metrics>,
+    idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
+    /// Advanced by the reaper every quarter of the idle timeout; idle connections remember
+    /// the tick they came back at.
+    tick: AtomicU64,
+    reaper_started: AtomicBool,
+}
+
+struct IdleConn {
+    sender: SendRequest<ProxyBody>,
+    since_tick: u64,
+}
+
+/// Reaper ticks per idle timeout: a connection is closed after 4 to 5 quarters of idleness.
+const TICKS_PER_TIMEOUT: u32 = 4;
+
+impl H1Client {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connect_timeout,
+                idle_timeout,
+                metrics,
+                idle: Mutex::new(HashMap::new()),
+                tick: AtomicU64::new(0),
+                reaper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `req` to `member`. The request goes out in origin form (path and query), as
+    /// HTTP/1.1 sends it to an origin server; one without `Host` gets the member's address.
+    pub async fn request(
+        &self,
+        member: SocketAddr,
+        authority: &http::uri::Authority,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        if req.uri().scheme().is_some() {
+            let target = req.uri().path_and_query().cloned();
+            *req.uri_mut() = target.map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+        }
+        if !req.headers().contains_key(http::header::HOST) {
+            if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        loop {
+            let (mut sender, reused) = match self.inner.checkout(member) {
+                Some(sender) => (sender, true),
+                None => (self.inner.connect(member).await?, false),
+            };
+            // A pooled connection may still be finishing its previous response, or be
+            // closed: wait for the first, skip the second.
+            if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
+                if reused {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    if reused {
+                        self.inner.metrics.pool_reused.inc();
+                    }
+                    // An upgraded connection (101) belongs to the tunnel now.
+                    let back =
+                        (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
+                            sender,
+                            inner: self.inner.clone(),
+                            member,
+                        });
+                    return Ok(
+                        resp.map(|body| http_body_util::BodyExt::boxed(PooledBody { body, back }))
+                    );
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: the connection was closed under us. Send it on another.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn checkout(&self, member: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&member)?;
+        // Most recently used first: the rest may go idle long enough to be closed.
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, member: SocketAddr) -> Result<SendRequest<ProxyBody>, BoxError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(member))
+            .await
+            .map_err(|_| format!("connecting to {member} timed out"))?
+            .map_err(|e| format!("connecting to {member}: {e}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%member, error = %e, "upstream connection ended with error");
+            }
+        });
+        self.metrics.connections_opened.inc();
+        Ok(sender)
+    }
+
+    /// Puts a connection whose response is done back in its member's idle list.
+    fn release(self: &Arc<Self>, member: SocketAddr, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        self.start_reaper();
+        let since_tick = self.tick.load(Ordering::Relaxed);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.entry(member)
+            .or_default()
+            .push(IdleConn { sender, since_tick });
+    }
+
+    /// Starts the task that closes connections idle for longer than the idle timeout, once,
+    /// when the first connection goes idle (inside the runtime, then). It ends with the
+    /// client.
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaper_started.load(Ordering::Relaxed)
+            || self.reaper_started.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let period = (self.idle_timeout / TICKS_PER_TIMEOUT).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let now = inner.tick.fetch_add(1, Ordering::Relaxed) + 1;
+                let closed: Vec<IdleConn> = {
+                    let mut idle = inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut closed = Vec::new();
+                    idle.retain(|_, list| {
+                        let (keep, old): (Vec<_>, Vec<_>) = list.drain(..).partition(|c| {
+                            !c.sender.is_closed()
+                                && now - c.since_tick <= u64::from(TICKS_PER_TIMEOUT)
+                        });
+                        *list = keep;
+                        closed.extend(old);
+                        !list.is_empty()
+                    });
+                    closed
+                };
+                // Dropping a sender closes its connection; outside the lock.
+                drop(closed);
+            }
+        });
+    }
+}
+
+/// Returns the connection to the pool.
+struct Release {
+    sender: SendRequest<ProxyBody>,
+    inner: Arc<Inner>,
+    member: SocketAddr,
+}
+
+/// A member's response body that gives its connection back to the pool once it has ended.
+/// Dropped before its end (the client went away), the connection closes with it.
+struct PooledBody {
+    body: Incoming,
+    back: Option<Release>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(r) = self.back.take() {
+            r.inner.release(r.member, r.sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.body.is_end_stream() {
+                    this.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.back = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (204, 304, HEAD, length 0) may never be polled.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
