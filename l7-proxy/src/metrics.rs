@@ -4,6 +4,9 @@
 //! reset when the config changes. The pipeline records a request once it is answered; the
 //! upstream layer records member health and connection reuse.
 
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -50,6 +53,8 @@ pub struct Metrics {
     pub connections_opened: Counter,
     pub pool_reused: Counter,
     pub reloads: Family<ResultLabels, Counter>,
+    /// The series of requests that matched no route (`route="-"`).
+    pub unmatched: RouteMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,6 +130,7 @@ impl Metrics {
             connections_opened,
             pool_reused,
             reloads,
+            unmatched: RouteMetrics::new("-".to_string()),
         }
     }
 
@@ -143,5 +149,58 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+}
+
+/// One route's request series, found once and kept with the route: a request then costs a
+/// short search among the statuses the route has answered, instead of two label-set hash
+/// lookups and label strings built per request.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    route: String,
+    latency: OnceLock<Histogram>,
+    by_status: Mutex<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    pub fn new(route: String) -> Self {
+        Self {
+            route,
+            latency: OnceLock::new(),
+            by_status: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a request answered with `status` after `elapsed` (to the response head).
+    pub fn record(&self, metrics: &Metrics, status: u16, elapsed: Duration) {
+        {
+            let mut by_status = self.by_status.lock().unwrap_or_else(|e| e.into_inner());
+            match by_status.iter().find(|(s, _)| *s == status) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => {
+                    let counter = metrics
+                        .requests
+                        .get_or_create(&RouteStatusLabels {
+                            route: self.route.clone(),
+                            status,
+                        })
+                        .clone();
+                    counter.inc();
+                    by_status.push((status, counter));
+                }
+            }
+        }
+        self.latency
+            .get_or_init(|| {
+                metrics
+                    .latency
+                    .get_or_create(&RouteLabels {
+                        route: self.route.clone(),
+                    })
+                    .clone()
+            })
+            .observe(elapsed.as_secs_f64());
     }
 }

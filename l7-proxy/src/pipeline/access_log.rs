@@ -10,8 +10,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::metrics::{Metrics, RouteLabels, RouteStatusLabels};
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::policy::{BoxError, ProxyBody};
+use crate::routing::Route;
 
 /// Everything the log line says about a request, except the body size.
 #[derive(Debug)]
@@ -20,7 +23,8 @@ pub struct AccessRecord {
     pub host: String,
     pub path: String,
     pub status: u16,
-    pub route: String,
+    /// The route matched; `None` for requests that matched none (`-` in logs and metrics).
+    pub route: Option<Arc<Route>>,
     pub upstream: Option<std::net::SocketAddr>,
     pub request_id: String,
     pub client: std::net::SocketAddr,
@@ -30,19 +34,15 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Counts the request and its time to response head.
     pub fn record_metrics(&self, metrics: &Metrics) {
-        metrics
-            .requests
-            .get_or_create(&RouteStatusLabels {
-                route: self.route.clone(),
-                status: self.status,
-            })
-            .inc();
-        metrics
-            .latency
-            .get_or_create(&RouteLabels {
-                route: self.route.clone(),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        let series = match &self.route {
+            Some(route) => &route.metrics,
+            None => &metrics.unmatched,
+        };
+        series.record(metrics, self.status, self.started.elapsed());
+    }
+
+    fn route_name(&self) -> &str {
+        self.route.as_ref().map_or("-", |r| r.name.as_str())
     }
 
     fn emit(&self, bytes: u64, complete: bool) {
@@ -62,7 +62,7 @@ impl AccessRecord {
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             upstream = upstream.as_deref().unwrap_or("-"),
             request_id = %self.request_id,
-            route = %self.route,
+            route = %self.route_name(),
             client = %self.client,
             "request"
         );

@@ -137,10 +137,7 @@ pub async fn forward(
         }
 
         let in_flight = member.start_request();
-        metrics
-            .upstream_requests
-            .get_or_create(member.labels())
-            .inc();
+        member.count_request(metrics);
         let sent = tokio::time::timeout(
             group.request_timeout,
             client.request(member.addr, &member.authority, upstream_req),

@@ -75,7 +75,7 @@ pub fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
 /// Facts gathered along the way for the access log.
 #[derive(Default)]
 struct Trace {
-    route: Option<String>,
+    route: Option<Arc<Route>>,
     upstream: Option<SocketAddr>,
     request_id: String,
 }
@@ -113,7 +113,7 @@ pub async fn handle(
         host,
         path,
         status: resp.status().as_u16(),
-        route: trace.route.unwrap_or_else(|| "-".to_string()),
+        route: trace.route,
         upstream: trace.upstream,
         request_id: trace.request_id,
         client: conn.client_addr,
@@ -150,7 +150,7 @@ where
             format!("no route matches {host}{}\n", req.uri().path()),
         );
     };
-    trace.route = Some(route.name.clone());
+    trace.route = Some(route.clone());
 
     // Phase: request policies.
     let mut ctx = RequestCtx::new(

@@ -92,6 +92,8 @@ pub enum RouteAction {
 /// A compiled route.
 pub struct Route {
     pub name: String,
+    /// The route's request series (counts by status, latency).
+    pub metrics: crate::metrics::RouteMetrics,
     host: HostMatch,
     path: PathMatch,
     methods: Vec<Method>,
@@ -188,6 +190,7 @@ impl Route {
         })?;
         Ok(Self {
             name: rc.name.get_ref().clone(),
+            metrics: crate::metrics::RouteMetrics::new(rc.name.get_ref().clone()),
             host,
             path,
             methods,

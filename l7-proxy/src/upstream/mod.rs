@@ -38,6 +38,8 @@ pub struct Member {
     pub authority: http::uri::Authority,
     pub weight: u32,
     labels: MemberLabels,
+    /// Its `l7_upstream_requests` series, found on the first request.
+    requests: OnceLock<prometheus_client::metrics::counter::Counter>,
     /// Set by active health checks (always true without them).
     active_up: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -78,6 +80,7 @@ impl Member {
                 group: group.to_string(),
                 member: addr.to_string(),
             },
+            requests: OnceLock::new(),
             active_up: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
@@ -171,8 +174,16 @@ impl Member {
             .set(i64::from(self.is_available()));
     }
 
-    pub fn labels(&self) -> &MemberLabels {
-        &self.labels
+    /// Counts a request sent to the member.
+    pub fn count_request(&self, metrics: &Metrics) {
+        self.requests
+            .get_or_init(|| {
+                metrics
+                    .upstream_requests
+                    .get_or_create(&self.labels)
+                    .clone()
+            })
+            .inc();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Load balancing algorithms, health and retries through the running proxy.
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::*;
@@ -368,6 +368,64 @@ async fn least_request_avoids_the_busy_member() {
     assert!(
         quick.iter().all(|name| *name != busy),
         "busy={busy} quick={quick:?}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_metrics_count_by_route_status_and_member_across_reloads() {
+    let up = TestUpstream::start("m").await;
+    let config = |host: &str| {
+        one_group("round_robin", &members(&[&up]), "").replace(
+            "name = \"all\"\n",
+            &format!("name = \"all\"\nmatch = {{ host = \"{host}\" }}\n"),
+        )
+    };
+    let proxy = start_proxy(&config("a")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, addr, "a", "/").await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            get(&c, addr, "other", "/").await.status,
+            StatusCode::NOT_FOUND
+        );
+    }
+    // A new generation of the route keeps counting into the same series.
+    proxy
+        .reload(l7_proxy::Config::from_toml_str(&config("a")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get(&c, addr, "a", "/").await.status, StatusCode::OK);
+    let text = get(&c, admin, "admin", "/metrics").await.body;
+    let member = format!("{{group=\"g\",member=\"{}\"}}", up.addr);
+    assert_eq!(
+        metric(&text, "l7_requests_total{route=\"all\",status=\"200\"}"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "l7_requests_total{route=\"-\",status=\"404\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "l7_request_duration_seconds_count{route=\"all\"}"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "l7_request_duration_seconds_count{route=\"-\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, &format!("l7_upstream_requests_total{member}")),
+        Some(4.0),
+        "{text}"
     );
     proxy.shutdown().await;
 }
