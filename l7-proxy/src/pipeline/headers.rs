@@ -211,6 +211,10 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// never connection-specific, and without it the upstream would see the member's address
 /// instead of the host the request was routed by.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their names instead of a lookup per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = list_items(headers, &header::CONNECTION)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|name| name != header::HOST)
@@ -284,55 +288,112 @@ fn joined_values(headers: &HeaderMap, name: &HeaderName) -> String {
     joined
 }
 
-/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
-pub fn add_forwarding_headers(headers: &mut HeaderMap, client: SocketAddr, tls: bool, host: &str) {
-    use std::fmt::Write;
+/// The forwarding header values of one client connection, built when it is accepted: the
+/// client's address and the protocol do not change between its requests, and the host seldom
+/// does. A request that brings no `X-Forwarded-For` or `Forwarded` of its own (the usual case
+/// at the edge) then gets ready values instead of text built and checked per request.
+#[derive(Debug)]
+pub struct ForwardingValues {
+    /// The client's address, as `X-Forwarded-For` has it.
+    ip: String,
+    /// `ip` as a header value: the whole `X-Forwarded-For` of a request without one.
+    xff: Option<HeaderValue>,
+    /// `for=<ip>;proto=<proto>`: `Forwarded` without the host.
+    forwarded_for: String,
+    proto: &'static str,
+    /// The last host's whole `Forwarded` value.
+    last: std::sync::Mutex<Option<(String, HeaderValue)>>,
+}
 
-    let proto = if tls { "https" } else { "http" };
-    let ip = client.ip();
-    let mut ip_text = String::with_capacity(48);
-    let _ = write!(ip_text, "{ip}");
-    // Every earlier line counts, in order: a proxy in front may have added its own line
-    // after the client's (RFC 9110 5.3: repeated lines are one comma-separated list).
-    let mut xff = joined_values(headers, &X_FORWARDED_FOR);
-    if !xff.is_empty() {
-        xff.push_str(", ");
-    }
-    xff.push_str(&ip_text);
-    headers.remove(&X_FORWARDED_FOR);
-    if let Some(v) = header_value(xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-
-    let previous = joined_values(headers, &header::FORWARDED);
-    let mut forwarded = String::with_capacity(previous.len() + ip_text.len() + host.len() + 34);
-    if !previous.is_empty() {
-        forwarded.push_str(&previous);
-        forwarded.push_str(", ");
-    }
-    forwarded.push_str("for=");
-    match ip {
-        IpAddr::V4(_) => forwarded.push_str(&ip_text),
-        IpAddr::V6(_) => {
-            forwarded.push_str("\"[");
-            forwarded.push_str(&ip_text);
-            forwarded.push_str("]\"");
+impl ForwardingValues {
+    pub fn new(client: SocketAddr, tls: bool) -> Self {
+        let proto = if tls { "https" } else { "http" };
+        let ip = client.ip().to_string();
+        let forwarded_for = match client.ip() {
+            IpAddr::V4(_) => format!("for={ip};proto={proto}"),
+            IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),
+        };
+        Self {
+            xff: HeaderValue::from_str(&ip).ok(),
+            ip,
+            forwarded_for,
+            proto,
+            last: std::sync::Mutex::new(None),
         }
     }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
+
+    /// `Forwarded` for a request to `host` that came without one.
+    fn forwarded(&self, host: &str) -> Option<HeaderValue> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((h, v)) = last.as_ref() {
+            if h == host {
+                return Some(v.clone());
+            }
+        }
+        let mut text = String::with_capacity(self.forwarded_for.len() + host.len() + 8);
+        text.push_str(&self.forwarded_for);
+        push_forwarded_host(&mut text, host);
+        let value = header_value(text)?;
+        *last = Some((host.to_string(), value.clone()));
+        Some(value)
+    }
+}
+
+/// `;host="<host>"`, when the host can be written as a quoted string.
+fn push_forwarded_host(text: &mut String, host: &str) {
     if !host.is_empty()
         && host
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
+        text.push_str(";host=\"");
+        text.push_str(host);
+        text.push('"');
     }
-    headers.remove(header::FORWARDED);
-    if let Some(v) = header_value(forwarded) {
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
+pub fn add_forwarding_headers(headers: &mut HeaderMap, client: &ForwardingValues, host: &str) {
+    // Every earlier line counts, in order: a proxy in front may have added its own line
+    // after the client's (RFC 9110 5.3: repeated lines are one comma-separated list).
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        None => client.xff.clone(),
+        Some(_) => {
+            let mut xff = joined_values(headers, &X_FORWARDED_FOR);
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(&client.ip);
+            headers.remove(&X_FORWARDED_FOR);
+            header_value(xff)
+        }
+    };
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
+
+    let forwarded = match headers.get(header::FORWARDED) {
+        None => client.forwarded(host),
+        Some(_) => {
+            let previous = joined_values(headers, &header::FORWARDED);
+            let mut forwarded = String::with_capacity(
+                previous.len() + client.forwarded_for.len() + host.len() + 12,
+            );
+            if !previous.is_empty() {
+                forwarded.push_str(&previous);
+                forwarded.push_str(", ");
+            }
+            forwarded.push_str(&client.forwarded_for);
+            push_forwarded_host(&mut forwarded, host);
+            headers.remove(header::FORWARDED);
+            header_value(forwarded)
+        }
+    };
+    if let Some(v) = forwarded {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -472,13 +533,45 @@ mod tests {
     #[test]
     fn forwarding_headers_append() {
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
-        add_forwarding_headers(&mut h, "[::1]:5000".parse().unwrap(), true, "a.example.com");
+        let client = ForwardingValues::new("[::1]:5000".parse().unwrap(), true);
+        add_forwarding_headers(&mut h, &client, "a.example.com");
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(
             h["forwarded"],
             "for=1.2.3.4, for=\"[::1]\";proto=https;host=\"a.example.com\""
         );
+    }
+
+    #[test]
+    fn forwarding_headers_of_one_connection_follow_its_requests() {
+        let client = ForwardingValues::new("192.0.2.7:5000".parse().unwrap(), false);
+        for host in [
+            "a.example",
+            "a.example",
+            "b.example:8080",
+            "bad\"host",
+            "a.example",
+        ] {
+            let mut h = map(&[("x", "y")]);
+            add_forwarding_headers(&mut h, &client, host);
+            assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+            assert_eq!(h["x-forwarded-proto"], "http");
+            let expected = if host.contains('"') {
+                "for=192.0.2.7;proto=http".to_string()
+            } else {
+                format!("for=192.0.2.7;proto=http;host=\"{host}\"")
+            };
+            assert_eq!(h["forwarded"], expected.as_str());
+        }
+        // A request that brings its own lines still gets them kept, then the client.
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        add_forwarding_headers(&mut h, &client, "a.example");
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 192.0.2.7");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
     }
 
     #[test]

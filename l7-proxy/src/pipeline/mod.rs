@@ -54,6 +54,8 @@ pub struct ConnInfo {
     pub framing: Option<Arc<FramingVerdicts>>,
     /// Marks the connection busy (not idle) while a request waits for its response head.
     pub busy: Option<Arc<Busy>>,
+    /// The connection's forwarding header values, built once.
+    pub forwarding: Arc<headers::ForwardingValues>,
 }
 
 /// An empty body.
@@ -276,12 +278,7 @@ fn sanitize<B>(
         raw if raw == host => std::borrow::Cow::Borrowed(host),
         raw => std::borrow::Cow::Owned(raw.to_string()),
     };
-    headers::add_forwarding_headers(
-        req.headers_mut(),
-        conn.client_addr,
-        conn.tls,
-        &forwarded_host,
-    );
+    headers::add_forwarding_headers(req.headers_mut(), &conn.forwarding, &forwarded_host);
     if let Some(via) = via {
         let version = req.version();
         if via.add_to_request(req.headers_mut(), version).is_err() {

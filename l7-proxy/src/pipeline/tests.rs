@@ -95,6 +95,10 @@ async fn run(state: &RuntimeState, host: &str) -> (Response<ProxyBody>, Trace) {
         tls: false,
         framing: None,
         busy: None,
+        forwarding: Arc::new(super::headers::ForwardingValues::new(
+            "192.0.2.1:5000".parse().unwrap(),
+            false,
+        )),
     };
     let req = Request::get("/x")
         .header("host", host)

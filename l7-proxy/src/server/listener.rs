@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use super::framing_guard::FramingGuard;
 use super::idle::{Busy, IdleTimeoutIo};
 use super::proxy_protocol;
+use crate::pipeline::headers::ForwardingValues;
 use crate::pipeline::{self, ConnInfo};
 use crate::state::{ListenerSettings, Shared};
 
@@ -141,6 +142,7 @@ async fn serve_connection(
                 tls: false,
                 framing: Some(framing),
                 busy: Some(busy),
+                forwarding: Arc::new(ForwardingValues::new(client_addr, false)),
             };
             serve_http(io, conn, shared, watcher, handshake_timeout).await
         }
@@ -154,6 +156,7 @@ async fn serve_connection(
                         tls: true,
                         framing: Some(framing),
                         busy: Some(busy),
+                        forwarding: Arc::new(ForwardingValues::new(client_addr, true)),
                     };
                     serve_http(io, conn, shared, watcher, handshake_timeout).await
                 }

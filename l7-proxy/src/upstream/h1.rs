@@ -198,7 +198,7 @@ impl Inner {
                     idle.retain(|_, list| {
                         let (keep, old): (Vec<_>, Vec<_>) = list.drain(..).partition(|c| {
                             !c.sender.is_closed()
-                                && now - c.since_tick <= u64::from(TICKS_PER_TIMEOUT)
+                                && now.saturating_sub(c.since_tick) <= u64::from(TICKS_PER_TIMEOUT)
                         });
                         *list = keep;
                         closed.extend(old);
