@@ -66,6 +66,9 @@ pub async fn forward(
     let hash = group.request_hash(req.headers(), client_ip);
     let retryable =
         client_upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
+    // The headers are kept for another attempt only if there can be one: a retry needs
+    // attempts left and another member.
+    let may_send_again = retryable && group.retries.attempts > 0 && group.members.len() > 1;
     let (mut parts, body) = req.into_parts();
     if !h2 {
         // Only `TE: trailers` is left (see `sanitize`); it means something to HTTP/2 (gRPC).
@@ -131,7 +134,11 @@ pub async fn forward(
         } else {
             Version::HTTP_11
         };
-        *upstream_req.headers_mut() = parts.headers.clone();
+        *upstream_req.headers_mut() = if may_send_again {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         if h2 {
             upstream_req.headers_mut().remove(http::header::HOST);
         }
