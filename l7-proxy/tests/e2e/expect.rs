@@ -29,14 +29,7 @@ async fn read_head(stream: &mut tokio::net::TcpStream, deadline: Duration) -> St
 
 /// One HTTP/2 request with prior knowledge; the status and the body.
 async fn h2_send(addr: std::net::SocketAddr, req: Request<Full<Bytes>>) -> (StatusCode, String) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();

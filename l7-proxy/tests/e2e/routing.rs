@@ -437,14 +437,7 @@ async fn h2_prior_knowledge_on_a_plain_listener() {
     let up = TestUpstream::start("h2c").await;
     let proxy = forward_host(&up, "h2.example.com").await;
     let addr = proxy.listener_addr("web").unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let req = http::Request::get("http://h2.example.com/over/h2?x=1")
         .header("te", "trailers")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -487,14 +480,7 @@ async fn request_bodies_arrive_intact_over_h1_and_h2() {
     assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
     assert!(chunked.ends_with("hello world"), "{chunked}");
 
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let req = http::Request::post("http://h/echo/h2")
         .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
         .unwrap();
@@ -546,14 +532,7 @@ async fn h2_cookie_fields_reach_an_h1_upstream_as_one_header() {
     let up = TestUpstream::start("up").await;
     let proxy = forward_all(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let req = http::Request::get("http://h2.example.com/")
         .header("cookie", "sid=abc")
         .header("cookie", "theme=dark")

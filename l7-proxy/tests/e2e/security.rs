@@ -195,14 +195,7 @@ async fn idle_timeout_does_not_cut_a_request_waiting_for_its_upstream() {
     assert!(answer.ends_with("victim"), "{answer:?}");
     assert_eq!(up.hits(), 1);
     // Over HTTP/2 as well.
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let req = http::Request::get("http://a/")
         .header("x-delay-ms", "1000")
         .body(http_body_util::Full::new(bytes::Bytes::new()))

@@ -316,6 +316,17 @@ pub async fn get_with(
     send(client, req.body(Full::new(Bytes::new())).unwrap()).await
 }
 
+/// An HTTP/2 client connection with prior knowledge (h2c) to `addr`, driven by a task.
+pub async fn h2c_sender(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// Writes raw bytes and reads until the server closes or goes quiet for `quiet`.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8], quiet: Duration) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();

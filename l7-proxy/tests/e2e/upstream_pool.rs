@@ -53,8 +53,15 @@ impl RawUpstream {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    fn closed_by_peer(&self) -> usize {
-        self.closed_by_peer.load(Ordering::SeqCst)
+    /// Waits up to 2 s until the proxy has closed `n` connections; false if it has not.
+    async fn wait_closed_by_peer(&self, n: usize) -> bool {
+        for _ in 0..40 {
+            if self.closed_by_peer.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 }
 
@@ -227,14 +234,7 @@ async fn idle_connections_close_after_the_group_idle_timeout() {
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     assert_eq!(post(&c, addr, "/a").await.body, "/a");
-    let mut closed = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if up.closed_by_peer() == 1 {
-            closed = true;
-            break;
-        }
-    }
+    let closed = up.wait_closed_by_peer(1).await;
     assert!(closed, "the proxy closed the idle pooled connection");
     // The next request dials again.
     assert_eq!(post(&c, addr, "/b").await.body, "/b");
@@ -263,14 +263,7 @@ async fn a_response_the_client_abandons_never_leaks_into_the_next_one() {
     assert_eq!(first[0], b's');
     drop(body);
     // The member's connection, mid-body, is closed rather than pooled...
-    let mut closed = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if up.closed_by_peer() == 1 {
-            closed = true;
-            break;
-        }
-    }
+    let closed = up.wait_closed_by_peer(1).await;
     assert!(closed, "the half-read upstream connection is closed");
     // ...and the next request gets its own answer over a new one.
     let answer = post(&client(), addr, "/after").await;

@@ -86,14 +86,7 @@ Via: HTTP/1.1 cache (Squid/6.1)\r\nConnection: close\r\n\r\n",
     assert_eq!(via_seen(&up), ["1.0 l7-proxy"]);
 
     // ... and HTTP/2 (prior knowledge), whatever the upstream speaks.
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c_sender(addr).await;
     let req = Request::get("http://a/h2")
         .header("via", "2 edge")
         .body(Full::new(Bytes::new()))
