@@ -173,6 +173,20 @@ pub fn build_acceptor(
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Our suite order (see [`provider`]) rather than the client's.
     server_config.ignore_client_order = true;
+    // Sessions resume through stateless tickets only: no per-session memory in the proxy
+    // (rustls's default cache holds 256 sessions per listener, too few to matter).
+    server_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    if tls.session_tickets {
+        // Fresh keys per config generation (rotated every 6 hours meanwhile): a reload, which
+        // may change certificates, ends the sessions resumed from before it.
+        server_config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| {
+            config.invalid(
+                format!("{at}.session_tickets"),
+                &tls.certs,
+                format!("making session ticket keys: {e}"),
+            )
+        })?;
+    }
     Ok(TlsAcceptor::from(Arc::new(server_config)))
 }
 

@@ -217,6 +217,16 @@ pub struct TlsConfig {
     /// PEM file of CAs; when set, clients must present a certificate signed by one (mTLS).
     #[serde(default)]
     pub client_ca: Option<Spanned<PathBuf>>,
+    /// Stateless session tickets (RFC 5077, TLS 1.3 tickets), so returning clients resume
+    /// without a full handshake. The keys are made at start and on each reload, as nginx does
+    /// without `ssl_session_ticket_key`. Off: no resumption, every connection a full
+    /// handshake.
+    #[serde(default = "default_session_tickets")]
+    pub session_tickets: bool,
+}
+
+fn default_session_tickets() -> bool {
+    true
 }
 
 /// A certificate chain and its private key, both PEM files.

@@ -182,3 +182,56 @@ async fn certificates_reload_with_the_config() {
     assert!(err.contains("listeners[0].tls.certs[0].key"), "{err}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn returning_clients_resume_with_session_tickets_until_a_reload() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let up = TestUpstream::start("resumed").await;
+    let pki = TestPki::new("ca");
+    let file = ConfigFile::new("");
+    let cert = pki.write(&file.dir(), "a", &["a.example.com"]);
+    file.write(&tls_config(
+        &up,
+        &certs_section(std::slice::from_ref(&cert), None),
+    ));
+    let proxy = l7_proxy::Proxy::start_from_file(&file.path).await.unwrap();
+    let addr = proxy.listener_addr("tls").unwrap();
+    // One request per connection, as a client that comes back later; the client keeps the
+    // tickets it was given (in its config's session store).
+    let visit = |config| async move {
+        let s = tls_connect(addr, "a.example.com", config).await.unwrap();
+        let kind = s.get_ref().1.handshake_kind();
+        assert_eq!(
+            tls_get(s, "a.example.com", "/").await.unwrap().body,
+            "resumed"
+        );
+        kind
+    };
+    let tls13 = pki.client_config(&[b"http/1.1"], &[&rustls::version::TLS13], None);
+    let tls12 = pki.client_config(&[b"http/1.1"], &[&rustls::version::TLS12], None);
+    for config in [&tls13, &tls12] {
+        assert_eq!(visit(config.clone()).await, Some(Full));
+        assert_eq!(visit(config.clone()).await, Some(Resumed));
+        assert_eq!(visit(config.clone()).await, Some(Resumed));
+    }
+    // A reload makes new ticket keys (it may have changed the certificates): full handshakes,
+    // then resumption again.
+    proxy.reload_from_file().await.unwrap();
+    assert_eq!(visit(tls13.clone()).await, Some(Full));
+    assert_eq!(visit(tls13.clone()).await, Some(Resumed));
+
+    // Without tickets nothing resumes: the proxy keeps no session cache.
+    file.write(&tls_config(
+        &up,
+        &certs_section(std::slice::from_ref(&cert), None).replace(
+            "[listeners.tls]\n",
+            "[listeners.tls]\nsession_tickets = false\n",
+        ),
+    ));
+    proxy.reload_from_file().await.unwrap();
+    for config in [&tls13, &tls12] {
+        assert_eq!(visit(config.clone()).await, Some(Full));
+        assert_eq!(visit(config.clone()).await, Some(Full));
+    }
+    proxy.shutdown().await;
+}
