@@ -7,7 +7,10 @@
 //! to end before it puts the connection back. Here a connection goes back to its member's
 //! idle list when the response body reports its end (or is dropped at its end), found by
 //! member address, without a task or a clock read; a background task closes connections idle
-//! longer than the idle timeout.
+//! longer than the idle timeout. A member may answer before it has read the whole request
+//! body (an early 401 or 413) while the client still sends it: that connection is busy until
+//! the body is through, so it goes back only then, by a task that waits for it (the rare case;
+//! otherwise the next request would wait behind someone else's upload).
 //!
 //! A pooled connection may have been closed by the member meanwhile: a request that could not
 //! be written to it is sent again on another connection (as hyper-util does); one that was
@@ -90,6 +93,8 @@ impl H1Client {
                 req.headers_mut().insert(http::header::HOST, host);
             }
         }
+        // Whether the response can end before the request is written (an early answer).
+        let sends_body = !req.body().is_end_stream();
         loop {
             let (mut sender, reused) = match self.inner.checkout(member) {
                 Some(sender) => (sender, true),
@@ -114,6 +119,7 @@ impl H1Client {
                             sender,
                             inner: self.inner.clone(),
                             member,
+                            sends_body,
                         });
                     return Ok(
                         resp.map(|body| http_body_util::BodyExt::boxed(PooledBody { body, back }))
@@ -160,11 +166,35 @@ impl Inner {
         Ok(sender)
     }
 
-    /// Puts a connection whose response is done back in its member's idle list.
-    fn release(self: &Arc<Self>, member: SocketAddr, sender: SendRequest<ProxyBody>) {
+    /// Puts a connection whose response is done back in its member's idle list; one still
+    /// writing its request body (`sends_body` and not ready) once that is through.
+    fn release(
+        self: &Arc<Self>,
+        member: SocketAddr,
+        mut sender: SendRequest<ProxyBody>,
+        sends_body: bool,
+    ) {
         if sender.is_closed() {
             return;
         }
+        // Without a request body a connection is ready as soon as hyper's task has seen the
+        // response's end (a checkout waits for that moment); with one, it may be an upload
+        // the client has not finished, for as long as the client likes.
+        if sends_body && !sender.is_ready() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let inner = self.clone();
+                runtime.spawn(async move {
+                    if poll_fn(|cx| sender.poll_ready(cx)).await.is_ok() {
+                        inner.push_idle(member, sender);
+                    }
+                });
+            }
+            return;
+        }
+        self.push_idle(member, sender);
+    }
+
+    fn push_idle(self: &Arc<Self>, member: SocketAddr, sender: SendRequest<ProxyBody>) {
         self.start_reaper();
         let since_tick = self.tick.load(Ordering::Relaxed);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -218,6 +248,8 @@ struct Release {
     sender: SendRequest<ProxyBody>,
     inner: Arc<Inner>,
     member: SocketAddr,
+    /// The request had a body (see [`Inner::release`]).
+    sends_body: bool,
 }
 
 /// A member's response body that gives its connection back to the pool once it has ended.
@@ -230,7 +262,7 @@ struct PooledBody {
 impl PooledBody {
     fn release(&mut self) {
         if let Some(r) = self.back.take() {
-            r.inner.release(r.member, r.sender);
+            r.inner.release(r.member, r.sender, r.sends_body);
         }
     }
 }

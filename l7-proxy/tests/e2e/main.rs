@@ -11,5 +11,6 @@ mod security;
 mod support;
 mod tls;
 mod upstream_pool;
+mod upstream_pool_bodies;
 mod upstream_tls;
 mod via;

@@ -1,0 +1,231 @@
+//! The HTTP/1.1 pool (plain groups) where request and response bodies and interim answers
+//! meet connection reuse: a member that answers before it has read the request body, one that
+//! drops a request it has read, interim (1xx) answers, and many requests at once on a
+//! multi-threaded runtime, against a raw upstream written on sockets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+/// An HTTP/1.1 upstream on raw sockets, answering by path (keep-alive unless said):
+/// - `/early`: `200` with body `early` as soon as the head is in, then reads the request body;
+/// - `/drop`: reads the whole request, then closes without an answer;
+/// - `/interim`: `100 Continue` and `103 Early Hints`, then `200` with the path as body;
+/// - `/slow`: `200` with 8 bytes, 4 now and 4 after 300 ms;
+/// - anything else: `200` with the path as body.
+///
+/// Counts the connections it accepted and the requests it read, by path.
+struct ScriptedUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl ScriptedUpstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(HashMap::new()));
+        let (a, r) = (accepted.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, r.clone()));
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self, path: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
+    let mut stream = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let early = path == "/early";
+        if early {
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
+            if stream.get_mut().write_all(answer).await.is_err() {
+                return;
+            }
+        }
+        let mut body = vec![0u8; length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        *requests.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+        let s = stream.get_mut();
+        let written = match path.as_str() {
+            "/early" => Ok(()),
+            "/drop" => return,
+            "/interim" => {
+                s.write_all(
+                    b"HTTP/1.1 100 Continue\r\n\r\n\
+                      HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+                      HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n/interim",
+                )
+                .await
+            }
+            "/slow" => {
+                let first = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nslow")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                match first {
+                    Ok(()) => s.write_all(b"body").await,
+                    e => e,
+                }
+            }
+            _ => {
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
+                match s.write_all(head.as_bytes()).await {
+                    Ok(()) => s.write_all(path.as_bytes()).await,
+                    e => e,
+                }
+            }
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+async fn proxy_to(up: &ScriptedUpstream) -> l7_proxy::ProxyHandle {
+    start_proxy(&format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = [{{ address = "{}" }}]
+retries = {{ attempts = 0 }}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+"#,
+        up.addr
+    ))
+    .await
+}
+
+/// Reads from `stream` until `end` has arrived (up to 5 s); what came.
+async fn read_until(stream: &mut TcpStream, end: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let reading = async {
+        while !String::from_utf8_lossy(&out).contains(end) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), reading).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A member may answer before it has the request body (an early 401, 413 or redirect) while
+/// the client is still sending it. That connection is busy until the body is through: the
+/// next request must not wait behind the upload, and the connection serves again after it.
+#[tokio::test]
+async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_request() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut uploader = TcpStream::connect(addr).await.unwrap();
+    uploader
+        .write_all(b"POST /early HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nhalf.")
+        .await
+        .unwrap();
+    let answer = read_until(&mut uploader, "early").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("early"), "{answer}");
+
+    // The upload is still open; another client's request goes out on another connection.
+    let c = client();
+    let next = tokio::time::timeout(
+        Duration::from_secs(3),
+        c.request(
+            Request::get(format!("http://{addr}/next"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await;
+    let next = next.expect("the next request does not wait behind the upload");
+    assert_eq!(next.unwrap().status(), StatusCode::OK);
+    assert_eq!(up.accepted(), 2);
+
+    // Once the body is through, the first connection is back in the pool, next to the second.
+    uploader.write_all(b"done.").await.unwrap();
+    for _ in 0..40 {
+        if up.requests("/early") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.requests("/early"), 1, "the upload reached the member");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two slow answers at once need both.
+    let slow = || {
+        Request::get(format!("http://{addr}/slow"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let (one, two) = tokio::join!(send(&c, slow()), send(&c, slow()));
+    assert_eq!(
+        (one.body.as_str(), two.body.as_str()),
+        ("slowbody", "slowbody")
+    );
+    assert_eq!(up.accepted(), 2, "both pooled connections served again");
+    proxy.shutdown().await;
+}
