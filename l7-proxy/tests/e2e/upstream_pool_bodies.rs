@@ -63,6 +63,16 @@ impl ScriptedUpstream {
             .copied()
             .unwrap_or(0)
     }
+
+    /// Waits up to 2 s until it has read `n` requests for `path`.
+    async fn wait_requests(&self, path: &str, n: usize) {
+        for _ in 0..40 {
+            if self.requests(path) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
@@ -157,6 +167,15 @@ action = {{ forward = {{ group = "up" }} }}
     .await
 }
 
+/// The `(opened, reused)` upstream connection counters of the proxy.
+async fn pool_counters(proxy: &l7_proxy::ProxyHandle) -> (f64, f64) {
+    let admin = proxy.admin_addr().unwrap();
+    let text = get(&client(), admin, "admin", "/metrics").await.body;
+    let opened = metric(&text, "l7_upstream_connections_opened_total").unwrap_or(0.0);
+    let reused = metric(&text, "l7_upstream_pool_reused_total").unwrap_or(0.0);
+    (opened, reused)
+}
+
 /// Reads from `stream` until `end` has arrived (up to 5 s); what came.
 async fn read_until(stream: &mut TcpStream, end: &str) -> String {
     let mut out = Vec::new();
@@ -207,12 +226,7 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_reque
 
     // Once the body is through, the first connection is back in the pool, next to the second.
     uploader.write_all(b"done.").await.unwrap();
-    for _ in 0..40 {
-        if up.requests("/early") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    up.wait_requests("/early", 1).await;
     assert_eq!(up.requests("/early"), 1, "the upload reached the member");
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Two slow answers at once need both.
@@ -227,5 +241,176 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_reque
         ("slowbody", "slowbody")
     );
     assert_eq!(up.accepted(), 2, "both pooled connections served again");
+    proxy.shutdown().await;
+}
+
+/// A request the member read and then dropped (closing the connection) was written: the
+/// pool must not send it again on another connection, on a pooled connection as on a new one.
+#[tokio::test]
+async fn a_request_the_member_read_and_dropped_is_not_sent_again() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let get = |path: &str| Request::get(format!("http://{addr}{path}")).body(Full::default());
+    for round in 0..2 {
+        assert_eq!(send(&c, get("/warm").unwrap()).await.body, "/warm");
+        // Over the pooled connection: a POST, then a GET (the proxy retries neither here).
+        let dropped = if round == 0 {
+            let post = Request::post(format!("http://{addr}/drop"));
+            send(
+                &c,
+                post.body(Full::new(Bytes::from_static(b"once"))).unwrap(),
+            )
+            .await
+        } else {
+            send(&c, get("/drop").unwrap()).await
+        };
+        assert_eq!(dropped.status, StatusCode::BAD_GATEWAY, "round {round}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        up.requests("/drop"),
+        2,
+        "each dropped request reached the member once"
+    );
+    assert_eq!(up.accepted(), 2);
+    let (opened, reused) = pool_counters(&proxy).await;
+    // Each /warm opened one; each /drop reused it and failed (uncounted).
+    assert_eq!((opened, reused), (2.0, 0.0));
+    proxy.shutdown().await;
+}
+
+/// Interim answers (`100 Continue`, `103 Early Hints`) before the final one leave the
+/// connection reusable, with or without a request body.
+#[tokio::test]
+async fn interim_answers_keep_the_connection_in_the_pool() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..2 {
+        let get = Request::get(format!("http://{addr}/interim")).body(Full::default());
+        let answer = send(&c, get.unwrap()).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (StatusCode::OK, "/interim")
+        );
+        let post = Request::post(format!("http://{addr}/interim"))
+            .body(Full::new(Bytes::from_static(b"payload")));
+        let answer = send(&c, post.unwrap()).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (StatusCode::OK, "/interim")
+        );
+    }
+    assert_eq!(up.requests("/interim"), 4);
+    assert_eq!(up.accepted(), 1);
+    assert_eq!(pool_counters(&proxy).await, (1.0, 3.0));
+    proxy.shutdown().await;
+}
+
+/// Many requests at once on a multi-threaded runtime (as the proxy runs with more than one
+/// CPU): each gets a connection of its own, none waits behind another's body, a second wave
+/// reuses them all, and the counters add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_each_get_a_connection_and_the_counters_add_up() {
+    const AT_ONCE: usize = 32;
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for wave in 0..2 {
+        let started = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..AT_ONCE {
+            let c = c.clone();
+            tasks.spawn(async move {
+                let slow = Request::get(format!("http://{addr}/slow")).body(Full::default());
+                send(&c, slow.unwrap()).await
+            });
+        }
+        while let Some(answer) = tasks.join_next().await {
+            let answer = answer.unwrap();
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (StatusCode::OK, "slowbody")
+            );
+        }
+        // Each answer takes 300 ms; one after another would take 32 times that.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "wave {wave} took {took:?}");
+    }
+    let accepted = up.accepted();
+    assert!(
+        accepted <= AT_ONCE,
+        "{accepted} connections for {AT_ONCE} at once"
+    );
+    let (opened, reused) = pool_counters(&proxy).await;
+    assert_eq!(opened, accepted as f64);
+    assert_eq!(
+        opened + reused,
+        (2 * AT_ONCE) as f64,
+        "each request opened or reused one"
+    );
+    proxy.shutdown().await;
+}
+
+/// A member that is down (nothing listens): the request fails at once with 502.
+#[tokio::test]
+async fn a_member_that_is_down_fails_fast() {
+    let up = ScriptedUpstream::start().await;
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = free.local_addr().unwrap();
+    drop(free);
+    let proxy = proxy_to(&ScriptedUpstream {
+        addr: down,
+        accepted: up.accepted.clone(),
+        requests: up.requests.clone(),
+    })
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let started = std::time::Instant::now();
+    let get = Request::get(format!("http://{addr}/x")).body(Full::default());
+    let answer = send(&c, get.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(pool_counters(&proxy).await, (0.0, 0.0));
+    proxy.shutdown().await;
+}
+
+/// A client that sends `Expect: 100-continue` and waits for the `100` before its body, to a
+/// member that answers early: the client gets the `100` and the answer, sends its body
+/// afterwards, and the connection serves its next request.
+#[tokio::test]
+async fn an_expect_100_continue_upload_answered_early_keeps_its_connection() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut uploader = TcpStream::connect(addr).await.unwrap();
+    uploader
+        .write_all(
+            b"POST /early HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answers = read_until(&mut uploader, "early").await;
+    assert!(
+        answers.starts_with("HTTP/1.1 100 Continue\r\n\r\n"),
+        "{answers}"
+    );
+    assert!(answers.contains("HTTP/1.1 200 OK"), "{answers}");
+    uploader.write_all(b"body").await.unwrap();
+    up.wait_requests("/early", 1).await;
+    uploader
+        .write_all(b"GET /next HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_until(&mut uploader, "/next").await;
+    assert!(next.starts_with("HTTP/1.1 200 OK"), "{next}");
+    assert_eq!(up.requests("/early"), 1);
+    assert_eq!(up.accepted(), 1, "the upload's connection served /next");
+    assert_eq!(pool_counters(&proxy).await, (1.0, 1.0));
     proxy.shutdown().await;
 }
