@@ -6,11 +6,12 @@
 //! large checkout-or-connect future, and spawns a task per response that waits for the body
 //! to end before it puts the connection back. Here a connection goes back to its member's
 //! idle list when the response body reports its end (or is dropped at its end), found by
-//! member address, without a task or a clock read; a background task closes connections idle
-//! longer than the idle timeout. A member may answer before it has read the whole request
-//! body (an early 401 or 413) while the client still sends it: that connection is busy until
-//! the body is through, so it goes back only then, by a task that waits for it (the rare case;
-//! otherwise the next request would wait behind someone else's upload).
+//! member address, without a task or a clock read; a background task closes connections
+//! before they have been idle for longer than the idle timeout. A member may answer before it
+//! has read the whole request body (an early 401 or 413) while the client still sends it: that
+//! connection is busy until the body is through, so it goes back only then, by a task that
+//! waits for it (the rare case; otherwise the next request would wait behind someone else's
+//! upload).
 //!
 //! A pooled connection may have been closed by the member meanwhile: a request that could not
 //! be written to it is sent again on another connection (as hyper-util does); one that was
@@ -59,7 +60,10 @@ struct IdleConn {
     since_tick: u64,
 }
 
-/// Reaper ticks per idle timeout: a connection is closed after 4 to 5 quarters of idleness.
+/// Reaper ticks per idle timeout: a connection is closed after 3 to 4 quarters of idleness,
+/// never later than the timeout. That bound is what the timeout is for: set below a member's
+/// keep-alive timeout, it keeps the pool from sending a request on a connection just as the
+/// member closes it (a written request that then fails is not sent again, see the module doc).
 const TICKS_PER_TIMEOUT: u32 = 4;
 
 impl H1Client {
@@ -203,8 +207,8 @@ impl Inner {
             .push(IdleConn { sender, since_tick });
     }
 
-    /// Starts the task that closes connections idle for longer than the idle timeout, once,
-    /// when the first connection goes idle (inside the runtime, then). It ends with the
+    /// Starts the task that closes connections idle for 3 to 4 quarters of the idle timeout,
+    /// once, when the first connection goes idle (inside the runtime, then). It ends with the
     /// client.
     fn start_reaper(self: &Arc<Self>) {
         if self.reaper_started.load(Ordering::Relaxed)
@@ -228,7 +232,7 @@ impl Inner {
                     idle.retain(|_, list| {
                         let (keep, old): (Vec<_>, Vec<_>) = list.drain(..).partition(|c| {
                             !c.sender.is_closed()
-                                && now.saturating_sub(c.since_tick) <= u64::from(TICKS_PER_TIMEOUT)
+                                && now.saturating_sub(c.since_tick) < u64::from(TICKS_PER_TIMEOUT)
                         });
                         *list = keep;
                         closed.extend(old);

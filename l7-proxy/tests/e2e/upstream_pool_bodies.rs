@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -24,11 +24,13 @@ use crate::support::*;
 /// - `/slow`: `200` with 8 bytes, 4 now and 4 after 300 ms;
 /// - anything else: `200` with the path as body.
 ///
-/// Counts the connections it accepted and the requests it read, by path.
+/// Counts the connections it accepted and the requests it read, by path, and notes when the
+/// proxy closed each connection (by order of acceptance).
 struct ScriptedUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     requests: Arc<Mutex<HashMap<String, usize>>>,
+    closed_at: Arc<Mutex<HashMap<usize, Instant>>>,
 }
 
 impl ScriptedUpstream {
@@ -37,17 +39,25 @@ impl ScriptedUpstream {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(HashMap::new()));
-        let (a, r) = (accepted.clone(), requests.clone());
+        let closed_at = Arc::new(Mutex::new(HashMap::new()));
+        let (a, r, c) = (accepted.clone(), requests.clone(), closed_at.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, r.clone()));
+                let index = a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                let r = r.clone();
+                tokio::spawn(async move {
+                    if serve(stream, r).await {
+                        c.lock().unwrap().insert(index, Instant::now());
+                    }
+                });
             }
         });
         Self {
             addr,
             accepted,
             requests,
+            closed_at,
         }
     }
 
@@ -73,21 +83,33 @@ impl ScriptedUpstream {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// When the proxy closed the `index`th connection (waits up to 2 s for it).
+    async fn wait_connection_closed(&self, index: usize) -> Instant {
+        for _ in 0..400 {
+            if let Some(at) = self.closed_at.lock().unwrap().get(&index) {
+                return *at;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("connection {index} still open after 2 s");
+    }
 }
 
-async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) {
+/// Serves one connection; true when the proxy closed it between requests.
+async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) -> bool {
     let mut stream = BufReader::new(stream);
     loop {
         let mut line = String::new();
         if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
+            return true;
         }
         let path = line.split(' ').nth(1).unwrap_or("/").to_string();
         let mut length = 0usize;
         loop {
             let mut header = String::new();
             if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
-                return;
+                return false;
             }
             if header == "\r\n" {
                 break;
@@ -102,18 +124,18 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
         if early {
             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
             if stream.get_mut().write_all(answer).await.is_err() {
-                return;
+                return false;
             }
         }
         let mut body = vec![0u8; length];
         if stream.read_exact(&mut body).await.is_err() {
-            return;
+            return false;
         }
         *requests.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
         let s = stream.get_mut();
         let written = match path.as_str() {
             "/early" => Ok(()),
-            "/drop" => return,
+            "/drop" => return false,
             "/interim" => {
                 s.write_all(
                     b"HTTP/1.1 100 Continue\r\n\r\n\
@@ -141,12 +163,17 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
             }
         };
         if written.is_err() {
-            return;
+            return false;
         }
     }
 }
 
 async fn proxy_to(up: &ScriptedUpstream) -> l7_proxy::ProxyHandle {
+    proxy_with(up.addr, "").await
+}
+
+/// A proxy forwarding everything to `member`, with `group_extra` in the group.
+async fn proxy_with(member: SocketAddr, group_extra: &str) -> l7_proxy::ProxyHandle {
     start_proxy(&format!(
         r#"
 [admin]
@@ -158,11 +185,12 @@ address = "127.0.0.1:0"
 name = "up"
 members = [{{ address = "{}" }}]
 retries = {{ attempts = 0 }}
+{group_extra}
 [[routes]]
 name = "all"
 action = {{ forward = {{ group = "up" }} }}
 "#,
-        up.addr
+        member
     ))
     .await
 }
@@ -321,7 +349,7 @@ async fn concurrent_requests_each_get_a_connection_and_the_counters_add_up() {
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     for wave in 0..2 {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..AT_ONCE {
             let c = c.clone();
@@ -359,19 +387,13 @@ async fn concurrent_requests_each_get_a_connection_and_the_counters_add_up() {
 /// A member that is down (nothing listens): the request fails at once with 502.
 #[tokio::test]
 async fn a_member_that_is_down_fails_fast() {
-    let up = ScriptedUpstream::start().await;
     let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let down = free.local_addr().unwrap();
     drop(free);
-    let proxy = proxy_to(&ScriptedUpstream {
-        addr: down,
-        accepted: up.accepted.clone(),
-        requests: up.requests.clone(),
-    })
-    .await;
+    let proxy = proxy_with(down, "").await;
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let get = Request::get(format!("http://{addr}/x")).body(Full::default());
     let answer = send(&c, get.unwrap()).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
@@ -412,5 +434,33 @@ async fn an_expect_100_continue_upload_answered_early_keeps_its_connection() {
     assert_eq!(up.requests("/early"), 1);
     assert_eq!(up.accepted(), 1, "the upload's connection served /next");
     assert_eq!(pool_counters(&proxy).await, (1.0, 1.0));
+    proxy.shutdown().await;
+}
+
+/// The group's idle timeout is what keeps pooled connections clear of the members' own
+/// keep-alive timeout (set below it, a member never closes a connection the proxy is about to
+/// use): a pooled connection is closed within the timeout, never after it.
+#[tokio::test]
+async fn pooled_connections_close_within_the_idle_timeout() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_with(up.addr, "idle_timeout_ms = 200").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    for round in 0..4 {
+        // A fresh connection to the proxy each round, so that it is the upstream side that
+        // closes; its close is seen by a read on a clone of the upstream's accepted socket.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let path = format!("/r{round}");
+        let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let answer = read_until(&mut conn, &path).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let answered = Instant::now();
+        let closed = up.wait_connection_closed(round).await;
+        let idle = closed.duration_since(answered);
+        assert!(
+            idle >= Duration::from_millis(140) && idle <= Duration::from_millis(230),
+            "round {round}: closed after {idle:?} idle (timeout 200 ms)"
+        );
+    }
     proxy.shutdown().await;
 }
