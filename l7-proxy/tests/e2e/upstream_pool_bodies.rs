@@ -19,6 +19,7 @@ use crate::support::*;
 
 /// An HTTP/1.1 upstream on raw sockets, answering by path (keep-alive unless said):
 /// - `/early`: `200` with body `early` as soon as the head is in, then reads the request body;
+/// - `/early-204`: the same with `204 No Content` (no body, which nothing reads);
 /// - `/drop`: reads the whole request, then closes without an answer;
 /// - `/interim`: `100 Continue` and `103 Early Hints`, then `200` with the path as body;
 /// - `/slow`: `200` with 8 bytes, 4 now and 4 after 300 ms;
@@ -120,9 +121,12 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
                 }
             }
         }
-        let early = path == "/early";
-        if early {
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly";
+        let early: Option<&[u8]> = match path.as_str() {
+            "/early" => Some(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly"),
+            "/early-204" => Some(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            _ => None,
+        };
+        if let Some(answer) = early {
             if stream.get_mut().write_all(answer).await.is_err() {
                 return false;
             }
@@ -134,7 +138,7 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
         *requests.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
         let s = stream.get_mut();
         let written = match path.as_str() {
-            "/early" => Ok(()),
+            "/early" | "/early-204" => Ok(()),
             "/drop" => return false,
             "/interim" => {
                 s.write_all(
@@ -225,17 +229,21 @@ async fn read_until(stream: &mut TcpStream, end: &str) -> String {
 /// next request must not wait behind the upload, and the connection serves again after it.
 #[tokio::test]
 async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_request() {
+    // The answer's body ends the exchange (200), or the answer has none (204).
+    early_answer_during_upload("/early", "HTTP/1.1 200", "early").await;
+    early_answer_during_upload("/early-204", "HTTP/1.1 204", "\r\n\r\n").await;
+}
+
+async fn early_answer_during_upload(path: &str, status_line: &str, answer_end: &str) {
     let up = ScriptedUpstream::start().await;
     let proxy = proxy_to(&up).await;
     let addr = proxy.listener_addr("web").unwrap();
     let mut uploader = TcpStream::connect(addr).await.unwrap();
-    uploader
-        .write_all(b"POST /early HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nhalf.")
-        .await
-        .unwrap();
-    let answer = read_until(&mut uploader, "early").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("early"), "{answer}");
+    let head = format!("POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nhalf.");
+    uploader.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until(&mut uploader, answer_end).await;
+    assert!(answer.starts_with(status_line), "{path}: {answer}");
+    assert!(answer.ends_with(answer_end), "{path}: {answer}");
 
     // The upload is still open; another client's request goes out on another connection.
     let c = client();
@@ -249,13 +257,17 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_reque
     )
     .await;
     let next = next.expect("the next request does not wait behind the upload");
-    assert_eq!(next.unwrap().status(), StatusCode::OK);
-    assert_eq!(up.accepted(), 2);
+    assert_eq!(next.unwrap().status(), StatusCode::OK, "{path}");
+    assert_eq!(up.accepted(), 2, "{path}");
 
     // Once the body is through, the first connection is back in the pool, next to the second.
     uploader.write_all(b"done.").await.unwrap();
-    up.wait_requests("/early", 1).await;
-    assert_eq!(up.requests("/early"), 1, "the upload reached the member");
+    up.wait_requests(path, 1).await;
+    assert_eq!(
+        up.requests(path),
+        1,
+        "{path}: the upload reached the member"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Two slow answers at once need both.
     let slow = || {
@@ -268,7 +280,11 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_reque
         (one.body.as_str(), two.body.as_str()),
         ("slowbody", "slowbody")
     );
-    assert_eq!(up.accepted(), 2, "both pooled connections served again");
+    assert_eq!(
+        up.accepted(),
+        2,
+        "{path}: both pooled connections served again"
+    );
     proxy.shutdown().await;
 }
 
