@@ -22,6 +22,7 @@ use crate::support::*;
 /// - `/early-204`: the same with `204 No Content` (no body, which nothing reads);
 /// - `/drop`: reads the whole request, then closes without an answer;
 /// - `/interim`: `100 Continue` and `103 Early Hints`, then `200` with the path as body;
+/// - `/upgrade`: `101` to protocol `echo`, then sends back what it reads;
 /// - `/slow`: `200` with 8 bytes, 4 now and 4 after 300 ms;
 /// - anything else: `200` with the path as body.
 ///
@@ -140,6 +141,20 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
         let written = match path.as_str() {
             "/early" | "/early-204" => Ok(()),
             "/drop" => return false,
+            "/upgrade" => {
+                let switch = b"HTTP/1.1 101 Switching Protocols\r\n\
+                               connection: upgrade\r\nupgrade: echo\r\n\r\n";
+                if stream.get_mut().write_all(switch).await.is_err() {
+                    return false;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    if stream.get_mut().write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                return false;
+            }
             "/interim" => {
                 s.write_all(
                     b"HTTP/1.1 100 Continue\r\n\r\n\
@@ -478,5 +493,39 @@ async fn pooled_connections_close_within_the_idle_timeout() {
             "round {round}: closed after {idle:?} idle (timeout 200 ms)"
         );
     }
+    proxy.shutdown().await;
+}
+
+/// An upgraded connection (`101`) belongs to its tunnel: it never goes back to the pool, and
+/// the next request opens another while the tunnel keeps working.
+#[tokio::test]
+async fn an_upgraded_connection_is_never_pooled() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut tunnel = TcpStream::connect(addr).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let switched = read_until(&mut tunnel, "\r\n\r\n").await;
+    assert!(switched.starts_with("HTTP/1.1 101"), "{switched}");
+    tunnel.write_all(b"ping").await.unwrap();
+    assert_eq!(read_until(&mut tunnel, "ping").await, "ping");
+
+    let c = client();
+    let get = || {
+        Request::get(format!("http://{addr}/after"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&c, get()).await.body, "/after");
+    assert_eq!(send(&c, get()).await.body, "/after");
+    assert_eq!(up.accepted(), 2, "a connection of its own for /after");
+    tunnel.write_all(b"pong").await.unwrap();
+    assert_eq!(read_until(&mut tunnel, "pong").await, "pong");
+    assert_eq!(pool_counters(&proxy).await, (2.0, 1.0));
     proxy.shutdown().await;
 }
