@@ -7,11 +7,9 @@
 //! to end before it puts the connection back. Here a connection goes back to its member's
 //! idle list when the response body reports its end (or is dropped at its end), found by
 //! member address, without a task or a clock read; a background task closes connections
-//! before they have been idle for longer than the idle timeout. A member may answer before it
-//! has read the whole request body (an early 401 or 413) while the client still sends it: that
-//! connection is busy until the body is through, so it goes back only then, by a task that
-//! waits for it (the rare case; otherwise the next request would wait behind someone else's
-//! upload).
+//! before they have been idle for longer than the idle timeout. A connection that may stay
+//! busy after its response (a request body still being sent, a response body dropped before
+//! its end) goes back by a task that waits until hyper says it is ready: the rare case.
 //!
 //! A pooled connection may have been closed by the member meanwhile: a request that could not
 //! be written to it is sent again on another connection (as hyper-util does); one that was
@@ -170,21 +168,21 @@ impl Inner {
         Ok(sender)
     }
 
-    /// Puts a connection whose response is done back in its member's idle list; one still
-    /// writing its request body (`sends_body` and not ready) once that is through.
+    /// Puts a connection whose response is done back in its member's idle list. One that may
+    /// be busy for a while yet and is not ready (`may_be_busy`: see [`PooledBody::release`])
+    /// goes back once hyper says it is ready, or never if hyper closes it.
     fn release(
         self: &Arc<Self>,
         member: SocketAddr,
         mut sender: SendRequest<ProxyBody>,
-        sends_body: bool,
+        may_be_busy: bool,
     ) {
         if sender.is_closed() {
             return;
         }
-        // Without a request body a connection is ready as soon as hyper's task has seen the
-        // response's end (a checkout waits for that moment); with one, it may be an upload
-        // the client has not finished, for as long as the client likes.
-        if sends_body && !sender.is_ready() {
+        // Otherwise a connection is ready as soon as hyper's task has seen the response's end
+        // (a checkout waits for that moment).
+        if may_be_busy && !sender.is_ready() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let inner = self.clone();
                 runtime.spawn(async move {
@@ -252,21 +250,30 @@ struct Release {
     sender: SendRequest<ProxyBody>,
     inner: Arc<Inner>,
     member: SocketAddr,
-    /// The request had a body (see [`Inner::release`]).
+    /// The request had a body (see [`PooledBody::release`]).
     sends_body: bool,
 }
 
 /// A member's response body that gives its connection back to the pool once it has ended.
-/// Dropped before its end (the client went away), the connection closes with it.
+/// Dropped before its end (the client went away, a health check read only the status), the
+/// connection goes back if hyper can still keep it (see [`PooledBody::release`]).
 struct PooledBody {
     body: Incoming,
     back: Option<Release>,
 }
 
 impl PooledBody {
-    fn release(&mut self) {
+    /// Gives the connection back, at the body's end (`ended`) or when the body is dropped
+    /// before it. It may then be busy for a while, and goes back only once ready:
+    /// - with a request body, which the member may have answered early (a 401 or 413) while
+    ///   the client still sends it, for as long as the client likes; the next request must
+    ///   not wait behind that upload;
+    /// - dropped before its end: hyper reads the rest of the body if it has already arrived
+    ///   and keeps the connection (as hyper-util's pool did, so that health checks, which
+    ///   read only the status, do not dial each time), else closes it.
+    fn release(&mut self, ended: bool) {
         if let Some(r) = self.back.take() {
-            r.inner.release(r.member, r.sender, r.sends_body);
+            r.inner.release(r.member, r.sender, r.sends_body || !ended);
         }
     }
 }
@@ -282,12 +289,12 @@ impl Body for PooledBody {
         let this = self.get_mut();
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(None) => {
-                this.release();
+                this.release(true);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if this.body.is_end_stream() {
-                    this.release();
+                    this.release(true);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -310,9 +317,8 @@ impl Body for PooledBody {
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        // An empty body (204, 304, HEAD, length 0) may never be polled.
-        if self.body.is_end_stream() {
-            self.release();
-        }
+        // An empty body (204, 304, HEAD, length 0) may never be polled: it has ended.
+        let ended = self.body.is_end_stream();
+        self.release(ended);
     }
 }

@@ -174,11 +174,10 @@ async fn serve(stream: TcpStream, requests: Arc<Mutex<HashMap<String, usize>>>) 
                 }
             }
             _ => {
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
-                match s.write_all(head.as_bytes()).await {
-                    Ok(()) => s.write_all(path.as_bytes()).await,
-                    e => e,
-                }
+                // In one write, as a short answer usually comes.
+                let len = path.len();
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n{path}");
+                s.write_all(answer.as_bytes()).await
             }
         };
         if written.is_err() {
@@ -527,5 +526,22 @@ async fn an_upgraded_connection_is_never_pooled() {
     tunnel.write_all(b"pong").await.unwrap();
     assert_eq!(read_until(&mut tunnel, "pong").await, "pong");
     assert_eq!(pool_counters(&proxy).await, (2.0, 1.0));
+    proxy.shutdown().await;
+}
+
+/// A response dropped before its body was read (as health checks do with theirs) leaves a
+/// connection hyper can still keep: a short body that has already arrived is drained, and
+/// the connection serves again; health checks every 50 ms do not dial every 50 ms.
+#[tokio::test]
+async fn health_checks_that_drop_a_short_answer_reuse_their_connection() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_with(
+        up.addr,
+        "health_check = { path = \"/health\", interval_ms = 50, timeout_ms = 1000 }",
+    )
+    .await;
+    up.wait_requests("/health", 10).await;
+    assert!(up.requests("/health") >= 10);
+    assert_eq!(up.accepted(), 1, "one connection for the health checks");
     proxy.shutdown().await;
 }
