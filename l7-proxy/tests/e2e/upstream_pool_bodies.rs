@@ -1,7 +1,9 @@
-//! The HTTP/1.1 pool (plain groups) where request and response bodies and interim answers
-//! meet connection reuse: a member that answers before it has read the request body, one that
-//! drops a request it has read, interim (1xx) answers, and many requests at once on a
-//! multi-threaded runtime, against a raw upstream written on sockets.
+//! The HTTP/1.1 pool (plain groups) where bodies, interim answers and timing meet connection
+//! reuse, against a raw upstream written on sockets: a member that answers before it has the
+//! request body (also to `Expect: 100-continue`), one that drops a request it has read,
+//! interim (1xx) and upgrade (101) answers, answers dropped unread (health checks), many
+//! requests at once on a multi-threaded runtime with the pool counters, a member that is down,
+//! and the idle timeout as an upper bound.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
