@@ -141,23 +141,7 @@ async fn serve(stream: TcpStream, closed_by_peer: Arc<AtomicUsize>) {
 }
 
 async fn proxy_to(up: &RawUpstream, group_extra: &str) -> l7_proxy::ProxyHandle {
-    start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = [{{ address = "{}" }}]
-retries = {{ attempts = 0 }}
-{group_extra}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        up.addr
-    ))
-    .await
+    crate::upstream_pool_bodies::proxy_with(up.addr, group_extra).await
 }
 
 /// A POST (never retried by the proxy) with a small body.

@@ -192,8 +192,9 @@ async fn proxy_to(up: &ScriptedUpstream) -> l7_proxy::ProxyHandle {
     proxy_with(up.addr, "").await
 }
 
-/// A proxy forwarding everything to `member`, with `group_extra` in the group.
-async fn proxy_with(member: SocketAddr, group_extra: &str) -> l7_proxy::ProxyHandle {
+/// A proxy (with an admin listener) forwarding everything to `member`, with `group_extra` in
+/// the group and no retries.
+pub async fn proxy_with(member: SocketAddr, group_extra: &str) -> l7_proxy::ProxyHandle {
     start_proxy(&format!(
         r#"
 [admin]
