@@ -8,23 +8,7 @@ use crate::support::*;
 
 async fn proxy_with_upstream(extra_server: &str) -> (l7_proxy::ProxyHandle, TestUpstream) {
     let up = TestUpstream::start("victim").await;
-    let proxy = start_proxy(&format!(
-        r#"
-[server]
-{extra_server}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[&up])
-    ))
-    .await;
+    let proxy = forward_with(&up, extra_server, "", "").await;
     (proxy, up)
 }
 

@@ -192,25 +192,35 @@ pub fn members(ups: &[&TestUpstream]) -> String {
 
 /// A proxy with one plain listener, `web`, that forwards every request to `up`.
 pub async fn forward_all(up: &TestUpstream) -> l7_proxy::ProxyHandle {
-    forward_route(up, "").await
+    forward_with(up, "", "", "").await
 }
 
 /// A proxy with one plain listener, `web`, whose one route forwards the requests for `host`
 /// to `up` (any other host gets 404).
 pub async fn forward_host(up: &TestUpstream, host: &str) -> l7_proxy::ProxyHandle {
-    forward_route(up, &format!("match = {{ host = \"{host}\" }}\n")).await
+    forward_with(up, "", "", &format!("match = {{ host = \"{host}\" }}\n")).await
 }
 
-/// [`forward_all`] with the route's `match` line(s) `matcher`.
-async fn forward_route(up: &TestUpstream, matcher: &str) -> l7_proxy::ProxyHandle {
+/// A proxy with one plain listener, `web`: the `[server]` settings `server`, the routes
+/// `routes` (whole `[[routes]]` tables), then route `all` with the `match` line(s) `matcher`,
+/// forwarding to `up` (group `up`).
+pub async fn forward_with(
+    up: &TestUpstream,
+    server: &str,
+    routes: &str,
+    matcher: &str,
+) -> l7_proxy::ProxyHandle {
     start_proxy(&format!(
         r#"
+[server]
+{server}
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
 [[upstreams]]
 name = "up"
 members = {}
+{routes}
 [[routes]]
 name = "all"
 {matcher}action = {{ forward = {{ group = "up" }} }}

@@ -13,27 +13,11 @@ use crate::support::*;
 /// A proxy with `[server]` lines `server`, forwarding `/` to `up` and answering `/fixed`
 /// itself.
 async fn via_proxy(up: &TestUpstream, server: &str) -> l7_proxy::ProxyHandle {
-    start_proxy(&format!(
-        r#"
-[server]
-{server}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
+    let fixed = r#"[[routes]]
 name = "fixed"
-match = {{ path = {{ prefix = "/fixed" }} }}
-action = {{ fixed = {{ status = 200, body = "ours" }} }}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-"#,
-        members(&[up])
-    ))
-    .await
+match = { path = { prefix = "/fixed" } }
+action = { fixed = { status = 200, body = "ours" } }"#;
+    forward_with(up, server, fixed, "").await
 }
 
 /// Every `Via` line the upstream saw in its last request.
