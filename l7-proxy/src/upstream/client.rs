@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use http_body_util::BodyExt;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -167,12 +168,7 @@ impl GroupClient {
                         metrics.pool_reused.inc();
                     }
                 }
-                Ok(resp.map(|b| {
-                    http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-                        b,
-                        BoxError::from,
-                    ))
-                }))
+                Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
             }
         }
     }

@@ -220,7 +220,8 @@ const RETRY_MAX: i64 = 100_000;
 
 /// The clients that reach a group's members.
 enum Clients {
-    /// HTTP/1.1: one client; each request's URI names the member to dial.
+    /// HTTP/1.1: one client for every member; the request names the member to dial (the
+    /// address [`GroupClient::request`] gets, and for hyper-util's client its URI).
     Shared(Box<GroupClient>),
     /// HTTP/2: requests name the client's host as `:authority` in their URI, so the member to
     /// dial cannot come from the URI: one client per member (by index), pinned to it.
