@@ -113,8 +113,15 @@ async fn serve_connection(
     watcher: Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    let server = shared.state.load().server.clone();
-    let handshake_timeout = Duration::from_millis(*server.header_read_timeout_ms.get_ref());
+    // The two timeouts of the generation the connection starts under, without copying its
+    // whole server config.
+    let (handshake_timeout, idle) = {
+        let state = shared.state.load();
+        (
+            Duration::from_millis(*state.server.header_read_timeout_ms.get_ref()),
+            Duration::from_millis(*state.server.idle_timeout_ms.get_ref()),
+        )
+    };
     let mut client_addr = peer;
     if settings.proxy_protocol {
         match tokio::time::timeout(handshake_timeout, proxy_protocol::read_header(&mut stream))
@@ -132,7 +139,6 @@ async fn serve_connection(
             }
         }
     }
-    let idle = Duration::from_millis(*server.idle_timeout_ms.get_ref());
     let busy = Arc::new(Busy::default());
     match &settings.tls {
         None => {
