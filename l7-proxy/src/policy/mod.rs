@@ -47,6 +47,7 @@ pub mod api_key;
 pub mod basic_auth;
 pub mod cache;
 pub mod compress;
+pub mod fixed_deflate;
 pub mod jwt;
 pub mod rate_limit;
 pub mod respond;

@@ -12,7 +12,7 @@
 //!
 //! This is the one place that calls zlib's C API directly (through `libz-sys`, the crate flate2
 //! itself uses), because flate2 does not expose the memory level. `gzip_strategy = "fixed"`
-//! goes through zlib-rs (`libz-rs-sys`, the same API) instead: see [`gzip_into`].
+//! goes through [`super::fixed_deflate`] instead: see [`gzip_into`].
 
 use std::cell::RefCell;
 use std::ptr;
@@ -44,117 +44,102 @@ unsafe extern "C" fn zfree(_: *mut libc::c_void, p: *mut libc::c_void) {
     unsafe { libc::free(p) }
 }
 
-/// A raw deflate stream over one zlib implementation's C API: `$z` is the crate, `$alloc` and
-/// `$free` the values of its `zalloc` and `zfree` fields. The two implementations share the
-/// API (zlib-rs reproduces zlib's), so the unsafe code is written once.
-macro_rules! deflate_stream {
-    ($name:ident, $z:ident, $alloc:expr, $free:expr) => {
-        /// One raw deflate stream. Boxed because zlib keeps a pointer to it.
-        struct $name {
-            strm: Box<$z::z_stream>,
-            /// The gzip header's XFL byte: 4 for the fastest level, 2 for the best, as zlib
-            /// writes it.
-            xfl: u8,
-        }
-
-        impl $name {
-            fn new(
-                level: i32,
-                window_bits: i32,
-                mem_level: i32,
-                strategy: i32,
-            ) -> std::io::Result<Self> {
-                use $z as z;
-                let mut strm = Box::new(z::z_stream {
-                    next_in: ptr::null_mut(),
-                    avail_in: 0,
-                    total_in: 0,
-                    next_out: ptr::null_mut(),
-                    avail_out: 0,
-                    total_out: 0,
-                    msg: ptr::null_mut(),
-                    state: ptr::null_mut(),
-                    zalloc: $alloc,
-                    zfree: $free,
-                    opaque: ptr::null_mut(),
-                    data_type: 0,
-                    adler: 0,
-                    reserved: 0,
-                });
-                // SAFETY: `strm` is initialised as zlib requires and outlives the stream (it
-                // is boxed, so it does not move); the version and size are this build's.
-                let rc = unsafe {
-                    z::deflateInit2_(
-                        &mut *strm,
-                        level,
-                        z::Z_DEFLATED,
-                        -window_bits, // negative: raw deflate, the gzip framing is ours
-                        mem_level,
-                        strategy,
-                        z::zlibVersion(),
-                        std::mem::size_of::<z::z_stream>() as i32,
-                    )
-                };
-                if rc != z::Z_OK {
-                    return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
-                }
-                let xfl = match level {
-                    1 => 4,
-                    9 => 2,
-                    _ => 0,
-                };
-                Ok(Self { strm, xfl })
-            }
-
-            /// Compresses all of `data` into a complete gzip member appended to `out`.
-            fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
-                use $z as z;
-                let s = &mut *self.strm;
-                // SAFETY: the stream was initialised by deflateInit2.
-                if unsafe { z::deflateReset(s) } != z::Z_OK {
-                    return Err(std::io::Error::other("deflateReset failed"));
-                }
-                // SAFETY: deflateBound only reads the stream's parameters.
-                let bound = unsafe { z::deflateBound(s, data.len() as _) } as usize;
-                out.reserve(10 + bound + 8);
-                out.extend_from_slice(&GZIP_HEADER);
-                out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
-                s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
-                s.avail_in = data.len() as _;
-                // SAFETY: `out` has at least `bound` bytes of spare capacity after its
-                // contents.
-                s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
-                s.avail_out = bound as _;
-                // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare
-                // capacity of `out`; with deflateBound's room one Z_FINISH call completes the
-                // stream.
-                let rc = unsafe { z::deflate(s, z::Z_FINISH) };
-                let written = out.len() + bound - s.avail_out as usize;
-                s.next_in = ptr::null_mut();
-                s.next_out = ptr::null_mut();
-                if rc != z::Z_STREAM_END {
-                    return Err(std::io::Error::other(format!("deflate failed ({rc})")));
-                }
-                // SAFETY: the contents before and zlib's output initialised the first
-                // `written` bytes.
-                unsafe { out.set_len(written) };
-                out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
-                out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
-                Ok(())
-            }
-        }
-
-        impl Drop for $name {
-            fn drop(&mut self) {
-                // SAFETY: the stream was initialised by deflateInit2 and is ended once.
-                unsafe { $z::deflateEnd(&mut *self.strm) };
-            }
-        }
-    };
+/// One raw deflate stream. Boxed because zlib keeps a pointer to it.
+struct ZlibStream {
+    strm: Box<libz_sys::z_stream>,
+    /// The gzip header's XFL byte: 4 for the fastest level, 2 for the best, as zlib
+    /// writes it.
+    xfl: u8,
 }
 
-deflate_stream!(ZlibStream, libz_sys, zalloc, zfree);
-deflate_stream!(ZlibRsStream, libz_rs_sys, Some(zalloc), Some(zfree));
+impl ZlibStream {
+    fn new(level: i32, window_bits: i32, mem_level: i32, strategy: i32) -> std::io::Result<Self> {
+        use libz_sys as z;
+        let mut strm = Box::new(z::z_stream {
+            next_in: ptr::null_mut(),
+            avail_in: 0,
+            total_in: 0,
+            next_out: ptr::null_mut(),
+            avail_out: 0,
+            total_out: 0,
+            msg: ptr::null_mut(),
+            state: ptr::null_mut(),
+            zalloc,
+            zfree,
+            opaque: ptr::null_mut(),
+            data_type: 0,
+            adler: 0,
+            reserved: 0,
+        });
+        // SAFETY: `strm` is initialised as zlib requires and outlives the stream (it
+        // is boxed, so it does not move); the version and size are this build's.
+        let rc = unsafe {
+            z::deflateInit2_(
+                &mut *strm,
+                level,
+                z::Z_DEFLATED,
+                -window_bits, // negative: raw deflate, the gzip framing is ours
+                mem_level,
+                strategy,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if rc != z::Z_OK {
+            return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
+        }
+        let xfl = match level {
+            1 => 4,
+            9 => 2,
+            _ => 0,
+        };
+        Ok(Self { strm, xfl })
+    }
+
+    /// Compresses all of `data` into a complete gzip member appended to `out`.
+    fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        use libz_sys as z;
+        let s = &mut *self.strm;
+        // SAFETY: the stream was initialised by deflateInit2.
+        if unsafe { z::deflateReset(s) } != z::Z_OK {
+            return Err(std::io::Error::other("deflateReset failed"));
+        }
+        // SAFETY: deflateBound only reads the stream's parameters.
+        let bound = unsafe { z::deflateBound(s, data.len() as _) } as usize;
+        out.reserve(10 + bound + 8);
+        out.extend_from_slice(&GZIP_HEADER);
+        out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
+        s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
+        s.avail_in = data.len() as _;
+        // SAFETY: `out` has at least `bound` bytes of spare capacity after its
+        // contents.
+        s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
+        s.avail_out = bound as _;
+        // SAFETY: next_in/avail_in describe `data`, next_out/avail_out the spare
+        // capacity of `out`; with deflateBound's room one Z_FINISH call completes the
+        // stream.
+        let rc = unsafe { z::deflate(s, z::Z_FINISH) };
+        let written = out.len() + bound - s.avail_out as usize;
+        s.next_in = ptr::null_mut();
+        s.next_out = ptr::null_mut();
+        if rc != z::Z_STREAM_END {
+            return Err(std::io::Error::other(format!("deflate failed ({rc})")));
+        }
+        // SAFETY: the contents before and zlib's output initialised the first
+        // `written` bytes.
+        unsafe { out.set_len(written) };
+        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
+        Ok(())
+    }
+}
+
+impl Drop for ZlibStream {
+    fn drop(&mut self) {
+        // SAFETY: the stream was initialised by deflateInit2 and is ended once.
+        unsafe { libz_sys::deflateEnd(&mut *self.strm) };
+    }
+}
 
 /// Window bits and memory level for a body of `len` bytes (nginx's rule).
 fn sizing(len: usize) -> (i32, i32) {
@@ -172,33 +157,30 @@ type Params = (i32, i32, i32);
 thread_local! {
     /// zlib streams by parameters: at most seven sizes per level.
     static STREAMS: RefCell<Vec<(Params, ZlibStream)>> = const { RefCell::new(Vec::new()) };
-    /// zlib-rs streams for fixed codes at level 1, by window bits and memory level.
-    static FIXED_STREAMS: RefCell<Vec<(Params, ZlibRsStream)>> =
-        const { RefCell::new(Vec::new()) };
 }
 
 /// Appends the gzip of `data` at `level` (1-9) to `out`, with a reused stream sized to it.
 ///
 /// [`Strategy::Fixed`] needs level 1 (the policy's config check makes sure of it) and is
-/// served by zlib-rs, whose level 1 (zlib-ng's `deflate_quick`) is built for fixed codes:
-/// about half the CPU of zlib's level 1 on a 1 KiB JSON body, where zlib's own `Z_FIXED`
-/// saves nothing (it still builds the dynamic code tables to compare).
+/// served by [`super::fixed_deflate`]: about a quarter of zlib-rs's `Z_FIXED` level 1 on a
+/// 1 KiB JSON body, and a sixth of zlib's level 1, where zlib's own `Z_FIXED` saves nothing
+/// (it still builds the dynamic code tables to compare).
 pub fn gzip_into(
     data: &[u8],
     level: u32,
     strategy: Strategy,
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
+    if strategy == Strategy::Fixed && level == 1 {
+        out.extend_from_slice(&GZIP_HEADER);
+        out.extend_from_slice(&[4, GZIP_OS_UNIX]); // XFL 4: the fastest compression
+        super::fixed_deflate::deflate_into(data, out);
+        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
+        return Ok(());
+    }
     let (window_bits, mem_level) = sizing(data.len());
     let key = (level as i32, window_bits, mem_level);
-    if strategy == Strategy::Fixed && level == 1 {
-        return FIXED_STREAMS.with_borrow_mut(|streams| {
-            super::compress::pooled(streams, key, || {
-                ZlibRsStream::new(1, window_bits, mem_level, libz_rs_sys::Z_FIXED)
-            })?
-            .compress(data, out)
-        });
-    }
     STREAMS.with_borrow_mut(|streams| {
         super::compress::pooled(streams, key, || {
             ZlibStream::new(key.0, window_bits, mem_level, libz_sys::Z_DEFAULT_STRATEGY)
