@@ -91,6 +91,24 @@ fn policy_chain(c: &mut Criterion) {
         ),
         ("json/full_chain_gzip", full_chain("gzip"), &json),
         ("json/full_chain_zstd", full_chain("zstd"), &json),
+        (
+            "json/full_chain_gzip_fixed",
+            full_chain("gzip").replace(
+                r#"min_size = 256 }"#,
+                r#"min_size = 256, gzip_strategy = "fixed" }"#,
+            ),
+            &json,
+        ),
+        (
+            "json/4x_methods",
+            [r#"{ type = "methods", allow = ["GET"] }"#; 4].join(", "),
+            &json,
+        ),
+        (
+            "json/jwt+rate_limit+cache",
+            format!("{jwt}, {rate_limit}, {cache}"),
+            &json,
+        ),
     ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

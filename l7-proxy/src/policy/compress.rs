@@ -131,11 +131,11 @@ pub enum Encoding {
 
 impl Encoding {
     /// The encoding a content-coding token names (`x-gzip` is gzip), ASCII case-insensitive.
-    fn from_token(token: &str) -> Option<Self> {
+    fn from_token(token: &[u8]) -> Option<Self> {
         [Self::Gzip, Self::Br, Self::Zstd]
             .into_iter()
-            .find(|e| token.eq_ignore_ascii_case(e.token()))
-            .or_else(|| token.eq_ignore_ascii_case("x-gzip").then_some(Self::Gzip))
+            .find(|e| token.eq_ignore_ascii_case(e.token().as_bytes()))
+            .or_else(|| token.eq_ignore_ascii_case(b"x-gzip").then_some(Self::Gzip))
     }
 
     pub fn token(self) -> &'static str {
@@ -230,22 +230,22 @@ impl CompressPolicy {
 /// Picks the offered encoding with the highest q-value in `accept_encoding`, ties broken by
 /// `offered` order. `*` covers encodings not named; q=0 refuses.
 pub fn negotiate(accept_encoding: &str, offered: &[Encoding]) -> Option<Encoding> {
-    negotiate_values(std::iter::once(accept_encoding), offered)
+    negotiate_values(std::iter::once(accept_encoding.as_bytes()), offered)
 }
 
-/// [`negotiate`] over several `Accept-Encoding` header values, in one pass and without
-/// allocating. The first mention of a coding counts.
+/// [`negotiate`] over several `Accept-Encoding` header values, in one pass over their bytes
+/// and without allocating. The first mention of a coding counts.
 fn negotiate_values<'a>(
-    values: impl Iterator<Item = &'a str>,
+    values: impl Iterator<Item = &'a [u8]>,
     offered: &[Encoding],
 ) -> Option<Encoding> {
-    // q-value of each encoding (by `Encoding as usize`) and of `*`, when named.
-    let mut named = [None::<f32>; 3];
-    let mut star = None::<f32>;
-    for item in values.flat_map(|v| v.split(',')) {
-        let mut parts = item.split(';');
-        let coding = parts.next().unwrap_or("").trim();
-        let slot = if coding == "*" {
+    // q-value in thousandths of each encoding (by `Encoding as usize`) and of `*`, when named.
+    let mut named = [None::<u32>; 3];
+    let mut star = None::<u32>;
+    for item in values.flat_map(|v| v.split(|&b| b == b',')) {
+        let mut parts = item.split(|&b| b == b';');
+        let coding = parts.next().unwrap_or_default().trim_ascii();
+        let slot = if coding == b"*" {
             &mut star
         } else {
             match Encoding::from_token(coding) {
@@ -256,22 +256,46 @@ fn negotiate_values<'a>(
         if slot.is_none() {
             let q = parts
                 .filter_map(|p| {
-                    let p = p.trim();
-                    p.strip_prefix("q=").or(p.strip_prefix("Q="))
+                    let p = p.trim_ascii();
+                    p.strip_prefix(b"q=").or(p.strip_prefix(b"Q="))
                 })
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
+                .find_map(|q| qvalue(q.trim_ascii()))
+                .unwrap_or(1000);
             *slot = Some(q);
         }
     }
-    let mut best: Option<(Encoding, f32)> = None;
+    let mut best: Option<(Encoding, u32)> = None;
     for &enc in offered {
-        let q = named[enc as usize].or(star).unwrap_or(0.0);
-        if q > 0.0 && best.is_none_or(|(_, bq)| q > bq) {
+        let q = named[enc as usize].or(star).unwrap_or(0);
+        if q > 0 && best.is_none_or(|(_, bq)| q > bq) {
             best = Some((enc, q));
         }
     }
     best.map(|(e, _)| e)
+}
+
+/// A q-value (RFC 9110 12.4.2: `0` to `1` with up to three decimals) in thousandths; digits
+/// past the third decimal are ignored and values above 1 count as 1. `None` if it is not a
+/// decimal number.
+fn qvalue(q: &[u8]) -> Option<u32> {
+    let (whole, fraction) = match q.iter().position(|&b| b == b'.') {
+        Some(dot) => (&q[..dot], &q[dot + 1..]),
+        None => (q, &[][..]),
+    };
+    if whole.is_empty() && fraction.is_empty()
+        || !whole.iter().chain(fraction).all(u8::is_ascii_digit)
+    {
+        return None;
+    }
+    if whole.iter().any(|&d| d != b'0') {
+        return Some(1000);
+    }
+    let thousandths = fraction
+        .iter()
+        .chain(b"000")
+        .take(3)
+        .fold(0, |n, &d| n * 10 + u32::from(d - b'0'));
+    Some(thousandths)
 }
 
 /// ASCII case-insensitive `haystack.starts_with(prefix)`.
@@ -393,7 +417,7 @@ impl Policy for CompressPolicy {
             .headers()
             .get_all(header::ACCEPT_ENCODING)
             .iter()
-            .filter_map(|v| v.to_str().ok());
+            .map(HeaderValue::as_bytes);
         let encoding = negotiate_values(values, &self.config.algorithms);
         ctx.set_state(PhaseState::Compress(Negotiated {
             encoding,
@@ -480,7 +504,18 @@ mod tests {
         assert_eq!(negotiate("gzip", &[Br]), None);
         assert_eq!(negotiate("GZIP;Q=0.5, x-gzip", &[Gzip]), Some(Gzip));
         let two = ["gzip;q=0.2", "br;q=0.8"];
-        assert_eq!(negotiate_values(two.into_iter(), &all), Some(Br));
+        assert_eq!(
+            negotiate_values(two.iter().map(|v| v.as_bytes()), &all),
+            Some(Br)
+        );
+        // q-values: three decimals count, a bad one is skipped, above 1 is 1.
+        assert_eq!(negotiate("gzip;q=0.501, br;q=0.5", &all), Some(Gzip));
+        assert_eq!(negotiate("gzip;q=0.5009, br;q=0.5", &all), Some(Br));
+        assert_eq!(negotiate("gzip;q=x;q=0.9, br;q=0.8", &all), Some(Gzip));
+        assert_eq!(negotiate("gzip;q=2, br", &[Gzip, Br]), Some(Gzip));
+        assert_eq!(negotiate("gzip;q=.2, br;q=0.1", &all), Some(Gzip));
+        assert_eq!(negotiate("gzip;q=0.000, br;q=0.001", &[Gzip]), None);
+        assert_eq!(negotiate("br;q=1.0, gzip;q=0.", &all), Some(Br));
         // The default order: zstd, then gzip, then br (what Safari and Chrome send).
         assert_eq!(
             negotiate("gzip, deflate, br", &default_algorithms()),
