@@ -549,29 +549,46 @@ const HOP_BY_HOP: [&str; 7] = [
     "proxy-connection",
 ];
 
-impl Policy for CachePolicy {
-    fn name(&self) -> &'static str {
-        "cache"
-    }
+/// What the request phase found before any waiting ([`CachePolicy::begin`]).
+struct Found {
+    base_key: String,
+    vary_key: String,
+    cached: Option<Arc<Entry>>,
+    /// This request fetches the response for the requests that miss the same key meanwhile.
+    leader: Option<Arc<Leader>>,
+    client: Conditionals,
+    head: bool,
+    force_revalidate: bool,
+    max_age: Option<Duration>,
+}
 
-    async fn on_request(
-        &self,
-        mut req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> RequestOutcome {
+/// How the request phase goes on after [`CachePolicy::begin`].
+enum Begin {
+    /// Decided: not for the cache, or known uncacheable.
+    Done(RequestOutcome),
+    /// Looked up: [`CachePolicy::finish`] ends the phase at once.
+    Found(Found, Request<ProxyBody>),
+    /// Missed while another request fetches the same response: wait for its result first.
+    Wait(Found, Request<ProxyBody>, Waiters),
+}
+
+impl CachePolicy {
+    /// The request phase up to where it may have to wait for another request's response.
+    /// Leaves `ctx` untouched when it answers [`Begin::Wait`].
+    fn begin(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> Begin {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
-            return RequestOutcome::Continue(req);
+            return Begin::Done(RequestOutcome::Continue(req));
         }
         if has_directive(directives(req.headers()), "no-store") {
-            return RequestOutcome::Continue(req);
+            return Begin::Done(RequestOutcome::Continue(req));
         }
         // Preconditions are the origin's to evaluate (RFC 9111 section 4.3.2): such a request
         // goes upstream as it is, neither served from nor stored in the cache.
         if req.headers().contains_key(header::IF_MATCH)
             || req.headers().contains_key(header::IF_UNMODIFIED_SINCE)
         {
-            return RequestOutcome::Continue(req);
+            return Begin::Done(RequestOutcome::Continue(req));
         }
         // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
         // section 5.2.1).
@@ -610,51 +627,69 @@ impl Policy for CachePolicy {
                     base_key,
                     authorized: authorized(&req, ctx),
                 })));
-                return RequestOutcome::Continue(req);
+                return Begin::Done(RequestOutcome::Continue(req));
             }
         }
-        let mut vary_key = key_for(&base_key, known.as_deref(), req.headers());
-        let mut cached = self.lookup(&vary_key);
-        let mut leader = None;
-        if cached.is_none() {
-            // Coalesce: the first miss leads, later ones wait for its result.
-            let waiting = {
-                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                match inflight.get(&vary_key) {
-                    Some(rx) => Some(rx.clone()),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        inflight.insert(vary_key.clone(), rx);
-                        leader = Some(Arc::new(Leader {
-                            key: vary_key.clone(),
-                            tx,
-                            inflight: self.inflight.clone(),
-                        }));
-                        None
-                    }
-                }
-            };
-            if let Some(mut rx) = waiting {
-                let wait = Duration::from_millis(self.config.coalesce_wait_ms);
-                // Boxed: only waiters need the timer, not every request's future.
-                let _ = Box::pin(tokio::time::timeout(wait, rx.changed())).await;
-                let result = rx.borrow().clone();
-                if let Some(entry) = result {
-                    return RequestOutcome::Respond(serve(&entry, &client, head));
-                }
-                // The leader's response was not stored; recompute with what is known now.
-                vary_key = self.vary_key(&base_key, req.headers());
-                cached = self.lookup(&vary_key);
-            }
+        let vary_key = key_for(&base_key, known.as_deref(), req.headers());
+        let cached = self.lookup(&vary_key);
+        let mut found = Found {
+            base_key,
+            vary_key,
+            cached,
+            leader: None,
+            client,
+            head,
+            force_revalidate,
+            max_age,
+        };
+        if found.cached.is_some() {
+            return Begin::Found(found, req);
         }
+        // Coalesce: the first miss leads, later ones wait for its result.
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = inflight.get(&found.vary_key) {
+            let rx = rx.clone();
+            drop(inflight);
+            return Begin::Wait(found, req, rx);
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(found.vary_key.clone(), rx);
+        drop(inflight);
+        found.leader = Some(Arc::new(Leader {
+            key: found.vary_key.clone(),
+            tx,
+            inflight: self.inflight.clone(),
+        }));
+        Begin::Found(found, req)
+    }
+
+    /// The response to a request for a key known to be uncacheable. The request headers a
+    /// Vary would need were not kept: a storable response ends the state, and the next
+    /// request is looked up and stored.
+    fn passing(&self, resp: Response<ProxyBody>, passing: Passing) -> Response<ProxyBody> {
+        if self.storable(&resp, passing.authorized).is_some() {
+            self.vary.remove(passing.base_key.as_str());
+        }
+        miss(resp)
+    }
+
+    /// The request phase's end: a fresh entry answers; a stale one is revalidated; the
+    /// request goes on with what the response phase needs kept.
+    fn finish(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        found: Found,
+    ) -> RequestOutcome {
         let mut revalidating = None;
         for name in &CLIENT_CONDITIONALS {
             req.headers_mut().remove(name);
         }
-        if let Some(entry) = cached {
-            let acceptable = !force_revalidate && max_age.is_none_or(|max| entry.age() <= max);
+        if let Some(entry) = found.cached {
+            let acceptable =
+                !found.force_revalidate && found.max_age.is_none_or(|max| entry.age() <= max);
             if entry.fresh() && acceptable {
-                return RequestOutcome::Respond(serve(&entry, &client, head));
+                return RequestOutcome::Respond(serve(&entry, &found.client, found.head));
             }
             // Revalidate with the entry's validator: its ETag, else its Last-Modified.
             if let Some(etag) = entry.etag() {
@@ -668,15 +703,68 @@ impl Policy for CachePolicy {
             }
         }
         ctx.set_state(PhaseState::Cache(CacheState::Pending(Box::new(Pending {
-            base_key,
-            vary_key,
-            leader,
+            base_key: found.base_key,
+            vary_key: found.vary_key,
+            leader: found.leader,
             revalidating,
-            client,
+            client: found.client,
             authorized: authorized(&req, ctx),
             request_headers: req.headers().clone(),
         }))));
         RequestOutcome::Continue(req)
+    }
+}
+
+impl Policy for CachePolicy {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+        match self.begin(req, ctx) {
+            Begin::Done(outcome) => Ok(outcome),
+            Begin::Found(found, req) => Ok(self.finish(req, ctx, found)),
+            // Another request is fetching this response: `on_request` waits for it.
+            Begin::Wait(_, req, _) => Err(req),
+        }
+    }
+
+    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+        let (mut found, req, mut rx) = match self.begin(req, ctx) {
+            Begin::Done(outcome) => return outcome,
+            Begin::Found(found, req) => return self.finish(req, ctx, found),
+            Begin::Wait(found, req, rx) => (found, req, rx),
+        };
+        let wait = Duration::from_millis(self.config.coalesce_wait_ms);
+        // Boxed: only waiters need the timer, not every request's future.
+        let _ = Box::pin(tokio::time::timeout(wait, rx.changed())).await;
+        let result = rx.borrow().clone();
+        if let Some(entry) = result {
+            return RequestOutcome::Respond(serve(&entry, &found.client, found.head));
+        }
+        // The leader's response was not stored; recompute with what is known now.
+        found.vary_key = self.vary_key(&found.base_key, req.headers());
+        found.cached = self.lookup(&found.vary_key);
+        self.finish(req, ctx, found)
+    }
+
+    fn try_response(
+        &self,
+        resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+        // A response that may be stored is read first: `on_response`.
+        if matches!(ctx.state(), PhaseState::Cache(CacheState::Pending(_))) {
+            return Err(resp);
+        }
+        Ok(match ctx.take_state() {
+            PhaseState::Cache(CacheState::Passing(passing)) => self.passing(resp, passing),
+            _ => resp,
+        })
     }
 
     async fn on_response(
@@ -686,15 +774,7 @@ impl Policy for CachePolicy {
     ) -> Response<ProxyBody> {
         let pending = match ctx.take_state() {
             PhaseState::Cache(CacheState::Pending(pending)) => pending,
-            PhaseState::Cache(CacheState::Passing(passing)) => {
-                // Known uncacheable, so the request headers a Vary would need were not kept: a
-                // storable response ends the state, and the next request is looked up and
-                // stored.
-                if self.storable(&resp, passing.authorized).is_some() {
-                    self.vary.remove(passing.base_key.as_str());
-                }
-                return miss(resp);
-            }
+            PhaseState::Cache(CacheState::Passing(passing)) => return self.passing(resp, passing),
             _ => return resp,
         };
         let head = pending.base_key.starts_with("HEAD ");

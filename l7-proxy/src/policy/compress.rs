@@ -35,7 +35,8 @@ use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::respond::{
-    append_token, content_length, directives, full, has_directive, read_limited, ReadError,
+    append_token, content_length, directives, full, has_directive, read_limited, whole_body_now,
+    ReadError,
 };
 pub use super::small_gzip::Strategy as GzipStrategy;
 use super::{
@@ -412,7 +413,11 @@ impl Policy for CompressPolicy {
         "compress"
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
         let values = req
             .headers()
             .get_all(header::ACCEPT_ENCODING)
@@ -423,7 +428,41 @@ impl Policy for CompressPolicy {
             encoding,
             head: req.method() == Method::HEAD,
         }));
-        RequestOutcome::Continue(req)
+        Ok(RequestOutcome::Continue(req))
+    }
+
+    fn try_response(
+        &self,
+        mut resp: Response<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+        let &PhaseState::Compress(neg) = ctx.state() else {
+            return Ok(resp);
+        };
+        let len = content_length(resp.headers());
+        let compressible = self.compressible(&resp, len);
+        // A body compressed whole must be here whole; one that is not yet is awaited by
+        // `on_response`.
+        let mut whole = None;
+        if let Some(len) = self.one_shot(neg, compressible, len) {
+            match whole_body_now(resp.body_mut(), len) {
+                Some(data) => whole = Some(data),
+                None => return Err(resp),
+            }
+        }
+        ctx.take_state();
+        if !compressible {
+            return Ok(resp);
+        }
+        let (parts, body) = self.prepare(resp, neg.encoding);
+        Ok(Response::from_parts(
+            parts,
+            match (neg.encoding, whole) {
+                (Some(encoding), Some(data)) => self.encoded(&data, encoding),
+                (Some(encoding), None) if !neg.head => encode_body(body, encoding, &self.config),
+                _ => body,
+            },
+        ))
     }
 
     async fn on_response(
@@ -435,25 +474,55 @@ impl Policy for CompressPolicy {
             return resp;
         };
         let len = content_length(resp.headers());
-        if !self.compressible(&resp, len) {
+        let compressible = self.compressible(&resp, len);
+        if !compressible {
             return resp;
         }
-        let (mut parts, body) = resp.into_parts();
-        // Whether or not this client gets it compressed, the representation depends on
-        // Accept-Encoding (nginx's gzip_vary): a cache must not hand this one to a client
-        // that sent another Accept-Encoding.
-        append_token(&mut parts.headers, header::VARY, "Accept-Encoding");
-        let Some(encoding) = neg.encoding else {
-            return Response::from_parts(parts, body);
+        let one_shot = self.one_shot(neg, compressible, len);
+        let (parts, body) = self.prepare(resp, neg.encoding);
+        let body = match (neg.encoding, one_shot) {
+            (Some(encoding), Some(len)) => match read_limited(body, len).await {
+                Ok(data) => self.encoded(&data, encoding),
+                // The upstream sent more than its Content-Length said; hyper fails such a
+                // body, but stay correct anyway and stream the rest.
+                Err(ReadError::TooLarge { body }) => encode_body(body, encoding, &self.config),
+                Err(ReadError::Body(e)) => failed_body(e),
+            },
+            (Some(encoding), None) if !neg.head => encode_body(body, encoding, &self.config),
+            _ => body,
         };
-        let one_shot = len.filter(|&n| n <= ONE_SHOT_MAX);
+        Response::from_parts(parts, body)
+    }
+}
+
+impl CompressPolicy {
+    /// The length of a body to compress whole ([`ONE_SHOT_MAX`] at most), if this one is.
+    fn one_shot(&self, neg: Negotiated, compressible: bool, len: Option<u64>) -> Option<usize> {
+        let len = len.filter(|&n| n <= ONE_SHOT_MAX)?;
+        (compressible && neg.encoding.is_some() && !neg.head).then_some(len as usize)
+    }
+
+    /// The headers of a compressible response: `Vary: Accept-Encoding` whether or not this
+    /// client gets it compressed (nginx's gzip_vary: a cache must not hand this one to a
+    /// client that sent another Accept-Encoding); with an `encoding`, `Content-Encoding`, no
+    /// `Content-Length` (hyper writes the compressed one of a whole body, or chunks) and no
+    /// `Accept-Ranges`, and a weak ETag (a strong one names the identity bytes).
+    fn prepare(
+        &self,
+        resp: Response<ProxyBody>,
+        encoding: Option<Encoding>,
+    ) -> (http::response::Parts, ProxyBody) {
+        let (mut parts, body) = resp.into_parts();
+        append_token(&mut parts.headers, header::VARY, "Accept-Encoding");
+        let Some(encoding) = encoding else {
+            return (parts, body);
+        };
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.remove(header::ACCEPT_RANGES);
         parts.headers.insert(
             header::CONTENT_ENCODING,
             HeaderValue::from_static(encoding.token()),
         );
-        // A strong validator names the identity bytes; the encoded ones differ.
         if let Some(etag) = parts
             .headers
             .get(header::ETAG)
@@ -465,25 +534,15 @@ impl Policy for CompressPolicy {
                 }
             }
         }
-        if neg.head {
-            return Response::from_parts(parts, body);
+        (parts, body)
+    }
+
+    /// `data` compressed whole: its exact length goes out as `Content-Length`.
+    fn encoded(&self, data: &[u8], encoding: Encoding) -> ProxyBody {
+        match encode_all(data, encoding, &self.config) {
+            Ok(encoded) => full(encoded),
+            Err(e) => failed_body(Box::new(e)),
         }
-        let Some(len) = one_shot else {
-            return Response::from_parts(parts, encode_body(body, encoding, &self.config));
-        };
-        let body = match read_limited(body, len as usize).await {
-            // The body's exact length goes out as `Content-Length`: hyper writes it from the
-            // full body's size.
-            Ok(data) => match encode_all(&data, encoding, &self.config) {
-                Ok(encoded) => full(encoded),
-                Err(e) => failed_body(Box::new(e)),
-            },
-            // The upstream sent more than its Content-Length said; hyper fails such a body,
-            // but stay correct anyway and stream the rest.
-            Err(ReadError::TooLarge { body }) => encode_body(body, encoding, &self.config),
-            Err(ReadError::Body(e)) => failed_body(e),
-        };
-        Response::from_parts(parts, body)
     }
 }
 
@@ -610,6 +669,78 @@ mod tests {
                 .read_to_end(&mut out)
                 .unwrap();
             assert_eq!(out, data);
+        }
+    }
+
+    /// A body that is all there when the response comes is compressed at once
+    /// (`try_response`); one that comes later is awaited (`on_response`), in one frame or
+    /// several. Both give the same whole-body gzip with its `Content-Length`.
+    #[tokio::test]
+    async fn a_body_that_comes_after_its_head_is_awaited_and_compressed_whole() {
+        use std::io::Read;
+        let table: toml::Table =
+            toml::from_str(r#"p = [{ type = "compress", algorithms = ["gzip"] }]"#).unwrap();
+        let configs: Vec<super::super::PolicyConfig> = table["p"].clone().try_into().unwrap();
+        let chain = super::super::build_chain(&configs).unwrap();
+        let data: Vec<u8> = (0..3000u32)
+            .flat_map(|i| format!("{},", i % 97).into_bytes())
+            .collect();
+        for late_frames in [0, 1, 3] {
+            let req = Request::get("/x")
+                .header(header::ACCEPT_ENCODING, "gzip")
+                .body(super::super::respond::empty())
+                .unwrap();
+            let mut ctx = RequestCtx::new(
+                "192.0.2.1:1".parse().unwrap(),
+                String::new(),
+                "r".into(),
+                "g".into(),
+                false,
+                std::time::Instant::now(),
+            );
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, BoxError>>();
+            let chunks: Vec<Bytes> = if late_frames == 0 {
+                vec![Bytes::from(data.clone())]
+            } else {
+                data.chunks(data.len().div_ceil(late_frames))
+                    .map(Bytes::copy_from_slice)
+                    .collect()
+            };
+            if late_frames == 0 {
+                tx.send(Ok(Frame::data(chunks[0].clone()))).unwrap();
+            } else {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    for chunk in chunks {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        tx.send(Ok(Frame::data(chunk))).unwrap();
+                    }
+                });
+            }
+            drop(tx);
+            let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let body = BodyExt::boxed(StreamBody::new(frames));
+            let len = data.len();
+            let resp = chain
+                .handle(req, &mut ctx, |_, _| async move {
+                    Response::builder()
+                        .header(header::CONTENT_TYPE, "text/plain")
+                        .header(header::CONTENT_LENGTH, len)
+                        .body(body)
+                        .unwrap()
+                })
+                .await;
+            assert_eq!(resp.headers()[header::CONTENT_ENCODING], "gzip");
+            // Compressed whole: a body of known length, which hyper sends with it.
+            let exact = http_body::Body::size_hint(resp.body()).exact();
+            let gz = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(exact, Some(gz.len() as u64), "{late_frames} late frames");
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&gz[..])
+                .read_to_end(&mut out)
+                .unwrap();
+            assert!(out == data, "{late_frames} late frames");
         }
     }
 }

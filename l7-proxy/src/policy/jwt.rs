@@ -154,8 +154,11 @@ pub struct JwtPolicy {
     refreshing: tokio::sync::Mutex<()>,
     /// One prepared `Validation` per accepted algorithm.
     validations: Vec<(Algorithm, Validation)>,
-    verified: Option<quick_cache::sync::Cache<String, Arc<Verified>>>,
+    verified: Option<VerifiedCache>,
 }
+
+/// Tokens verified before, by their text.
+type VerifiedCache = quick_cache::sync::Cache<String, Arc<Verified>>;
 
 /// A token that passed every check, with the times to re-check on reuse.
 struct Verified {
@@ -293,6 +296,30 @@ impl JwtPolicy {
         set
     }
 
+    /// The claims of `token` if it is among the tokens verified before with the current keys
+    /// and still within its times, when that can be known without waiting (no key refresh is
+    /// due).
+    fn verified_now(&self, token: &str) -> Option<Arc<Value>> {
+        let cache = self.verified.as_ref()?;
+        let keys = self.key_set();
+        if self.config.jwks_url.is_some() && self.refresh_due(&keys, false) {
+            return None;
+        }
+        self.valid_hit(cache, token, keys.generation)
+    }
+
+    /// `token`'s entry in `cache`, if it was verified with the keys of `generation` and is
+    /// still within its times.
+    fn valid_hit(&self, cache: &VerifiedCache, token: &str, generation: u64) -> Option<Arc<Value>> {
+        let hit = cache.get(token)?;
+        let now = unix_now();
+        let leeway = self.config.leeway_secs;
+        (hit.generation == generation
+            && hit.exp.saturating_add(leeway) >= now
+            && hit.nbf.is_none_or(|nbf| nbf <= now.saturating_add(leeway)))
+        .then(|| hit.claims.clone())
+    }
+
     /// Verifies `token`, or finds it among the tokens verified before with the current keys.
     async fn verify(&self, token: &str) -> Result<Arc<Value>, AuthError> {
         let Some(cache) = &self.verified else {
@@ -301,17 +328,10 @@ impl JwtPolicy {
                 .map(|(claims, _)| claims);
         };
         let generation = self.current_keys(false).await.generation;
-        if let Some(hit) = cache.get(token) {
-            let now = unix_now();
-            let leeway = self.config.leeway_secs;
-            if hit.generation == generation
-                && hit.exp.saturating_add(leeway) >= now
-                && hit.nbf.is_none_or(|nbf| nbf <= now.saturating_add(leeway))
-            {
-                return Ok(hit.claims.clone());
-            }
-            cache.remove(token);
+        if let Some(claims) = self.valid_hit(cache, token, generation) {
+            return Ok(claims);
         }
+        cache.remove(token);
         // Boxed: a full verification is the rare path (and costs far more than a box); its
         // future would otherwise sit in every request's future.
         let (claims, generation) = Box::pin(self.verify_fully(token)).await?;
@@ -601,11 +621,19 @@ impl Policy for JwtPolicy {
         false
     }
 
-    async fn on_request(
+    fn try_request(
         &self,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> RequestOutcome {
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+        // A token verified before: decided at once. Anything else is verified in full.
+        match bearer_token(&req).and_then(|token| self.verified_now(token)) {
+            Some(claims) => Ok(self.admit(req, ctx, claims)),
+            None => Err(req),
+        }
+    }
+
+    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
         let Some(token) = bearer_token(&req) else {
             let mut resp = error_response(StatusCode::UNAUTHORIZED, "missing bearer token");
             resp.headers_mut()
@@ -638,6 +666,19 @@ impl Policy for JwtPolicy {
                 return RequestOutcome::Respond(resp);
             }
         };
+        self.admit(req, ctx, claims)
+    }
+}
+
+impl JwtPolicy {
+    /// Lets a request with verified `claims` on: the claims forwarded as configured, the
+    /// token removed unless forwarded, the identity kept for the policies after this one.
+    fn admit(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        claims: Arc<Value>,
+    ) -> RequestOutcome {
         for (claim, name) in &self.forward {
             req.headers_mut().remove(name);
             if let Some(v) = claims.get(claim).and_then(claim_header_value) {

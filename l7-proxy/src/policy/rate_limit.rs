@@ -380,6 +380,28 @@ impl RateLimitPolicy {
         })
     }
 
+    /// The request phase's end, once the bucket decided: 429, or on with the decision kept
+    /// for the response's headers.
+    fn decided(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        decision: Decision,
+    ) -> RequestOutcome {
+        if !decision.allowed {
+            let mut resp: Response<ProxyBody> =
+                error_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            self.set_headers(resp.headers_mut(), &decision);
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                number_header(decision.retry_after_us.div_ceil(1_000_000).max(1)),
+            );
+            return RequestOutcome::Respond(resp);
+        }
+        ctx.set_state(PhaseState::RateLimit(decision));
+        RequestOutcome::Continue(req)
+    }
+
     /// Sets the `RateLimit-*` headers, unless another limit of the chain already set them
     /// with fewer requests remaining: clients should see the limit that refuses first.
     fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
@@ -404,59 +426,63 @@ impl Policy for RateLimitPolicy {
         "rate_limit"
     }
 
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+        // Local buckets decide at once; Redis is waited for.
+        let Store::Local(local) = &self.store else {
+            return Err(req);
+        };
+        let now = ctx.received;
+        let decision = self
+            .key
+            .with_key(&req, ctx, |k| local.check(self.gcra, k, now));
+        Ok(self.decided(req, ctx, decision))
+    }
+
     async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
-        let decision = match &self.store {
-            Store::Local(local) => {
-                let now = ctx.received;
-                self.key
-                    .with_key(&req, ctx, |k| local.check(self.gcra, k, now))
-            }
-            Store::Redis(redis) => {
-                let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
-                    Some(prefix) => format!("{prefix}:{k}"),
-                    None => format!("l7rl:{}:{}:{k}", ctx.route_name, redis.limit),
-                });
-                // Boxed so the Redis client's large future does not sit in every request's future
-                // (local buckets need none).
-                match Box::pin(redis.check(self.gcra, key)).await {
-                    Ok(d) => d,
-                    Err(error) => {
-                        tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");
-                        if self.on_redis_error == RedisErrorMode::FailClosed {
-                            return RequestOutcome::Respond(error_response(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "rate limiter unavailable",
-                            ));
-                        }
-                        return RequestOutcome::Continue(req);
-                    }
+        let redis = match &self.store {
+            Store::Redis(redis) => redis,
+            Store::Local(_) => {
+                return match self.try_request(req, ctx) {
+                    Ok(outcome) => outcome,
+                    Err(req) => RequestOutcome::Continue(req),
                 }
             }
         };
-        if !decision.allowed {
-            let mut resp: Response<ProxyBody> =
-                error_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-            self.set_headers(resp.headers_mut(), &decision);
-            resp.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                number_header(decision.retry_after_us.div_ceil(1_000_000).max(1)),
-            );
-            return RequestOutcome::Respond(resp);
-        }
-        // The decision, for the response's headers.
-        ctx.set_state(PhaseState::RateLimit(decision));
-        RequestOutcome::Continue(req)
+        let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
+            Some(prefix) => format!("{prefix}:{k}"),
+            None => format!("l7rl:{}:{}:{k}", ctx.route_name, redis.limit),
+        });
+        // Boxed so the Redis client's large future does not sit in every request's future
+        // (local buckets need none).
+        let decision = match Box::pin(redis.check(self.gcra, key)).await {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::warn!(%error, mode = ?self.on_redis_error, "rate_limit: redis unavailable");
+                if self.on_redis_error == RedisErrorMode::FailClosed {
+                    return RequestOutcome::Respond(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "rate limiter unavailable",
+                    ));
+                }
+                return RequestOutcome::Continue(req);
+            }
+        };
+        self.decided(req, ctx, decision)
     }
 
-    async fn on_response(
+    fn try_response(
         &self,
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
         if let PhaseState::RateLimit(d) = ctx.take_state() {
             self.set_headers(resp.headers_mut(), &d);
         }
-        resp
+        Ok(resp)
     }
 }
 

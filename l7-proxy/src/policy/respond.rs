@@ -9,8 +9,10 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Response, StatusCode};
+use http_body::Body;
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
+use smallvec::SmallVec;
 
 use super::{BoxError, ProxyBody};
 use crate::pipeline::headers::{has_token, list_items};
@@ -84,6 +86,52 @@ pub async fn read_limited(body: ProxyBody, limit: usize) -> Result<Bytes, ReadEr
         }
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// The whole of `body`, whose length is `len`, if all of it has already arrived: read without
+/// waiting (polled with a waker that does nothing). A small response usually comes in with its
+/// head, so a policy that needs the body whole (compressing it in one call) can then finish
+/// at once instead of awaiting [`read_limited`]. Otherwise `body` is left as it was: what was
+/// read of it goes back in front of the rest (an error after it too), for `read_limited`.
+/// Trailers are dropped, as `read_limited` drops them.
+pub fn whole_body_now(body: &mut ProxyBody, len: usize) -> Option<Bytes> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut read: SmallVec<[Bytes; 2]> = SmallVec::new();
+    let mut got = 0;
+    let failed = loop {
+        if got == len {
+            // Complete: one frame as it came, several joined.
+            return Some(match read.len() {
+                0 => Bytes::new(),
+                1 => read.pop().unwrap_or_default(),
+                _ => read.concat().into(),
+            });
+        }
+        match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    got += data.len();
+                    read.push(data);
+                    if got > len {
+                        break None;
+                    }
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => break Some(e),
+            // Shorter than said, or not all here yet.
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => break None,
+        }
+    };
+    if !read.is_empty() || failed.is_some() {
+        let rest = std::mem::replace(body, empty());
+        let frames = read
+            .into_iter()
+            .map(|data| Ok(Frame::data(data)))
+            .chain(failed.map(Err));
+        let replay = futures_util::stream::iter(frames).chain(BodyStream::new(rest));
+        *body = BodyExt::boxed(StreamBody::new(replay));
+    }
+    None
 }
 
 /// The `Content-Length` of a message, when present and valid.
@@ -171,6 +219,68 @@ mod tests {
             let err = challenge_realm(bad).unwrap_err();
             assert!(err.starts_with(&format!("realm: {bad:?} has ")), "{err}");
         }
+    }
+
+    /// A body whose frames are sent by the test, as they arrive from a socket.
+    fn channel_body() -> (
+        tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>,
+        ProxyBody,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (tx, BodyExt::boxed(StreamBody::new(frames)))
+    }
+
+    fn data(bytes: &'static [u8]) -> Result<Frame<Bytes>, BoxError> {
+        Ok(Frame::data(Bytes::from_static(bytes)))
+    }
+
+    #[tokio::test]
+    async fn a_body_all_here_is_read_at_once() {
+        let mut one = full("hello");
+        assert_eq!(whole_body_now(&mut one, 5).as_deref(), Some(&b"hello"[..]));
+        // In several frames, with trailers among them (dropped), and not yet ended: the
+        // length says it is complete.
+        let (tx, mut body) = channel_body();
+        tx.send(data(b"hel")).unwrap();
+        tx.send(Ok(Frame::trailers(http::HeaderMap::new())))
+            .unwrap();
+        tx.send(data(b"lo")).unwrap();
+        assert_eq!(whole_body_now(&mut body, 5).as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_not_all_here_is_left_whole_for_read_limited() {
+        // Part here, the rest later: what was read goes back in front.
+        let (tx, mut body) = channel_body();
+        tx.send(data(b"hel")).unwrap();
+        assert_eq!(whole_body_now(&mut body, 5), None);
+        tx.send(data(b"lo")).unwrap();
+        drop(tx);
+        let Ok(read) = read_limited(body, 5).await else {
+            panic!("the body reads whole");
+        };
+        assert_eq!(&read[..], b"hello");
+
+        // Longer than said: all of it stays, and read_limited finds it too large.
+        let (tx, mut body) = channel_body();
+        tx.send(data(b"hello!")).unwrap();
+        drop(tx);
+        assert_eq!(whole_body_now(&mut body, 5), None);
+        let Err(ReadError::TooLarge { body }) = read_limited(body, 5).await else {
+            panic!("too large");
+        };
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"hello!");
+
+        // Failing after a first frame: the frame, then the error.
+        let (tx, mut body) = channel_body();
+        tx.send(data(b"he")).unwrap();
+        tx.send(Err("upstream reset".into())).unwrap();
+        assert_eq!(whole_body_now(&mut body, 5), None);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"he");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "upstream reset");
     }
 
     #[test]

@@ -133,15 +133,19 @@ impl Policy for IpFilterPolicy {
         false
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
-        if self.admits(ctx.client_addr.ip()) {
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+        Ok(if self.admits(ctx.client_addr.ip()) {
             RequestOutcome::Continue(req)
         } else {
             RequestOutcome::Respond(error_response(
                 StatusCode::FORBIDDEN,
                 "client address not allowed",
             ))
-        }
+        })
     }
 }
 
@@ -243,14 +247,18 @@ impl Policy for MethodsPolicy {
         false
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, _ctx: &mut RequestCtx) -> RequestOutcome {
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        _ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
         if self.allow.contains(req.method()) {
-            return RequestOutcome::Continue(req);
+            return Ok(RequestOutcome::Continue(req));
         }
         let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         resp.headers_mut()
             .insert(header::ALLOW, self.allow_header.clone());
-        RequestOutcome::Respond(resp)
+        Ok(RequestOutcome::Respond(resp))
     }
 }
 
@@ -376,28 +384,39 @@ impl Policy for CorsPolicy {
         "cors"
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+    fn try_request(
+        &self,
+        req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
         let Some(origin) = self.allowed_origin(&req) else {
             // No CORS headers; the response phase still adds `Vary: Origin`.
-            return RequestOutcome::Continue(req);
+            return Ok(RequestOutcome::Continue(req));
         };
         let is_preflight = req.method() == Method::OPTIONS
             && req
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if is_preflight {
-            return RequestOutcome::Respond(self.preflight(&origin, &req));
+            return Ok(RequestOutcome::Respond(self.preflight(&origin, &req)));
         }
         // The allowed origin, for the response.
         ctx.set_state(PhaseState::Cors(origin));
-        RequestOutcome::Continue(req)
+        Ok(RequestOutcome::Continue(req))
     }
 
-    async fn on_response(
+    fn try_response(
         &self,
-        mut resp: Response<ProxyBody>,
+        resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+        Ok(self.respond(resp, ctx))
+    }
+}
+
+impl CorsPolicy {
+    /// The response phase (it never waits).
+    fn respond(&self, mut resp: Response<ProxyBody>, ctx: &mut RequestCtx) -> Response<ProxyBody> {
         let PhaseState::Cors(origin) = ctx.take_state() else {
             if !self.any_origin {
                 // The response depends on the request's Origin even when it was not allowed:
