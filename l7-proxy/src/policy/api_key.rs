@@ -184,18 +184,22 @@ impl Policy for ApiKeyPolicy {
         false
     }
 
-    async fn on_request(
+    fn try_request(
         &self,
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> RequestOutcome {
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
         let Some(key) = self.presented_key(&req).filter(|k| !k.is_empty()) else {
-            return RequestOutcome::Respond(self.unauthorized("missing API key"));
+            return Ok(RequestOutcome::Respond(
+                self.unauthorized("missing API key"),
+            ));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let Some(id) = self.ids_by_hash.get(&digest) else {
             tracing::debug!(request_id = %ctx.request_id, "api_key: unknown key");
-            return RequestOutcome::Respond(self.unauthorized("invalid API key"));
+            return Ok(RequestOutcome::Respond(
+                self.unauthorized("invalid API key"),
+            ));
         };
         req.headers_mut().remove(&self.header);
         if let Some(uri) = self
@@ -212,7 +216,7 @@ impl Policy for ApiKeyPolicy {
             }
         }
         ctx.identity.api_key = Some(ApiKeyId(id.clone()));
-        RequestOutcome::Continue(req)
+        Ok(RequestOutcome::Continue(req))
     }
 }
 

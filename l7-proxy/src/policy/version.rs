@@ -223,11 +223,11 @@ impl Policy for VersionPolicy {
         "version"
     }
 
-    async fn on_request(
+    fn try_request(
         &self,
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> RequestOutcome {
+    ) -> Result<RequestOutcome, Request<ProxyBody>> {
         let mut selected = None;
         let mut by_path = false;
         if self.config.from_path {
@@ -254,10 +254,10 @@ impl Policy for VersionPolicy {
                 match self.lookup(&asked) {
                     Some(name) => selected = Some(name.to_string()),
                     None => {
-                        return RequestOutcome::Respond(error_response(
+                        return Ok(RequestOutcome::Respond(error_response(
                             StatusCode::BAD_REQUEST,
                             &format!("unsupported API version {asked:?}"),
-                        ))
+                        )))
                     }
                 }
             }
@@ -267,16 +267,16 @@ impl Policy for VersionPolicy {
             ctx.upstream_group = v.upstream.clone();
         }
         ctx.set_state(PhaseState::Version(SelectedVersion { name, by_path }));
-        RequestOutcome::Continue(req)
+        Ok(RequestOutcome::Continue(req))
     }
 
-    async fn on_response(
+    fn try_response(
         &self,
         mut resp: Response<ProxyBody>,
         ctx: &mut RequestCtx,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
         let PhaseState::Version(SelectedVersion { name, by_path }) = ctx.take_state() else {
-            return resp;
+            return Ok(resp);
         };
         let headers = resp.headers_mut();
         if !by_path {
@@ -288,7 +288,7 @@ impl Policy for VersionPolicy {
                 headers.insert("sunset", s.clone());
             }
         }
-        resp
+        Ok(resp)
     }
 }
 
