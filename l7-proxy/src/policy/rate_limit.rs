@@ -405,15 +405,25 @@ impl RateLimitPolicy {
     /// Sets the `RateLimit-*` headers, unless another limit of the chain already set them
     /// with fewer requests remaining: clients should see the limit that refuses first.
     fn set_headers(&self, headers: &mut HeaderMap, d: &Decision) {
-        let stricter_set = headers
-            .get(RATELIMIT_REMAINING)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|other| other < d.remaining);
-        if stricter_set {
-            return;
+        // One lookup of the name for both the check and the insert.
+        match headers.entry(RATELIMIT_REMAINING) {
+            http::header::Entry::Occupied(mut set) => {
+                let stricter = set
+                    .get()
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|other| other < d.remaining);
+                if stricter {
+                    return;
+                }
+                set.insert(number_header(d.remaining));
+            }
+            http::header::Entry::Vacant(unset) => {
+                unset.insert(number_header(d.remaining));
+            }
         }
         headers.insert(RATELIMIT_LIMIT, self.limit_header.clone());
-        headers.insert(RATELIMIT_REMAINING, number_header(d.remaining));
         headers.insert(
             RATELIMIT_RESET,
             number_header(d.reset_us.div_ceil(1_000_000)),
