@@ -352,9 +352,11 @@ pub struct UpstreamGroupConfig {
     /// Time from sending the request until the response head arrives. At least 1.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: Spanned<u64>,
-    /// Idle pooled keep-alive connections are closed after this long.
+    /// Idle pooled keep-alive connections are closed after 0.75 to 1 times this, so that the
+    /// proxy is done with a connection before the member times it out: set it below the
+    /// members' keep-alive timeout (Node's is 5 s, nginx's 75 s). At least 1.
     #[serde(default = "default_pool_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
+    pub idle_timeout_ms: Spanned<u64>,
     #[serde(default)]
     pub retries: RetryConfig,
     /// How the proxy speaks to the members: `"http1"` (HTTP/1.1, the default), `"h2c"`
@@ -405,8 +407,8 @@ fn default_connect_timeout_ms() -> Spanned<u64> {
 fn default_request_timeout_ms() -> Spanned<u64> {
     Spanned::new(0..0, 30_000)
 }
-fn default_pool_idle_timeout_ms() -> u64 {
-    60_000
+fn default_pool_idle_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 60_000)
 }
 
 /// Load-balancing algorithm of a group.

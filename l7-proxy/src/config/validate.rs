@@ -205,6 +205,14 @@ impl Config {
             }
             self.check_timeout(&format!("{at}.connect_timeout_ms"), &g.connect_timeout_ms)?;
             self.check_timeout(&format!("{at}.request_timeout_ms"), &g.request_timeout_ms)?;
+            if *g.idle_timeout_ms.get_ref() == 0 {
+                return Err(self.invalid(
+                    format!("{at}.idle_timeout_ms"),
+                    &g.idle_timeout_ms,
+                    "must be at least 1 (milliseconds); 0 would close pooled connections \
+                     within tens of milliseconds",
+                ));
+            }
             if let Some(hc) = &g.health_check {
                 self.check_timeout(&format!("{at}.health_check.timeout_ms"), &hc.timeout_ms)?;
                 if hc.path.parse::<http::uri::PathAndQuery>().is_err() {

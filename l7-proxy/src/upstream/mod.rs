@@ -239,7 +239,7 @@ impl Clients {
         let get = |pin| {
             cache.get(
                 Duration::from_millis(*config.connect_timeout_ms.get_ref()),
-                Duration::from_millis(config.idle_timeout_ms),
+                Duration::from_millis(*config.idle_timeout_ms.get_ref()),
                 config.protocol,
                 tls.clone(),
                 pin,
