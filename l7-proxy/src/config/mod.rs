@@ -357,6 +357,14 @@ pub struct UpstreamGroupConfig {
     /// members' keep-alive timeout (Node's is 5 s, nginx's 75 s). At least 1.
     #[serde(default = "default_pool_idle_timeout_ms")]
     pub idle_timeout_ms: Spanned<u64>,
+    /// Idle keep-alive connections kept per member, as nginx's `keepalive` and hyper's
+    /// `pool_max_idle_per_host`: a connection that finishes its exchange while its member has
+    /// this many idle already is closed. A burst opens as many connections as it needs; this
+    /// bounds how many stay open afterwards. 0 keeps none: every request opens a connection
+    /// (for HTTP/2 groups too). Groups with the same settings share a pool, and so a member
+    /// in two of them shares its idle connections and this bound.
+    #[serde(default = "default_max_idle_per_member")]
+    pub max_idle_per_member: usize,
     #[serde(default)]
     pub retries: RetryConfig,
     /// How the proxy speaks to the members: `"http1"` (HTTP/1.1, the default), `"h2c"`
@@ -409,6 +417,9 @@ fn default_request_timeout_ms() -> Spanned<u64> {
 }
 fn default_pool_idle_timeout_ms() -> Spanned<u64> {
     Spanned::new(0..0, 60_000)
+}
+fn default_max_idle_per_member() -> usize {
+    64
 }
 
 /// Load-balancing algorithm of a group.

@@ -209,8 +209,8 @@ impl Config {
                 return Err(self.invalid(
                     format!("{at}.idle_timeout_ms"),
                     &g.idle_timeout_ms,
-                    "must be at least 1 (milliseconds); 0 would close pooled connections \
-                     within tens of milliseconds",
+                    "must be at least 1 (milliseconds); to keep no idle connections to the \
+                     members, set max_idle_per_member = 0",
                 ));
             }
             if let Some(hc) = &g.health_check {

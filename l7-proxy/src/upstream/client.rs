@@ -3,8 +3,8 @@
 //! hyper-util's pooling client over a connector that counts new connections and tags each
 //! one, so that a response over a reused connection is counted.
 //!
-//! Clients are cached by their timeout settings ([`ClientCache`]) for the life of the process,
-//! so a config reload keeps the warm connection pool.
+//! Clients are cached by their settings ([`ClientCache`]) for the life of the process, so a
+//! config reload keeps the warm connection pool.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -174,29 +174,35 @@ impl GroupClient {
     }
 }
 
-/// Clients of plain groups by (connect timeout, pool idle timeout, protocol, pinned member),
-/// shared across config generations. A group with TLS gets clients of its own each
-/// generation, so that a reload picks up renewed certificates.
-#[derive(Default)]
-pub struct ClientCache {
-    clients: Mutex<ClientMap>,
+/// What a client is built from: groups with equal settings share a client (and its pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed within this.
+    pub idle_timeout: Duration,
+    /// Idle pooled connections kept per member; 0: none.
+    pub max_idle_per_member: usize,
+    pub protocol: UpstreamProtocol,
+    /// The member every connection goes to (HTTP/2 groups have a client per member); `None`:
+    /// the member the request names.
+    pub pin: Option<SocketAddr>,
 }
 
-type ClientMap = HashMap<(Duration, Duration, UpstreamProtocol, Option<SocketAddr>), GroupClient>;
+/// Clients of plain groups by their [`ClientSettings`], shared across config generations. A
+/// group with TLS gets clients of its own each generation, so that a reload picks up renewed
+/// certificates.
+#[derive(Default)]
+pub struct ClientCache {
+    clients: Mutex<HashMap<ClientSettings, GroupClient>>,
+}
 
 impl ClientCache {
-    /// `pin`: the member every connection goes to (HTTP/2 groups have a client per member);
-    /// `None`: the member the request's URI names.
     pub fn get(
         &self,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        protocol: UpstreamProtocol,
+        settings: ClientSettings,
         tls: Option<UpstreamTls>,
-        pin: Option<SocketAddr>,
         metrics: &Arc<Metrics>,
     ) -> GroupClient {
-        let settings = (connect_timeout, idle_timeout, protocol, pin);
         let pooled = |tls| GroupClient::Pooled {
             client: Box::new(build(settings, tls, metrics)),
             metrics: metrics.clone(),
@@ -207,12 +213,10 @@ impl ClientCache {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(settings)
-            .or_insert_with(|| match protocol {
-                UpstreamProtocol::Http1 => GroupClient::H1(H1Client::new(
-                    connect_timeout,
-                    idle_timeout,
-                    metrics.clone(),
-                )),
+            .or_insert_with(|| match settings.protocol {
+                UpstreamProtocol::Http1 => {
+                    GroupClient::H1(H1Client::new(settings, metrics.clone()))
+                }
                 _ => pooled(None),
             })
             .clone()
@@ -220,15 +224,17 @@ impl ClientCache {
 }
 
 fn build(
-    (connect_timeout, idle_timeout, protocol, pin): (
-        Duration,
-        Duration,
-        UpstreamProtocol,
-        Option<SocketAddr>,
-    ),
+    settings: ClientSettings,
     tls: Option<UpstreamTls>,
     metrics: &Arc<Metrics>,
 ) -> UpstreamClient {
+    let ClientSettings {
+        connect_timeout,
+        idle_timeout,
+        max_idle_per_member,
+        protocol,
+        pin,
+    } = settings;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
@@ -274,6 +280,8 @@ fn build(
     };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(idle_timeout)
+        // 0 turns hyper-util's pool off: every request opens a connection, as documented.
+        .pool_max_idle_per_host(max_idle_per_member)
         .pool_timer(TokioTimer::new())
         .http2_only(protocol != UpstreamProtocol::Http1)
         .build(connector)

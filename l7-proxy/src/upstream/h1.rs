@@ -11,6 +11,9 @@
 //! busy after its response (a request body still being sent, a response body dropped before
 //! its end) goes back by a task that waits until hyper says it is ready: the rare case.
 //!
+//! Each member keeps at most `max_idle_per_member` idle connections (nginx's `keepalive`): a
+//! connection that comes back to a full list is closed instead.
+//!
 //! A pooled connection may have been closed by the member meanwhile: a request that could not
 //! be written to it is sent again on another connection (as hyper-util does); one that was
 //! written fails, and the forward phase's retry policy decides.
@@ -35,8 +38,10 @@ use tokio::net::TcpStream;
 use crate::metrics::Metrics;
 use crate::policy::{BoxError, ProxyBody};
 
+use super::client::ClientSettings;
+
 /// Pooled HTTP/1.1 connections to the members of plain groups, by member address. Shared by
-/// the groups (and config generations) with the same timeouts.
+/// the groups (and config generations) with the same settings.
 #[derive(Clone)]
 pub struct H1Client {
     inner: Arc<Inner>,
@@ -45,6 +50,7 @@ pub struct H1Client {
 struct Inner {
     connect_timeout: Duration,
     idle_timeout: Duration,
+    max_idle_per_member: usize,
     metrics: Arc<Metrics>,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
     /// Advanced by the reaper every quarter of the idle timeout; idle connections remember
@@ -65,11 +71,12 @@ struct IdleConn {
 const TICKS_PER_TIMEOUT: u32 = 4;
 
 impl H1Client {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(settings: ClientSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                connect_timeout,
-                idle_timeout,
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                max_idle_per_member: settings.max_idle_per_member,
                 metrics,
                 idle: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(0),
@@ -196,13 +203,22 @@ impl Inner {
         self.push_idle(member, sender);
     }
 
+    /// Adds a connection to its member's idle list, or closes it (drops its sender) when the
+    /// list has `max_idle_per_member` already.
     fn push_idle(self: &Arc<Self>, member: SocketAddr, sender: SendRequest<ProxyBody>) {
+        if self.max_idle_per_member == 0 {
+            return;
+        }
         self.start_reaper();
         let since_tick = self.tick.load(Ordering::Relaxed);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.entry(member)
-            .or_default()
-            .push(IdleConn { sender, since_tick });
+        let list = idle.entry(member).or_default();
+        if list.len() < self.max_idle_per_member {
+            list.push(IdleConn { sender, since_tick });
+            return;
+        }
+        // Dropping the sender closes the connection; outside the lock.
+        drop(idle);
     }
 
     /// Starts the task that closes connections idle for 3 to 4 quarters of the idle timeout,

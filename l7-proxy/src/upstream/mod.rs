@@ -23,7 +23,7 @@ use crate::config::{
 };
 use crate::metrics::{MemberLabels, Metrics};
 use balance::{hash_bytes, Balancer};
-use client::{ClientCache, GroupClient};
+use client::{ClientCache, ClientSettings, GroupClient};
 
 /// Milliseconds since the first call: a cheap monotonic clock for atomics.
 fn now_ms() -> u64 {
@@ -237,14 +237,14 @@ impl Clients {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let get = |pin| {
-            cache.get(
-                Duration::from_millis(*config.connect_timeout_ms.get_ref()),
-                Duration::from_millis(*config.idle_timeout_ms.get_ref()),
-                config.protocol,
-                tls.clone(),
+            let settings = ClientSettings {
+                connect_timeout: Duration::from_millis(*config.connect_timeout_ms.get_ref()),
+                idle_timeout: Duration::from_millis(*config.idle_timeout_ms.get_ref()),
+                max_idle_per_member: config.max_idle_per_member,
+                protocol: config.protocol,
                 pin,
-                metrics,
-            )
+            };
+            cache.get(settings, tls.clone(), metrics)
         };
         match config.protocol {
             UpstreamProtocol::Http1 => Self::Shared(Box::new(get(None))),

@@ -186,9 +186,15 @@ fn zero_timeouts_are_refused_with_the_field_and_line() {
             other => panic!("{text}: unexpected {other:?}"),
         }
     }
-    // Zero stays fine where it means "none": no drain wait. (A pool idle timeout of 0 did not
-    // mean "no pooled idle connections": the reaper closed them after 30 to 40 ms.)
-    Config::from_toml_str(&format!("[server]\ndrain_timeout_ms = 0\n{group}")).unwrap();
+    // Zero stays fine where it means "none": no drain wait, no pooled idle connections
+    // (which a pool idle timeout of 0 used to mean, silently: the message says what does).
+    Config::from_toml_str(&format!(
+        "[server]\ndrain_timeout_ms = 0\n{group}max_idle_per_member = 0\n"
+    ))
+    .unwrap();
+    let text = format!("{group}idle_timeout_ms = 0\n");
+    let message = Config::from_toml_str(&text).unwrap_err().to_string();
+    assert!(message.contains("max_idle_per_member = 0"), "{message}");
 }
 
 #[test]

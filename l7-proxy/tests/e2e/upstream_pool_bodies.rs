@@ -3,7 +3,7 @@
 //! request body (also to `Expect: 100-continue`), one that drops a request it has read,
 //! interim (1xx) and upgrade (101) answers, answers dropped unread (health checks), many
 //! requests at once on a multi-threaded runtime with the pool counters, a member that is down,
-//! and the idle timeout as an upper bound.
+//! the idle timeout as an upper bound, and the bound on idle connections per member.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,6 +86,11 @@ impl ScriptedUpstream {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// How many connections the proxy has closed between requests.
+    fn closed(&self) -> usize {
+        self.closed_at.lock().unwrap().len()
     }
 
     /// When the proxy closed the `index`th connection (waits up to 2 s for it).
@@ -414,6 +419,66 @@ async fn concurrent_requests_each_get_a_connection_and_the_counters_add_up() {
         (2 * AT_ONCE) as f64,
         "each request opened or reused one"
     );
+    proxy.shutdown().await;
+}
+
+/// A burst opens as many connections to a member as it needs; once it is over, at most
+/// `max_idle_per_member` stay open (nginx's `keepalive`), the rest are closed as their
+/// exchanges end, and the next burst dials those again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_leaves_at_most_max_idle_per_member_connections_open() {
+    const AT_ONCE: usize = 6;
+    const KEPT: usize = 2;
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_with(up.addr, &format!("max_idle_per_member = {KEPT}")).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for wave in 1..=2 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..AT_ONCE {
+            let c = c.clone();
+            tasks.spawn(async move {
+                let slow = Request::get(format!("http://{addr}/slow")).body(Full::default());
+                send(&c, slow.unwrap()).await
+            });
+        }
+        while let Some(answer) = tasks.join_next().await {
+            assert_eq!(answer.unwrap().body, "slowbody", "wave {wave}");
+        }
+        // Each wave needs AT_ONCE connections; all but KEPT of them are new after the first.
+        assert_eq!(up.accepted(), AT_ONCE + (wave - 1) * (AT_ONCE - KEPT));
+        let closed = wave * (AT_ONCE - KEPT);
+        for _ in 0..40 {
+            if up.closed() >= closed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // And no more than those.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(up.closed(), closed, "wave {wave}: {KEPT} kept open");
+    }
+    let opened = (AT_ONCE + AT_ONCE - KEPT) as f64;
+    assert_eq!(pool_counters(&proxy).await, (opened, KEPT as f64));
+    proxy.shutdown().await;
+}
+
+/// `max_idle_per_member = 0` keeps no idle connection: every request opens its own, and the
+/// proxy closes it after the answer.
+#[tokio::test]
+async fn max_idle_per_member_0_opens_a_connection_per_request() {
+    let up = ScriptedUpstream::start().await;
+    let proxy = proxy_with(up.addr, "max_idle_per_member = 0").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for i in 0..3 {
+        let path = format!("/r{i}");
+        let get = Request::get(format!("http://{addr}{path}")).body(Full::default());
+        assert_eq!(send(&c, get.unwrap()).await.body, path);
+        up.wait_connection_closed(i).await;
+    }
+    assert_eq!(up.accepted(), 3);
+    assert_eq!(pool_counters(&proxy).await, (3.0, 0.0));
     proxy.shutdown().await;
 }
 
