@@ -52,6 +52,9 @@ pub struct Metrics {
     pub retries: Family<RouteLabels, Counter>,
     pub connections_opened: Counter,
     pub pool_reused: Counter,
+    /// Requests sent again on a new connection after the member closed the pooled one they
+    /// were written on (see `upstream::h1`).
+    pub pool_replayed: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     /// The series of requests that matched no route (`route="-"`).
     pub unmatched: RouteMetrics,
@@ -114,6 +117,13 @@ impl Metrics {
             "Upstream requests sent on a pooled keep-alive connection",
             pool_reused.clone(),
         );
+        let pool_replayed = Counter::default();
+        registry.register(
+            "upstream_pool_replayed",
+            "Upstream requests sent again on a new connection after the member closed the \
+             pooled one they were written on (idempotent, without a body)",
+            pool_replayed.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -129,6 +139,7 @@ impl Metrics {
             retries,
             connections_opened,
             pool_reused,
+            pool_replayed,
             reloads,
             unmatched: RouteMetrics::new("-".to_string()),
         }

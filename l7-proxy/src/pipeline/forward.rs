@@ -15,7 +15,7 @@ use super::{empty_body, text_response};
 use crate::config::UpstreamProtocol;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::policy::ProxyBody;
-use crate::upstream::UpstreamGroup;
+use crate::upstream::{is_idempotent, UpstreamGroup};
 
 /// What the forward phase produced.
 pub struct Forwarded {
@@ -24,19 +24,6 @@ pub struct Forwarded {
     pub member: Option<SocketAddr>,
     /// The response is the member's; else the proxy's own (no member, unreachable, timeout).
     pub from_member: bool,
-}
-
-fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
 }
 
 /// Sends `req` (already rewritten: path, headers) to a member of `group`.

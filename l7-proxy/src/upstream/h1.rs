@@ -15,8 +15,21 @@
 //! connection that comes back to a full list is closed instead.
 //!
 //! A pooled connection may have been closed by the member meanwhile: a request that could not
-//! be written to it is sent again on another connection (as hyper-util does); one that was
-//! written fails, and the forward phase's retry policy decides.
+//! be written to it is sent again on another connection (as hyper-util does). One that was
+//! written as the member closed the connection (its keep-alive timeout firing as the request
+//! came: Node's is 5 s) fails with "closed before message completed"; if it may go out twice
+//! (idempotent, RFC 9110 9.2.2, and without a body) it is sent again once, on a new
+//! connection, as nginx does for a cached connection; otherwise it fails and the forward
+//! phase's retry policy decides.
+//!
+//! Sending a request again needs a copy of its head, and a header map copied per request costs
+//! about 0.5% of throughput on this, the hottest path. So the copy is made only for a
+//! connection that has been idle across a tick of the reaper's clock, which ticks at least
+//! every second: only such a connection can have been timed out by a member whose keep-alive
+//! timeout is a second or more. Under load connections go out again microseconds after they
+//! come back, and nearly no request pays for a copy. The trade-off: a member that closes
+//! connections idle for less than a tick (1 s, or a quarter of the group's idle timeout when
+//! that is under 4 s) is not covered, and its requests fail as before.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -28,8 +41,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -39,6 +53,7 @@ use crate::metrics::Metrics;
 use crate::policy::{BoxError, ProxyBody};
 
 use super::client::ClientSettings;
+use super::is_idempotent;
 
 /// Pooled HTTP/1.1 connections to the members of plain groups, by member address. Shared by
 /// the groups (and config generations) with the same settings.
@@ -49,13 +64,15 @@ pub struct H1Client {
 
 struct Inner {
     connect_timeout: Duration,
-    idle_timeout: Duration,
     max_idle_per_member: usize,
     metrics: Arc<Metrics>,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
-    /// Advanced by the reaper every quarter of the idle timeout; idle connections remember
-    /// the tick they came back at.
+    /// Advanced by the reaper every `tick_period`; idle connections remember the tick they
+    /// came back at.
     tick: AtomicU64,
+    tick_period: Duration,
+    /// Ticks of idleness after which the reaper closes a connection.
+    ticks_per_timeout: u64,
     reaper_started: AtomicBool,
 }
 
@@ -64,22 +81,42 @@ struct IdleConn {
     since_tick: u64,
 }
 
-/// Reaper ticks per idle timeout: a connection is closed after 3 to 4 quarters of idleness,
-/// never later than the timeout. That bound is what the timeout is for: set below a member's
-/// keep-alive timeout, it keeps the pool from sending a request on a connection just as the
-/// member closes it (a written request that then fails is not sent again, see the module doc).
-const TICKS_PER_TIMEOUT: u32 = 4;
+/// The longest tick of the reaper's clock: a connection idle across a tick may have been idle
+/// this long, and only then is a request's head copied to be sent again (see the module doc).
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// The fewest ticks per idle timeout.
+const MIN_TICKS_PER_TIMEOUT: u32 = 4;
+
+/// The reaper's period and how many of its ticks make the idle timeout: `n` ticks of
+/// `idle_timeout / n`, with `n` at least 4 and the period at most [`MAX_TICK`]. A connection
+/// comes back during some tick and is closed at the `n`th tick after that one: after 3/4 to
+/// all of the timeout idle (`(n - 1) / n` to 1), never later. That bound is what the timeout
+/// is for: set below a member's keep-alive timeout, it keeps the pool from sending a request
+/// on a connection just as the member closes it.
+fn reaper_clock(idle_timeout: Duration) -> (Duration, u32) {
+    let ticks = idle_timeout
+        .as_nanos()
+        .div_ceil(MAX_TICK.as_nanos())
+        .max(MIN_TICKS_PER_TIMEOUT.into());
+    let ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
+    // Not 0, which `tokio::time::interval` refuses (the config refuses a 0 timeout anyway).
+    let period = (idle_timeout / ticks).max(Duration::from_millis(1));
+    (period, ticks)
+}
 
 impl H1Client {
     pub fn new(settings: ClientSettings, metrics: Arc<Metrics>) -> Self {
+        let (tick_period, ticks_per_timeout) = reaper_clock(settings.idle_timeout);
         Self {
             inner: Arc::new(Inner {
                 connect_timeout: settings.connect_timeout,
-                idle_timeout: settings.idle_timeout,
                 max_idle_per_member: settings.max_idle_per_member,
                 metrics,
                 idle: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(0),
+                tick_period,
+                ticks_per_timeout: ticks_per_timeout.into(),
                 reaper_started: AtomicBool::new(false),
             }),
         }
@@ -104,10 +141,26 @@ impl H1Client {
         }
         // Whether the response can end before the request is written (an early answer).
         let sends_body = !req.body().is_end_stream();
+        let may_go_out_twice = !sends_body && is_idempotent(req.method());
+        // After a replay: the member closed a pooled connection, take no other.
+        let mut new_connection_only = false;
         loop {
-            let (mut sender, reused) = match self.inner.checkout(member) {
-                Some(sender) => (sender, true),
-                None => (self.inner.connect(member).await?, false),
+            let pooled = if new_connection_only {
+                None
+            } else {
+                self.inner.checkout(member)
+            };
+            let reused = pooled.is_some();
+            // The head to send again with, if the member may have timed the connection out.
+            let mut replay = None;
+            let mut sender = match pooled {
+                Some(idle) => {
+                    if may_go_out_twice && self.inner.idle_across_a_tick(&idle) {
+                        replay = Some(RequestHead::copy(&req));
+                    }
+                    idle.sender
+                }
+                None => self.inner.connect(member).await?,
             };
             // A pooled connection may still be finishing its previous response, or be
             // closed: wait for the first, skip the second.
@@ -137,24 +190,85 @@ impl H1Client {
                 Err(mut e) => match e.take_message() {
                     // Not written: the connection was closed under us. Send it on another.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(e.into_error().into()),
+                    _ => {
+                        let error = e.into_error();
+                        match replay {
+                            Some(head) if closed_before_answer(&error) => {
+                                let why = "member closed the pooled connection; sending again";
+                                tracing::debug!(%member, %error, "{why}");
+                                self.inner.metrics.pool_replayed.inc();
+                                req = head.into_request();
+                                new_connection_only = true;
+                            }
+                            _ => return Err(error.into()),
+                        }
+                    }
                 },
             }
         }
     }
 }
 
+/// What a request without a body needs to go out again: its head (the extensions, which
+/// hyper's HTTP/1.1 client does not read, stay behind).
+struct RequestHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl RequestHead {
+    fn copy(req: &Request<ProxyBody>) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn into_request(self) -> Request<ProxyBody> {
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// True when the member closed the connection where its answer should have come: hyper read
+/// the connection's end (or a reset) after writing the request, before any response head.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let io = std::error::Error::source(error).and_then(|e| e.downcast_ref::<std::io::Error>());
+    io.is_some_and(|e| {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+    })
+}
+
 impl Inner {
-    fn checkout(&self, member: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+    fn checkout(&self, member: SocketAddr) -> Option<IdleConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&member)?;
         // Most recently used first: the rest may go idle long enough to be closed.
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() {
-                return Some(conn.sender);
+                return Some(conn);
             }
         }
         None
+    }
+
+    /// True when a tick has passed since `conn` came back. False means it has been idle for
+    /// less than a tick (at most 1 s), too short for a member's keep-alive timeout of a second
+    /// or more to have closed it.
+    fn idle_across_a_tick(&self, conn: &IdleConn) -> bool {
+        conn.since_tick < self.tick.load(Ordering::Relaxed)
     }
 
     async fn connect(&self, member: SocketAddr) -> Result<SendRequest<ProxyBody>, BoxError> {
@@ -221,9 +335,9 @@ impl Inner {
         drop(idle);
     }
 
-    /// Starts the task that closes connections idle for 3 to 4 quarters of the idle timeout,
-    /// once, when the first connection goes idle (inside the runtime, then). It ends with the
-    /// client.
+    /// Starts the task that closes connections idle for 3/4 to all of the idle timeout (see
+    /// [`reaper_clock`]), once, when the first connection goes idle (inside the runtime,
+    /// then). It ends with the client.
     fn start_reaper(self: &Arc<Self>) {
         if self.reaper_started.load(Ordering::Relaxed)
             || self.reaper_started.swap(true, Ordering::Relaxed)
@@ -231,7 +345,7 @@ impl Inner {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(self);
-        let period = (self.idle_timeout / TICKS_PER_TIMEOUT).max(Duration::from_millis(10));
+        let period = self.tick_period;
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,7 +360,7 @@ impl Inner {
                     idle.retain(|_, list| {
                         let (keep, old): (Vec<_>, Vec<_>) = list.drain(..).partition(|c| {
                             !c.sender.is_closed()
-                                && now.saturating_sub(c.since_tick) < u64::from(TICKS_PER_TIMEOUT)
+                                && now.saturating_sub(c.since_tick) < inner.ticks_per_timeout
                         });
                         *list = keep;
                         closed.extend(old);
@@ -336,5 +450,31 @@ impl Drop for PooledBody {
         // An empty body (204, 304, HEAD, length 0) may never be polled: it has ended.
         let ended = self.body.is_end_stream();
         self.release(ended);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reaper_ticks_at_least_every_second_and_four_times_per_timeout() {
+        let ms = Duration::from_millis;
+        for (timeout, period, ticks) in [
+            (ms(200), ms(50), 4),
+            (ms(2_000), ms(500), 4),
+            (ms(4_900), ms(980), 5),
+            (ms(5_000), ms(1_000), 5),
+            (ms(60_000), ms(1_000), 60),
+            (ms(1), ms(1), 4),
+        ] {
+            assert_eq!(reaper_clock(timeout), (period, ticks), "{timeout:?}");
+            // Closed at the last tick, idle for (ticks - 1) to `ticks` periods: never past the
+            // timeout, and at least 3/4 of it (but for the 1 ms floor).
+            if timeout >= ms(4) {
+                assert!(period * ticks <= timeout, "{timeout:?}");
+                assert!(period * (ticks - 1) * 4 >= timeout * 3, "{timeout:?}");
+            }
+        }
     }
 }

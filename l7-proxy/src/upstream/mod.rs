@@ -25,6 +25,21 @@ use crate::metrics::{MemberLabels, Metrics};
 use balance::{hash_bytes, Balancer};
 use client::{ClientCache, ClientSettings, GroupClient};
 
+/// True for the methods RFC 9110 (9.2.2) calls idempotent: a request with one of them (and
+/// without a body) may be sent again, to another member or over a new connection.
+pub fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
 /// Milliseconds since the first call: a cheap monotonic clock for atomics.
 fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();

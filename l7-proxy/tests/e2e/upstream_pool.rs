@@ -1,6 +1,7 @@
 //! The keep-alive pool of plain HTTP/1.1 groups, against a raw upstream that closes
 //! connections the ways real servers do: after its own idle timeout, after `Connection:
-//! close`, and with a response body the client never finishes reading.
+//! close`, just as a request arrives on a pooled connection, and with a response body the
+//! client never finishes reading.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,13 +21,18 @@ use crate::support::*;
 ///   request comes within 50 ms (as a server with a short keep-alive timeout);
 /// - `/close`: `200` with `Connection: close`, then closes;
 /// - `/stall`: `200` announcing 10 MB, sends 64 KiB of `s` and stalls until the peer goes;
+/// - `/first-only`: on a connection's first request, `200` with `connection N` as body (N
+///   counts connections from 0), keep-alive; a later request on it is read, then the
+///   connection closed without an answer (a keep-alive timeout firing as the request came);
 /// - anything else: `200` with the path as body (none for `HEAD`), keep-alive.
 ///
-/// Counts connections accepted and connections the peer (the proxy) closed.
+/// Counts connections accepted, connections the peer (the proxy) closed and requests read
+/// and dropped.
 struct RawUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     closed_by_peer: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
 }
 
 impl RawUpstream {
@@ -35,22 +41,28 @@ impl RawUpstream {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let closed_by_peer = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (accepted.clone(), closed_by_peer.clone());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (a, c, d) = (accepted.clone(), closed_by_peer.clone(), dropped.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, c.clone()));
+                let index = a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, index, c.clone(), d.clone()));
             }
         });
         Self {
             addr,
             accepted,
             closed_by_peer,
+            dropped,
         }
     }
 
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
     }
 
     /// Waits up to 2 s until the proxy has closed `n` connections; false if it has not.
@@ -65,10 +77,15 @@ impl RawUpstream {
     }
 }
 
-async fn serve(stream: TcpStream, closed_by_peer: Arc<AtomicUsize>) {
+async fn serve(
+    stream: TcpStream,
+    index: usize,
+    closed_by_peer: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+) {
     let mut stream = BufReader::new(stream);
     let mut wait = None;
-    loop {
+    for served in 0.. {
         // The request head: the request line, then headers up to an empty line.
         let mut line = String::new();
         let read = match wait {
@@ -108,6 +125,16 @@ async fn serve(stream: TcpStream, closed_by_peer: Arc<AtomicUsize>) {
         }
         let s = stream.get_mut();
         match path.as_str() {
+            "/first-only" if served > 0 => {
+                dropped.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            "/first-only" => {
+                let body = format!("connection {index}");
+                let len = body.len();
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n{body}");
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
             "/close" => {
                 let _ = s
                     .write_all(
@@ -169,6 +196,51 @@ async fn a_member_closing_its_idle_connection_costs_no_request() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(up.accepted(), 3, "a new connection after each close");
+    proxy.shutdown().await;
+}
+
+/// A member may close a pooled connection just as the proxy writes a request on it (its
+/// keep-alive timeout fires; Node's is 5 s): hyper then fails the written request with "closed
+/// before message completed". A request that can safely go out twice (idempotent, no body)
+/// goes out again once, on a new connection, as nginx does; one with a body fails (502: this
+/// group has no retries and one member).
+#[tokio::test]
+async fn a_request_the_member_closes_its_pooled_connection_on_is_sent_again_if_idempotent() {
+    let up = RawUpstream::start().await;
+    // The pool's clock ticks every quarter of this (500 ms); the copy that a request needs to
+    // go out again is kept when its connection has been idle across a tick.
+    let proxy = proxy_to(&up, "idle_timeout_ms = 2000").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    let first_only = || {
+        Request::get(format!("http://{addr}/first-only"))
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(&c, first_only()).await.body, "connection 0");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let again = send(&c, first_only()).await;
+    assert_eq!(
+        (again.status, again.body.as_str()),
+        (StatusCode::OK, "connection 1"),
+        "the GET went out again on a new connection"
+    );
+    assert_eq!(
+        up.dropped(),
+        1,
+        "the member read it on the pooled connection"
+    );
+    assert_eq!(up.accepted(), 2);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let answer = post(&c, addr, "/first-only").await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+    assert_eq!(up.dropped(), 2);
+    assert_eq!(up.accepted(), 2, "the POST was not sent again");
+
+    let text = get(&c, proxy.admin_addr().unwrap(), "admin", "/metrics").await;
+    let replayed = metric(&text.body, "l7_upstream_pool_replayed_total");
+    assert_eq!(replayed, Some(1.0), "counted");
     proxy.shutdown().await;
 }
 
