@@ -590,12 +590,6 @@ impl CachePolicy {
         {
             return Begin::Done(RequestOutcome::Continue(req));
         }
-        // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
-        // section 5.2.1).
-        let force_revalidate = has_directive(directives(req.headers()), "no-cache");
-        let max_age = directives(req.headers())
-            .find(|(d, _)| d.eq_ignore_ascii_case("max-age"))
-            .map(|(_, v)| Duration::from_secs(v.and_then(delta_seconds).unwrap_or(0)));
         let host = req
             .headers()
             .get(header::HOST)
@@ -617,8 +611,6 @@ impl CachePolicy {
         base_key.push_str(host);
         base_key[host_at..].make_ascii_lowercase();
         base_key.push_str(path_and_query);
-        let client = Conditionals::of(req.headers());
-        let head = method == Method::HEAD;
 
         let known = self.vary.get(base_key.as_str());
         if let Some(KeyInfo::Uncacheable { until }) = known.as_deref() {
@@ -630,6 +622,14 @@ impl CachePolicy {
                 return Begin::Done(RequestOutcome::Continue(req));
             }
         }
+        // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
+        // section 5.2.1).
+        let force_revalidate = has_directive(directives(req.headers()), "no-cache");
+        let max_age = directives(req.headers())
+            .find(|(d, _)| d.eq_ignore_ascii_case("max-age"))
+            .map(|(_, v)| Duration::from_secs(v.and_then(delta_seconds).unwrap_or(0)));
+        let client = Conditionals::of(req.headers());
+        let head = method == Method::HEAD;
         let vary_key = key_for(&base_key, known.as_deref(), req.headers());
         let cached = self.lookup(&vary_key);
         let mut found = Found {

@@ -301,11 +301,14 @@ impl JwtPolicy {
     /// due).
     fn verified_now(&self, token: &str) -> Option<Arc<Value>> {
         let cache = self.verified.as_ref()?;
-        let keys = self.key_set();
-        if self.config.jwks_url.is_some() && self.refresh_due(&keys, false) {
-            return None;
-        }
-        self.valid_hit(cache, token, keys.generation)
+        let generation = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            if self.config.jwks_url.is_some() && self.refresh_due(&keys, false) {
+                return None;
+            }
+            keys.generation
+        };
+        self.valid_hit(cache, token, generation)
     }
 
     /// `token`'s entry in `cache`, if it was verified with the keys of `generation` and is
