@@ -47,9 +47,6 @@ unsafe extern "C" fn zfree(_: *mut libc::c_void, p: *mut libc::c_void) {
 /// One raw deflate stream. Boxed because zlib keeps a pointer to it.
 struct ZlibStream {
     strm: Box<libz_sys::z_stream>,
-    /// The gzip header's XFL byte: 4 for the fastest level, 2 for the best, as zlib
-    /// writes it.
-    xfl: u8,
 }
 
 impl ZlibStream {
@@ -88,16 +85,11 @@ impl ZlibStream {
         if rc != z::Z_OK {
             return Err(std::io::Error::other(format!("deflateInit2 failed ({rc})")));
         }
-        let xfl = match level {
-            1 => 4,
-            9 => 2,
-            _ => 0,
-        };
-        Ok(Self { strm, xfl })
+        Ok(Self { strm })
     }
 
-    /// Compresses all of `data` into a complete gzip member appended to `out`.
-    fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+    /// Appends the raw deflate data of all of `data` to `out`.
+    fn deflate_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
         use libz_sys as z;
         let s = &mut *self.strm;
         // SAFETY: the stream was initialised by deflateInit2.
@@ -106,9 +98,7 @@ impl ZlibStream {
         }
         // SAFETY: deflateBound only reads the stream's parameters.
         let bound = unsafe { z::deflateBound(s, data.len() as _) } as usize;
-        out.reserve(10 + bound + 8);
-        out.extend_from_slice(&GZIP_HEADER);
-        out.extend_from_slice(&[self.xfl, GZIP_OS_UNIX]);
+        out.reserve(bound);
         s.next_in = data.as_ptr() as *mut u8; // zlib never writes through next_in
         s.avail_in = data.len() as _;
         // SAFETY: `out` has at least `bound` bytes of spare capacity after its
@@ -128,8 +118,6 @@ impl ZlibStream {
         // SAFETY: the contents before and zlib's output initialised the first
         // `written` bytes.
         unsafe { out.set_len(written) };
-        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
         Ok(())
     }
 }
@@ -171,22 +159,29 @@ pub fn gzip_into(
     strategy: Strategy,
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
+    // XFL: 4 for the fastest level, 2 for the best, as zlib writes it.
+    let xfl = match level {
+        1 => 4,
+        9 => 2,
+        _ => 0,
+    };
+    out.extend_from_slice(&GZIP_HEADER);
+    out.extend_from_slice(&[xfl, GZIP_OS_UNIX]);
     if strategy == Strategy::Fixed && level == 1 {
-        out.extend_from_slice(&GZIP_HEADER);
-        out.extend_from_slice(&[4, GZIP_OS_UNIX]); // XFL 4: the fastest compression
         super::fixed_deflate::deflate_into(data, out);
-        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
-        return Ok(());
+    } else {
+        let (window_bits, mem_level) = sizing(data.len());
+        let key = (level as i32, window_bits, mem_level);
+        STREAMS.with_borrow_mut(|streams| {
+            super::compress::pooled(streams, key, || {
+                ZlibStream::new(key.0, window_bits, mem_level, libz_sys::Z_DEFAULT_STRATEGY)
+            })?
+            .deflate_into(data, out)
+        })?;
     }
-    let (window_bits, mem_level) = sizing(data.len());
-    let key = (level as i32, window_bits, mem_level);
-    STREAMS.with_borrow_mut(|streams| {
-        super::compress::pooled(streams, key, || {
-            ZlibStream::new(key.0, window_bits, mem_level, libz_sys::Z_DEFAULT_STRATEGY)
-        })?
-        .compress(data, out)
-    })
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes()); // ISIZE: mod 2^32
+    Ok(())
 }
 
 /// The gzip of `data` at `level` (1-9); see [`gzip_into`].
