@@ -156,6 +156,12 @@ fn read_u64(data: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
+/// The hash table slot of the 4 bytes `word` (multiplicative hashing: the top bits).
+#[inline(always)]
+fn slot(word: u32) -> usize {
+    (word.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize
+}
+
 /// How many bytes from `a` and `b` (`a < b`) agree, up to `max`.
 fn match_length(data: &[u8], a: usize, b: usize, max: usize) -> usize {
     let mut len = MIN_MATCH;
@@ -195,9 +201,9 @@ pub fn deflate_into(data: &[u8], out: &mut Vec<u8>) {
             let last = data.len() - MIN_MATCH;
             while pos <= last {
                 let word = read_u32(data, pos);
-                let slot = (word.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize;
-                let candidate = table[slot] as usize;
-                table[slot] = pos as u32;
+                let at = slot(word);
+                let candidate = table[at] as usize;
+                table[at] = pos as u32;
                 if candidate < pos && pos - candidate <= WINDOW && read_u32(data, candidate) == word
                 {
                     let len = match_length(data, candidate, pos, MAX_MATCH.min(data.len() - pos));
@@ -208,9 +214,7 @@ pub fn deflate_into(data: &[u8], out: &mut Vec<u8>) {
                     // The match's last position too, for the next repeat of what follows.
                     if pos <= last {
                         let before = pos - 1;
-                        let word = read_u32(data, before);
-                        table[(word.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize] =
-                            before as u32;
+                        table[slot(read_u32(data, before))] = before as u32;
                     }
                 } else {
                     w.literal(data[pos]);
