@@ -457,10 +457,9 @@ impl Policy for CompressPolicy {
         let (parts, body) = self.prepare(resp, neg.encoding);
         Ok(Response::from_parts(
             parts,
-            match (neg.encoding, whole) {
-                (Some(encoding), Some(data)) => self.encoded(&data, encoding),
-                (Some(encoding), None) if !neg.head => encode_body(body, encoding, &self.config),
-                _ => body,
+            match whole.zip(neg.encoding) {
+                Some((data, encoding)) => self.encoded(&data, encoding),
+                None => self.streamed(body, neg),
             },
         ))
     }
@@ -488,8 +487,7 @@ impl Policy for CompressPolicy {
                 Err(ReadError::TooLarge { body }) => encode_body(body, encoding, &self.config),
                 Err(ReadError::Body(e)) => failed_body(e),
             },
-            (Some(encoding), None) if !neg.head => encode_body(body, encoding, &self.config),
-            _ => body,
+            _ => self.streamed(body, neg),
         };
         Response::from_parts(parts, body)
     }
@@ -535,6 +533,15 @@ impl CompressPolicy {
             }
         }
         (parts, body)
+    }
+
+    /// The body of a compressible response that is not compressed whole: through a streaming
+    /// encoder when an encoding was negotiated and the response has a body, else as it is.
+    fn streamed(&self, body: ProxyBody, neg: Negotiated) -> ProxyBody {
+        match neg.encoding {
+            Some(encoding) if !neg.head => encode_body(body, encoding, &self.config),
+            _ => body,
+        }
     }
 
     /// `data` compressed whole: its exact length goes out as `Content-Length`.
