@@ -230,6 +230,20 @@ async fn pool_counters(proxy: &l7_proxy::ProxyHandle) -> (f64, f64) {
     (opened, reused)
 }
 
+/// `n` requests for `/slow` (its body ends 300 ms after its head) through `proxy` at once;
+/// their answers.
+async fn slow_burst(c: &PlainClient, proxy: SocketAddr, n: usize) -> Vec<Answer> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let slow = Request::get(format!("http://{proxy}/slow")).body(Full::default());
+            send(&c, slow.unwrap()).await
+        });
+    }
+    tasks.join_all().await
+}
+
 /// Reads from `stream` until `end` has arrived (up to 5 s); what came.
 async fn read_until(stream: &mut TcpStream, end: &str) -> String {
     let mut out = Vec::new();
@@ -391,16 +405,7 @@ async fn concurrent_requests_each_get_a_connection_and_the_counters_add_up() {
     let c = client();
     for wave in 0..2 {
         let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..AT_ONCE {
-            let c = c.clone();
-            tasks.spawn(async move {
-                let slow = Request::get(format!("http://{addr}/slow")).body(Full::default());
-                send(&c, slow.unwrap()).await
-            });
-        }
-        while let Some(answer) = tasks.join_next().await {
-            let answer = answer.unwrap();
+        for answer in slow_burst(&c, addr, AT_ONCE).await {
             assert_eq!(
                 (answer.status, answer.body.as_str()),
                 (StatusCode::OK, "slowbody")
@@ -437,16 +442,8 @@ async fn a_burst_leaves_at_most_max_idle_per_member_connections_open() {
     let addr = proxy.listener_addr("web").unwrap();
     let c = client();
     for wave in 1..=2 {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..AT_ONCE {
-            let c = c.clone();
-            tasks.spawn(async move {
-                let slow = Request::get(format!("http://{addr}/slow")).body(Full::default());
-                send(&c, slow.unwrap()).await
-            });
-        }
-        while let Some(answer) = tasks.join_next().await {
-            assert_eq!(answer.unwrap().body, "slowbody", "wave {wave}");
+        for answer in slow_burst(&c, addr, AT_ONCE).await {
+            assert_eq!(answer.body, "slowbody", "wave {wave}");
         }
         // Each wave needs AT_ONCE connections; all but KEPT of them are new after the first.
         assert_eq!(up.accepted(), AT_ONCE + (wave - 1) * (AT_ONCE - KEPT));
