@@ -300,20 +300,27 @@ impl CachePolicy {
     /// authorized request is stored only when it says `public`, `s-maxage` or
     /// `must-revalidate` (RFC 9111 section 3.5).
     fn ttl(&self, headers: &HeaderMap, authorized: bool) -> Option<(Duration, bool)> {
-        let cc = || directives(headers);
-        if has_directive(cc(), "no-store") || has_directive(cc(), "private") {
+        // Each lookup hashes the name: without `Cache-Control` (as most API responses come),
+        // one lookup answers every directive question below.
+        let has_cc = headers.contains_key(header::CACHE_CONTROL);
+        let has = |name: &str| has_cc && has_directive(directives(headers), name);
+        if has("no-store") || has("private") {
             return None;
         }
         let shareable = ["public", "s-maxage", "must-revalidate"];
-        if authorized && !shareable.iter().any(|d| has_directive(cc(), d)) {
+        if authorized && !shareable.iter().any(|d| has(d)) {
             return None;
         }
         // An invalid value means stale (RFC 9111 section 4.2.1).
         let secs = |name: &str| {
-            cc().find(|(d, _)| d.eq_ignore_ascii_case(name))
+            if !has_cc {
+                return None;
+            }
+            directives(headers)
+                .find(|(d, _)| d.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.and_then(delta_seconds).unwrap_or(0))
         };
-        let no_cache = has_directive(cc(), "no-cache");
+        let no_cache = has("no-cache");
         let ttl = secs("s-maxage")
             .or_else(|| secs("max-age"))
             .or_else(|| expires_lifetime(headers))
@@ -532,10 +539,10 @@ fn update_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
 /// meant for that user). None can run after the cache: `build_chain` refuses that order.
 fn authorized(req: &Request<ProxyBody>, ctx: &RequestCtx) -> bool {
     let id = &ctx.identity;
-    req.headers().contains_key(header::AUTHORIZATION)
-        || id.jwt.is_some()
+    id.jwt.is_some()
         || id.api_key.is_some()
         || id.basic_user.is_some()
+        || req.headers().contains_key(header::AUTHORIZATION)
 }
 
 /// Headers that describe a connection, not the stored response.
@@ -580,19 +587,27 @@ impl CachePolicy {
         if method != Method::GET && method != Method::HEAD {
             return Begin::Done(RequestOutcome::Continue(req));
         }
-        if has_directive(directives(req.headers()), "no-store") {
+        // One pass over the request's few headers instead of a lookup (which hashes the
+        // name) for each of these.
+        let (mut host, mut cache_control, mut precondition) = (None, false, false);
+        for (name, value) in req.headers() {
+            if name == header::HOST {
+                host = host.or(Some(value));
+            } else if name == header::CACHE_CONTROL {
+                cache_control = true;
+            } else if name == header::IF_MATCH || name == header::IF_UNMODIFIED_SINCE {
+                precondition = true;
+            }
+        }
+        if cache_control && has_directive(directives(req.headers()), "no-store") {
             return Begin::Done(RequestOutcome::Continue(req));
         }
         // Preconditions are the origin's to evaluate (RFC 9111 section 4.3.2): such a request
         // goes upstream as it is, neither served from nor stored in the cache.
-        if req.headers().contains_key(header::IF_MATCH)
-            || req.headers().contains_key(header::IF_UNMODIFIED_SINCE)
-        {
+        if precondition {
             return Begin::Done(RequestOutcome::Continue(req));
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
+        let host = host
             .and_then(|h| h.to_str().ok())
             .or(req.uri().host())
             .unwrap_or("");
@@ -624,10 +639,15 @@ impl CachePolicy {
         }
         // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
         // section 5.2.1).
-        let force_revalidate = has_directive(directives(req.headers()), "no-cache");
-        let max_age = directives(req.headers())
-            .find(|(d, _)| d.eq_ignore_ascii_case("max-age"))
-            .map(|(_, v)| Duration::from_secs(v.and_then(delta_seconds).unwrap_or(0)));
+        let force_revalidate =
+            cache_control && has_directive(directives(req.headers()), "no-cache");
+        let max_age = cache_control
+            .then(|| {
+                directives(req.headers())
+                    .find(|(d, _)| d.eq_ignore_ascii_case("max-age"))
+                    .map(|(_, v)| Duration::from_secs(v.and_then(delta_seconds).unwrap_or(0)))
+            })
+            .flatten();
         let client = Conditionals::of(req.headers());
         let head = method == Method::HEAD;
         let vary_key = key_for(&base_key, known.as_deref(), req.headers());

@@ -34,10 +34,7 @@ use serde::Deserialize;
 use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::respond::{
-    append_token, content_length, directives, full, has_directive, read_limited, whole_body_now,
-    ReadError,
-};
+use super::respond::{full, read_limited, whole_body_now, ReadError};
 pub use super::small_gzip::Strategy as GzipStrategy;
 use super::{
     BoxError, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome,
@@ -199,33 +196,104 @@ impl CompressPolicy {
         Ok(Self { config })
     }
 
-    /// Whether `resp`, whose `Content-Length` is `len`, should be compressed.
-    fn compressible(&self, resp: &Response<ProxyBody>, len: Option<u64>) -> bool {
-        let status = resp.status();
+    /// Whether a response with `status` and headers `heads` should be compressed.
+    fn compressible(&self, status: StatusCode, heads: &Heads) -> bool {
         // A range names bytes of the identity encoding; re-encoding it would corrupt it.
         if status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::PARTIAL_CONTENT
             || status.is_informational()
-            || resp.headers().contains_key(header::CONTENT_RANGE)
+            || heads.ranged
         {
             return false;
         }
-        let h = resp.headers();
-        let encoded = h
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|v| v.as_bytes() != b"identity");
-        let no_transform = has_directive(directives(h), "no-transform");
-        let type_ok = h.get(header::CONTENT_TYPE).is_some_and(|ct| {
-            let ct = ct.as_bytes().trim_ascii();
+        let type_ok = heads.content_type.is_some_and(|ct| {
+            let ct = ct.trim_ascii();
             self.config
                 .content_types
                 .iter()
                 .any(|p| starts_with_ignore_case(ct, p.as_bytes()))
         });
-        let big_enough = len.is_none_or(|len| len >= self.config.min_size);
-        !encoded && !no_transform && type_ok && big_enough
+        let big_enough = heads.len.is_none_or(|len| len >= self.config.min_size);
+        !heads.encoded && !heads.no_transform && type_ok && big_enough
     }
+}
+
+/// What the response phase reads of a response's headers, found in one pass over them: a
+/// lookup by name hashes the name (byte by byte, even for a standard one), and a pass over
+/// the few headers of a response costs less than the eight lookups it replaces.
+#[derive(Default)]
+struct Heads<'a> {
+    /// `Content-Length`, when present and valid (the first one).
+    len: Option<u64>,
+    /// How many `Content-Length` values there are (valid or not).
+    lengths: u8,
+    /// The first `Content-Type`.
+    content_type: Option<&'a [u8]>,
+    /// The first `Content-Encoding` is not `identity`.
+    encoded: bool,
+    /// `Content-Range` is present.
+    ranged: bool,
+    /// `Cache-Control` has `no-transform`.
+    no_transform: bool,
+    /// `Vary` lists `Accept-Encoding` already.
+    varies: bool,
+    /// `Accept-Ranges` is present.
+    accept_ranges: bool,
+    /// `ETag` is present.
+    etag: bool,
+}
+
+impl<'a> Heads<'a> {
+    fn of(headers: &'a http::HeaderMap) -> Self {
+        let mut heads = Self::default();
+        let (mut typed, mut coded) = (false, false);
+        for (name, value) in headers {
+            if name == header::CONTENT_LENGTH {
+                if heads.lengths == 0 {
+                    heads.len = std::str::from_utf8(value.as_bytes())
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok());
+                }
+                heads.lengths = heads.lengths.saturating_add(1);
+            } else if name == header::CONTENT_TYPE {
+                if !typed {
+                    typed = true;
+                    heads.content_type = Some(value.as_bytes());
+                }
+            } else if name == header::CONTENT_ENCODING {
+                if !coded {
+                    coded = true;
+                    heads.encoded = value.as_bytes() != b"identity";
+                }
+            } else if name == header::CONTENT_RANGE {
+                heads.ranged = true;
+            } else if name == header::CACHE_CONTROL {
+                heads.no_transform |= value_items(value).any(|d| {
+                    d.split('=')
+                        .next()
+                        .is_some_and(|n| n.trim().eq_ignore_ascii_case("no-transform"))
+                });
+            } else if name == header::VARY {
+                heads.varies |=
+                    value_items(value).any(|t| t.eq_ignore_ascii_case("Accept-Encoding"));
+            } else if name == header::ACCEPT_RANGES {
+                heads.accept_ranges = true;
+            } else if name == header::ETAG {
+                heads.etag = true;
+            }
+        }
+        heads
+    }
+}
+
+/// The items of one list header value, trimmed (none if it is not visible ASCII).
+fn value_items(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// Picks the offered encoding with the highest q-value in `accept_encoding`, ties broken by
@@ -439,12 +507,13 @@ impl Policy for CompressPolicy {
         let &PhaseState::Compress(neg) = ctx.state() else {
             return Ok(resp);
         };
-        let len = content_length(resp.headers());
-        let compressible = self.compressible(&resp, len);
+        let heads = Heads::of(resp.headers());
+        let compressible = self.compressible(resp.status(), &heads);
+        let edits = Edits::of(&heads);
         // A body compressed whole must be here whole; one that is not yet is awaited by
         // `on_response`.
         let mut whole = None;
-        if let Some(len) = self.one_shot(neg, compressible, len) {
+        if let Some(len) = self.one_shot(neg, compressible, heads.len) {
             match whole_body_now(resp.body_mut(), len) {
                 Some(data) => whole = Some(data),
                 None => return Err(resp),
@@ -454,14 +523,13 @@ impl Policy for CompressPolicy {
         if !compressible {
             return Ok(resp);
         }
-        let (parts, body) = self.prepare(resp, neg.encoding);
-        Ok(Response::from_parts(
-            parts,
-            match whole.zip(neg.encoding) {
-                Some((data, encoding)) => self.encoded(&data, encoding),
-                None => self.streamed(body, neg),
-            },
-        ))
+        let (mut parts, body) = resp.into_parts();
+        let (body, len) = match whole.zip(neg.encoding) {
+            Some((data, encoding)) => self.encoded(&data, encoding),
+            None => (self.streamed(body, neg), None),
+        };
+        self.prepare(&mut parts.headers, neg.encoding, edits, len);
+        Ok(Response::from_parts(parts, body))
     }
 
     async fn on_response(
@@ -472,24 +540,49 @@ impl Policy for CompressPolicy {
         let PhaseState::Compress(neg) = ctx.take_state() else {
             return resp;
         };
-        let len = content_length(resp.headers());
-        let compressible = self.compressible(&resp, len);
+        let heads = Heads::of(resp.headers());
+        let compressible = self.compressible(resp.status(), &heads);
         if !compressible {
             return resp;
         }
-        let one_shot = self.one_shot(neg, compressible, len);
-        let (parts, body) = self.prepare(resp, neg.encoding);
-        let body = match (neg.encoding, one_shot) {
+        let edits = Edits::of(&heads);
+        let one_shot = self.one_shot(neg, compressible, heads.len);
+        let (mut parts, body) = resp.into_parts();
+        let (body, len) = match (neg.encoding, one_shot) {
             (Some(encoding), Some(len)) => match read_limited(body, len).await {
                 Ok(data) => self.encoded(&data, encoding),
                 // The upstream sent more than its Content-Length said; hyper fails such a
                 // body, but stay correct anyway and stream the rest.
-                Err(ReadError::TooLarge { body }) => encode_body(body, encoding, &self.config),
-                Err(ReadError::Body(e)) => failed_body(e),
+                Err(ReadError::TooLarge { body }) => {
+                    (encode_body(body, encoding, &self.config), None)
+                }
+                Err(ReadError::Body(e)) => (failed_body(e), None),
             },
-            _ => self.streamed(body, neg),
+            _ => (self.streamed(body, neg), None),
         };
+        self.prepare(&mut parts.headers, neg.encoding, edits, len);
         Response::from_parts(parts, body)
+    }
+}
+
+/// The header changes of a compressible response, from its [`Heads`].
+#[derive(Clone, Copy)]
+struct Edits {
+    varies: bool,
+    /// How many `Content-Length` values it has.
+    lengths: u8,
+    accept_ranges: bool,
+    etag: bool,
+}
+
+impl Edits {
+    fn of(heads: &Heads) -> Self {
+        Self {
+            varies: heads.varies,
+            lengths: heads.lengths,
+            accept_ranges: heads.accept_ranges,
+            etag: heads.etag,
+        }
     }
 }
 
@@ -502,37 +595,58 @@ impl CompressPolicy {
 
     /// The headers of a compressible response: `Vary: Accept-Encoding` whether or not this
     /// client gets it compressed (nginx's gzip_vary: a cache must not hand this one to a
-    /// client that sent another Accept-Encoding); with an `encoding`, `Content-Encoding`, no
-    /// `Content-Length` (hyper writes the compressed one of a whole body, or chunks) and no
-    /// `Accept-Ranges`, and a weak ETag (a strong one names the identity bytes).
+    /// client that sent another Accept-Encoding); with an `encoding`, `Content-Encoding`, the
+    /// compressed `Content-Length` of a body compressed whole (`len`) or none (hyper chunks a
+    /// streamed one), no `Accept-Ranges`, and a weak ETag (a strong one names the identity
+    /// bytes). Only what `edits` says is there is looked up: each lookup hashes a name.
     fn prepare(
         &self,
-        resp: Response<ProxyBody>,
+        headers: &mut http::HeaderMap,
         encoding: Option<Encoding>,
-    ) -> (http::response::Parts, ProxyBody) {
-        let (mut parts, body) = resp.into_parts();
-        append_token(&mut parts.headers, header::VARY, "Accept-Encoding");
+        edits: Edits,
+        len: Option<usize>,
+    ) {
+        if !edits.varies {
+            headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        }
         let Some(encoding) = encoding else {
-            return (parts, body);
+            return;
         };
-        parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.remove(header::ACCEPT_RANGES);
-        parts.headers.insert(
+        match (len, edits.lengths) {
+            // The one value replaced where it is, without a lookup.
+            (Some(len), 1) => {
+                if let Some(value) = headers
+                    .iter_mut()
+                    .find_map(|(name, value)| (name == header::CONTENT_LENGTH).then_some(value))
+                {
+                    *value = HeaderValue::from(len);
+                }
+            }
+            (Some(len), _) => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            (None, 0) => {}
+            (None, _) => {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+        }
+        if edits.accept_ranges {
+            headers.remove(header::ACCEPT_RANGES);
+        }
+        headers.insert(
             header::CONTENT_ENCODING,
             HeaderValue::from_static(encoding.token()),
         );
-        if let Some(etag) = parts
-            .headers
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-        {
+        if !edits.etag {
+            return;
+        }
+        if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) {
             if !etag.starts_with("W/") {
                 if let Ok(weak) = HeaderValue::try_from(format!("W/{etag}")) {
-                    parts.headers.insert(header::ETAG, weak);
+                    headers.insert(header::ETAG, weak);
                 }
             }
         }
-        (parts, body)
     }
 
     /// The body of a compressible response that is not compressed whole: through a streaming
@@ -544,11 +658,15 @@ impl CompressPolicy {
         }
     }
 
-    /// `data` compressed whole: its exact length goes out as `Content-Length`.
-    fn encoded(&self, data: &[u8], encoding: Encoding) -> ProxyBody {
+    /// `data` compressed whole, and its exact length for `Content-Length` (none if the
+    /// encoder failed: the body then fails too).
+    fn encoded(&self, data: &[u8], encoding: Encoding) -> (ProxyBody, Option<usize>) {
         match encode_all(data, encoding, &self.config) {
-            Ok(encoded) => full(encoded),
-            Err(e) => failed_body(Box::new(e)),
+            Ok(encoded) => {
+                let len = encoded.len();
+                (full(encoded), Some(len))
+            }
+            Err(e) => (failed_body(Box::new(e)), None),
         }
     }
 }
@@ -604,15 +722,94 @@ mod tests {
             let mut resp = Response::new(crate::policy::respond::empty());
             let h = resp.headers_mut();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
             if !cc.is_empty() {
                 h.insert(header::CACHE_CONTROL, HeaderValue::try_from(cc).unwrap());
             }
-            resp
+            policy.compressible(resp.status(), &Heads::of(resp.headers()))
         };
-        assert!(policy.compressible(&resp(""), Some(10)));
-        assert!(policy.compressible(&resp("max-age=60"), Some(10)));
-        assert!(!policy.compressible(&resp("No-Transform"), Some(10)));
-        assert!(!policy.compressible(&resp("public, no-transform, max-age=5"), Some(10)));
+        assert!(resp(""));
+        assert!(resp("max-age=60"));
+        assert!(!resp("No-Transform"));
+        assert!(!resp("public, no-transform, max-age=5"));
+        assert!(!resp("public, no-transform=x"));
+    }
+
+    /// The header changes, each made only where the one pass found it needed.
+    #[test]
+    fn compressed_headers_are_edited_in_place() {
+        let policy = CompressPolicy::build(toml::from_str("min_size = 0").unwrap()).unwrap();
+        let edit = |pairs: &[(&str, &str)], encoding: Option<Encoding>, len: Option<usize>| {
+            let mut headers = http::HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            let heads = Heads::of(&headers);
+            assert_eq!(
+                heads.len,
+                pairs
+                    .iter()
+                    .find(|p| p.0 == "content-length")
+                    .and_then(|p| p.1.parse().ok())
+            );
+            let edits = Edits::of(&heads);
+            policy.prepare(&mut headers, encoding, edits, len);
+            let mut out: Vec<String> = headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            out.sort();
+            out
+        };
+        let base = [
+            ("content-type", "application/json"),
+            ("content-length", "925"),
+            ("accept-ranges", "bytes"),
+            ("etag", "\"v1\""),
+        ];
+        assert_eq!(
+            edit(&base, Some(Encoding::Gzip), Some(480)),
+            [
+                "content-encoding: gzip",
+                "content-length: 480",
+                "content-type: application/json",
+                "etag: W/\"v1\"",
+                "vary: Accept-Encoding",
+            ]
+        );
+        // Streamed: no length; not encoded: only Vary, not twice.
+        assert_eq!(
+            edit(&base[..2], Some(Encoding::Zstd), None),
+            [
+                "content-encoding: zstd",
+                "content-type: application/json",
+                "vary: Accept-Encoding",
+            ]
+        );
+        assert_eq!(
+            edit(
+                &[("content-length", "9"), ("vary", "origin, accept-encoding")],
+                None,
+                None
+            ),
+            ["content-length: 9", "vary: origin, accept-encoding"]
+        );
+        // Two lengths (as an upstream may send them) become the one true length.
+        assert_eq!(
+            edit(
+                &[("content-length", "9"), ("content-length", "9")],
+                Some(Encoding::Br),
+                Some(5)
+            ),
+            [
+                "content-encoding: br",
+                "content-length: 5",
+                "vary: Accept-Encoding",
+            ]
+        );
     }
 
     const ZSTD_RANGE: &str =

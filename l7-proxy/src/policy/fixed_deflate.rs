@@ -72,17 +72,33 @@ const LENGTHS: [(u32, u32); MAX_MATCH + 1] = {
     table
 };
 
+/// The fixed codes of distance symbols 0 to 29 (5 bits each), bits reversed: a lookup
+/// instead of reversing bits per match.
+const DISTANCE_CODES: [u32; 30] = {
+    let mut table = [0; 30];
+    let mut i = 0;
+    while i < 30 {
+        table[i] = reverse(i as u32, 5);
+        i += 1;
+    }
+    table
+};
+
 /// Code and extra bits of distance `dist` (1 to 32768), as one value and its bit count.
+#[inline(always)]
 fn distance_code(dist: usize) -> (u32, u32) {
     let x = (dist - 1) as u32;
     if x < 4 {
-        return (reverse(x, 5), 5);
+        return (DISTANCE_CODES[x as usize], 5);
     }
     // Codes 4 and up come in pairs per power of two, with `log2(x) - 1` extra bits.
     let log = 31 - x.leading_zeros();
     let extra = log - 1;
     let code = 2 * log + ((x >> extra) & 1);
-    (reverse(code, 5) | (x & ((1 << extra) - 1)) << 5, 5 + extra)
+    (
+        DISTANCE_CODES[code as usize] | (x & ((1 << extra) - 1)) << 5,
+        5 + extra,
+    )
 }
 
 /// Writes bits from the least significant end, 32 at a time, into a slice sized beforehand.
@@ -149,33 +165,33 @@ fn read_u32(data: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(word)
 }
 
-#[inline(always)]
-fn read_u64(data: &[u8], at: usize) -> u64 {
-    let mut word = [0; 8];
-    word.copy_from_slice(&data[at..at + 8]);
-    u64::from_le_bytes(word)
-}
-
 /// The hash table slot of the 4 bytes `word` (multiplicative hashing: the top bits).
 #[inline(always)]
 fn slot(word: u32) -> usize {
     (word.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize
 }
 
-/// How many bytes from `a` and `b` (`a < b`) agree, up to `max`.
+/// How many bytes from `a` and `b` (`a < b`) agree, up to `max`, given that their first
+/// [`MIN_MATCH`] do. Eight at a time over two slices cut to `max` once, so the loop carries
+/// no bounds checks.
+#[inline(always)]
 fn match_length(data: &[u8], a: usize, b: usize, max: usize) -> usize {
+    let (older, newer) = (&data[a + MIN_MATCH..a + max], &data[b + MIN_MATCH..b + max]);
+    let ((old_words, old_tail), (new_words, new_tail)) =
+        (older.as_chunks::<8>(), newer.as_chunks::<8>());
     let mut len = MIN_MATCH;
-    while len + 8 <= max {
-        let diff = read_u64(data, a + len) ^ read_u64(data, b + len);
+    for (x, y) in old_words.iter().zip(new_words) {
+        let diff = u64::from_le_bytes(*x) ^ u64::from_le_bytes(*y);
         if diff != 0 {
             return len + (diff.trailing_zeros() / 8) as usize;
         }
         len += 8;
     }
-    while len < max && data[a + len] == data[b + len] {
-        len += 1;
-    }
-    len
+    len + old_tail
+        .iter()
+        .zip(new_tail)
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 /// Appends raw deflate data (one final block with fixed codes) for all of `data` to `out`.
@@ -217,7 +233,8 @@ pub fn deflate_into(data: &[u8], out: &mut Vec<u8>) {
                         table[slot(read_u32(data, before))] = before as u32;
                     }
                 } else {
-                    w.literal(data[pos]);
+                    // The word's first byte is `data[pos]`.
+                    w.literal(word as u8);
                     pos += 1;
                 }
             }

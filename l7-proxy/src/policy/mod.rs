@@ -425,6 +425,11 @@ impl PolicyChain {
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> Result<Request<ProxyBody>, (Response<ProxyBody>, usize)> {
+        // A slot per policy at once (inline for up to four), not one resize per `set_state`.
+        if ctx.states.len() < self.policies.len() {
+            ctx.states
+                .resize_with(self.policies.len(), PhaseState::default);
+        }
         for (i, p) in self.policies.iter().enumerate() {
             ctx.current = i;
             let outcome = match p.try_request(req, ctx) {

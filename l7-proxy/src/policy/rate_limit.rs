@@ -227,7 +227,9 @@ struct LocalBuckets {
 
 #[derive(Default)]
 struct Tats {
-    map: HashMap<String, u64>,
+    /// Hashed with foldhash, randomly seeded (as quick_cache's maps and hashbrown's default):
+    /// a fraction of SipHash's cost on short keys.
+    map: HashMap<String, u64, foldhash::fast::RandomState>,
     /// The size at which expired entries are dropped next: twice what the last pruning left
     /// (at least [`LOCAL_PRUNE_AT`]), so pruning stays amortized O(1) per request even when
     /// most keys are live (before, every request rescanned the whole map once it held
@@ -242,7 +244,7 @@ impl LocalBuckets {
         Self {
             epoch: Instant::now(),
             tats: Mutex::new(Tats {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 prune_at: LOCAL_PRUNE_AT,
             }),
         }
