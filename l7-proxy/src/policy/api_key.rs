@@ -20,7 +20,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::respond::{challenge_realm, error_response};
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, Policy, PolicyBuildError, ProxyBody, RequestCtx};
 
 /// `{ type = "api_key", keys = [{ id = "team-a", sha256 = "<hex>" }] }`
 #[derive(Debug, Clone, Deserialize)]
@@ -184,22 +184,14 @@ impl Policy for ApiKeyPolicy {
         false
     }
 
-    fn try_request(
-        &self,
-        mut req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
-        let Some(key) = self.presented_key(&req).filter(|k| !k.is_empty()) else {
-            return Ok(RequestOutcome::Respond(
-                self.unauthorized("missing API key"),
-            ));
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
+        let Some(key) = self.presented_key(req).filter(|k| !k.is_empty()) else {
+            return Decided::Respond(self.unauthorized("missing API key"));
         };
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let Some(id) = self.ids_by_hash.get(&digest) else {
             tracing::debug!(request_id = %ctx.request_id, "api_key: unknown key");
-            return Ok(RequestOutcome::Respond(
-                self.unauthorized("invalid API key"),
-            ));
+            return Decided::Respond(self.unauthorized("invalid API key"));
         };
         req.headers_mut().remove(&self.header);
         if let Some(uri) = self
@@ -216,7 +208,7 @@ impl Policy for ApiKeyPolicy {
             }
         }
         ctx.identity.api_key = Some(ApiKeyId(id.clone()));
-        Ok(RequestOutcome::Continue(req))
+        Decided::Continue
     }
 }
 

@@ -37,7 +37,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::respond::{challenge_realm, error_response};
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "basic_auth", realm = "ops", users = { alice = "$argon2id$..." } }`
 #[derive(Debug, Clone, Deserialize)]
@@ -230,12 +230,18 @@ impl BasicAuthPolicy {
     }
 
     /// Lets `user` through: the credentials leave the request, the user name goes on.
+    /// Lets a request with verified credentials on, as `user`.
     fn admit(
         &self,
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
         user: String,
     ) -> RequestOutcome {
+        self.admit_in_place(&mut req, ctx, user);
+        RequestOutcome::Continue(req)
+    }
+
+    fn admit_in_place(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx, user: String) {
         req.headers_mut().remove(header::AUTHORIZATION);
         if let Some(h) = &self.user_header {
             req.headers_mut().remove(h);
@@ -244,7 +250,6 @@ impl BasicAuthPolicy {
             }
         }
         ctx.identity.basic_user = Some(BasicUser(user));
-        RequestOutcome::Continue(req)
     }
 
     fn unauthorized(&self, message: &str) -> Response<ProxyBody> {
@@ -278,20 +283,17 @@ impl Policy for BasicAuthPolicy {
         false
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         // A pair that verified recently: decided at once. Anything else runs Argon2.
         if self.verified.is_none() {
-            return Err(req);
+            return Decided::Wait;
         }
-        match credentials(&req) {
+        match credentials(req) {
             Some((user, password)) if self.remembered(&self.cache_key(&user, &password)) => {
-                Ok(self.admit(req, ctx, user))
+                self.admit_in_place(req, ctx, user);
+                Decided::Continue
             }
-            _ => Err(req),
+            _ => Decided::Wait,
         }
     }
 
@@ -376,9 +378,11 @@ mod tests {
             false,
             Instant::now(),
         );
-        let outcome = match p.try_request(req, &mut ctx) {
-            Ok(outcome) => outcome,
-            Err(req) => p.on_request(req, &mut ctx).await,
+        let mut req = req;
+        let outcome = match p.try_request(&mut req, &mut ctx) {
+            Decided::Continue => RequestOutcome::Continue(req),
+            Decided::Respond(resp) => RequestOutcome::Respond(resp),
+            Decided::Wait => p.on_request(req, &mut ctx).await,
         };
         match outcome {
             RequestOutcome::Continue(req) => {

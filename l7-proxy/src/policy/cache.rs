@@ -56,7 +56,7 @@ use tokio::sync::watch;
 use super::respond::{
     content_length, directives, full, has_directive, number_header, read_limited, ReadError,
 };
-use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 use crate::pipeline::headers::list_items;
 
 /// `{ type = "cache", max_bytes = 67108864, max_body_bytes = 1048576 }`
@@ -493,9 +493,13 @@ fn serve(entry: &Entry, client: &Conditionals, head: bool) -> Response<ProxyBody
 }
 
 fn miss(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    set_miss(&mut resp);
+    resp
+}
+
+fn set_miss(resp: &mut Response<ProxyBody>) {
     resp.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static("MISS"));
-    resp
 }
 
 /// Updates stored response headers with those of a 304 (RFC 9111 section 3.2): each header the
@@ -556,6 +560,14 @@ const HOP_BY_HOP: [&str; 7] = [
     "proxy-connection",
 ];
 
+/// The request phase's outcome from what [`CachePolicy::finish`] decided about `req`.
+fn outcome(decided: Decided, req: Request<ProxyBody>) -> RequestOutcome {
+    match decided {
+        Decided::Respond(resp) => RequestOutcome::Respond(resp),
+        Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
+    }
+}
+
 /// What the request phase found before any waiting ([`CachePolicy::begin`]).
 struct Found {
     base_key: String,
@@ -571,21 +583,21 @@ struct Found {
 
 /// How the request phase goes on after [`CachePolicy::begin`].
 enum Begin {
-    /// Decided: not for the cache, or known uncacheable.
-    Done(RequestOutcome),
+    /// Decided: not for the cache, or known uncacheable; the request goes on as it is.
+    Done,
     /// Looked up: [`CachePolicy::finish`] ends the phase at once.
-    Found(Found, Request<ProxyBody>),
+    Found(Found),
     /// Missed while another request fetches the same response: wait for its result first.
-    Wait(Found, Request<ProxyBody>, Waiters),
+    Wait(Found, Waiters),
 }
 
 impl CachePolicy {
     /// The request phase up to where it may have to wait for another request's response.
     /// Leaves `ctx` untouched when it answers [`Begin::Wait`].
-    fn begin(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> Begin {
+    fn begin(&self, req: &Request<ProxyBody>, ctx: &mut RequestCtx) -> Begin {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
-            return Begin::Done(RequestOutcome::Continue(req));
+            return Begin::Done;
         }
         // One pass over the request's few headers instead of a lookup (which hashes the
         // name) for each of these.
@@ -600,12 +612,12 @@ impl CachePolicy {
             }
         }
         if cache_control && has_directive(directives(req.headers()), "no-store") {
-            return Begin::Done(RequestOutcome::Continue(req));
+            return Begin::Done;
         }
         // Preconditions are the origin's to evaluate (RFC 9111 section 4.3.2): such a request
         // goes upstream as it is, neither served from nor stored in the cache.
         if precondition {
-            return Begin::Done(RequestOutcome::Continue(req));
+            return Begin::Done;
         }
         let host = host
             .and_then(|h| h.to_str().ok())
@@ -632,9 +644,9 @@ impl CachePolicy {
             if ctx.received < *until {
                 ctx.set_state(PhaseState::Cache(CacheState::Passing(Passing {
                     base_key,
-                    authorized: authorized(&req, ctx),
+                    authorized: authorized(req, ctx),
                 })));
-                return Begin::Done(RequestOutcome::Continue(req));
+                return Begin::Done;
             }
         }
         // `no-cache`, or a `max-age` the entry is older than, forces revalidation (RFC 9111
@@ -663,14 +675,14 @@ impl CachePolicy {
             max_age,
         };
         if found.cached.is_some() {
-            return Begin::Found(found, req);
+            return Begin::Found(found);
         }
         // Coalesce: the first miss leads, later ones wait for its result.
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = inflight.get(&found.vary_key) {
             let rx = rx.clone();
             drop(inflight);
-            return Begin::Wait(found, req, rx);
+            return Begin::Wait(found, rx);
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(found.vary_key.clone(), rx);
@@ -680,27 +692,22 @@ impl CachePolicy {
             tx,
             inflight: self.inflight.clone(),
         }));
-        Begin::Found(found, req)
+        Begin::Found(found)
     }
 
     /// The response to a request for a key known to be uncacheable. The request headers a
     /// Vary would need were not kept: a storable response ends the state, and the next
     /// request is looked up and stored.
-    fn passing(&self, resp: Response<ProxyBody>, passing: Passing) -> Response<ProxyBody> {
-        if self.storable(&resp, passing.authorized).is_some() {
+    fn passing(&self, resp: &mut Response<ProxyBody>, passing: Passing) {
+        if self.storable(resp, passing.authorized).is_some() {
             self.vary.remove(passing.base_key.as_str());
         }
-        miss(resp)
+        set_miss(resp);
     }
 
     /// The request phase's end: a fresh entry answers; a stale one is revalidated; the
     /// request goes on with what the response phase needs kept.
-    fn finish(
-        &self,
-        mut req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-        found: Found,
-    ) -> RequestOutcome {
+    fn finish(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx, found: Found) -> Decided {
         let mut revalidating = None;
         for name in &CLIENT_CONDITIONALS {
             req.headers_mut().remove(name);
@@ -709,7 +716,7 @@ impl CachePolicy {
             let acceptable =
                 !found.force_revalidate && found.max_age.is_none_or(|max| entry.age() <= max);
             if entry.fresh() && acceptable {
-                return RequestOutcome::Respond(serve(&entry, &found.client, found.head));
+                return Decided::Respond(serve(&entry, &found.client, found.head));
             }
             // Revalidate with the entry's validator: its ETag, else its Last-Modified.
             if let Some(etag) = entry.etag() {
@@ -728,10 +735,10 @@ impl CachePolicy {
             leader: found.leader,
             revalidating,
             client: found.client,
-            authorized: authorized(&req, ctx),
+            authorized: authorized(req, ctx),
             request_headers: req.headers().clone(),
         }))));
-        RequestOutcome::Continue(req)
+        Decided::Continue
     }
 }
 
@@ -740,24 +747,24 @@ impl Policy for CachePolicy {
         "cache"
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         match self.begin(req, ctx) {
-            Begin::Done(outcome) => Ok(outcome),
-            Begin::Found(found, req) => Ok(self.finish(req, ctx, found)),
+            Begin::Done => Decided::Continue,
+            Begin::Found(found) => self.finish(req, ctx, found),
             // Another request is fetching this response: `on_request` waits for it.
-            Begin::Wait(_, req, _) => Err(req),
+            Begin::Wait(..) => Decided::Wait,
         }
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
-        let (mut found, req, mut rx) = match self.begin(req, ctx) {
-            Begin::Done(outcome) => return outcome,
-            Begin::Found(found, req) => return self.finish(req, ctx, found),
-            Begin::Wait(found, req, rx) => (found, req, rx),
+    async fn on_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> RequestOutcome {
+        let (mut found, mut rx) = match self.begin(&req, ctx) {
+            Begin::Done => return RequestOutcome::Continue(req),
+            Begin::Found(found) => return outcome(self.finish(&mut req, ctx, found), req),
+            Begin::Wait(found, rx) => (found, rx),
         };
         let wait = Duration::from_millis(self.config.coalesce_wait_ms);
         // Boxed: only waiters need the timer, not every request's future.
@@ -769,22 +776,18 @@ impl Policy for CachePolicy {
         // The leader's response was not stored; recompute with what is known now.
         found.vary_key = self.vary_key(&found.base_key, req.headers());
         found.cached = self.lookup(&found.vary_key);
-        self.finish(req, ctx, found)
+        outcome(self.finish(&mut req, ctx, found), req)
     }
 
-    fn try_response(
-        &self,
-        resp: Response<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {
         // A response that may be stored is read first: `on_response`.
         if matches!(ctx.state(), PhaseState::Cache(CacheState::Pending(_))) {
-            return Err(resp);
+            return false;
         }
-        Ok(match ctx.take_state() {
-            PhaseState::Cache(CacheState::Passing(passing)) => self.passing(resp, passing),
-            _ => resp,
-        })
+        if let PhaseState::Cache(CacheState::Passing(passing)) = ctx.take_state() {
+            self.passing(resp, passing);
+        }
+        true
     }
 
     async fn on_response(
@@ -794,7 +797,11 @@ impl Policy for CachePolicy {
     ) -> Response<ProxyBody> {
         let pending = match ctx.take_state() {
             PhaseState::Cache(CacheState::Pending(pending)) => pending,
-            PhaseState::Cache(CacheState::Passing(passing)) => return self.passing(resp, passing),
+            PhaseState::Cache(CacheState::Passing(passing)) => {
+                let mut resp = resp;
+                self.passing(&mut resp, passing);
+                return resp;
+            }
             _ => return resp,
         };
         let head = pending.base_key.starts_with("HEAD ");

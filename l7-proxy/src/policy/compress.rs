@@ -36,9 +36,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::respond::{full, read_limited, whole_body_now, ReadError};
 pub use super::small_gzip::Strategy as GzipStrategy;
-use super::{
-    BoxError, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome,
-};
+use super::{BoxError, Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx};
 
 /// `{ type = "compress", algorithms = ["zstd", "gzip", "br"], min_size = 1024, gzip_level = 1 }`
 #[derive(Debug, Clone, Deserialize)]
@@ -481,11 +479,7 @@ impl Policy for CompressPolicy {
         "compress"
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         let values = req
             .headers()
             .get_all(header::ACCEPT_ENCODING)
@@ -496,16 +490,12 @@ impl Policy for CompressPolicy {
             encoding,
             head: req.method() == Method::HEAD,
         }));
-        Ok(RequestOutcome::Continue(req))
+        Decided::Continue
     }
 
-    fn try_response(
-        &self,
-        mut resp: Response<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {
         let &PhaseState::Compress(neg) = ctx.state() else {
-            return Ok(resp);
+            return true;
         };
         let heads = Heads::of(resp.headers());
         let compressible = self.compressible(resp.status(), &heads);
@@ -516,20 +506,20 @@ impl Policy for CompressPolicy {
         if let Some(len) = self.one_shot(neg, compressible, heads.len) {
             match whole_body_now(resp.body_mut(), len) {
                 Some(data) => whole = Some(data),
-                None => return Err(resp),
+                None => return false,
             }
         }
         ctx.take_state();
         if !compressible {
-            return Ok(resp);
+            return true;
         }
-        let (mut parts, body) = resp.into_parts();
         let (body, len) = match whole.zip(neg.encoding) {
             Some((data, encoding)) => self.encoded(&data, encoding),
-            None => (self.streamed(body, neg), None),
+            None => (self.streamed(std::mem::take(resp.body_mut()), neg), None),
         };
-        self.prepare(&mut parts.headers, neg.encoding, edits, len);
-        Ok(Response::from_parts(parts, body))
+        *resp.body_mut() = body;
+        self.prepare(resp.headers_mut(), neg.encoding, edits, len);
+        true
     }
 
     async fn on_response(

@@ -49,7 +49,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::respond::{content_length, error_response};
-use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "jwt", ... }`
 #[derive(Debug, Clone, Deserialize)]
@@ -637,15 +637,14 @@ impl Policy for JwtPolicy {
         false
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         // A token verified before: decided at once. Anything else is verified in full.
-        match bearer_token(&req).and_then(|token| self.verified_now(token)) {
-            Some(claims) => Ok(self.admit(req, ctx, claims)),
-            None => Err(req),
+        match bearer_token(req).and_then(|token| self.verified_now(token)) {
+            Some(claims) => {
+                self.admit(req, ctx, claims);
+                Decided::Continue
+            }
+            None => Decided::Wait,
         }
     }
 
@@ -682,19 +681,16 @@ impl Policy for JwtPolicy {
                 return RequestOutcome::Respond(resp);
             }
         };
-        self.admit(req, ctx, claims)
+        let mut req = req;
+        self.admit(&mut req, ctx, claims);
+        RequestOutcome::Continue(req)
     }
 }
 
 impl JwtPolicy {
     /// Lets a request with verified `claims` on: the claims forwarded as configured, the
     /// token removed unless forwarded, the identity kept for the policies after this one.
-    fn admit(
-        &self,
-        mut req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-        claims: Arc<Value>,
-    ) -> RequestOutcome {
+    fn admit(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx, claims: Arc<Value>) {
         for (claim, name) in &self.forward {
             req.headers_mut().remove(name);
             if let Some(v) = claims.get(claim).and_then(claim_header_value) {
@@ -705,7 +701,6 @@ impl JwtPolicy {
             req.headers_mut().remove(header::AUTHORIZATION);
         }
         ctx.identity.jwt = Some(JwtClaims(claims));
-        RequestOutcome::Continue(req)
     }
 }
 

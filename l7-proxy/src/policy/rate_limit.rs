@@ -33,7 +33,7 @@ use tokio::sync::OnceCell;
 
 use super::jwt::JwtClaims;
 use super::respond::{error_response, number_header};
-use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 /// `{ type = "rate_limit", requests = 100, period_secs = 60, key = "client_ip" }`
 #[derive(Debug, Clone, Deserialize)]
@@ -384,12 +384,7 @@ impl RateLimitPolicy {
 
     /// The request phase's end, once the bucket decided: 429, or on with the decision kept
     /// for the response's headers.
-    fn decided(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-        decision: Decision,
-    ) -> RequestOutcome {
+    fn decided(&self, ctx: &mut RequestCtx, decision: Decision) -> Decided {
         if !decision.allowed {
             let mut resp: Response<ProxyBody> =
                 error_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
@@ -398,10 +393,10 @@ impl RateLimitPolicy {
                 http::header::RETRY_AFTER,
                 number_header(decision.retry_after_us.div_ceil(1_000_000).max(1)),
             );
-            return RequestOutcome::Respond(resp);
+            return Decided::Respond(resp);
         }
         ctx.set_state(PhaseState::RateLimit(decision));
-        RequestOutcome::Continue(req)
+        Decided::Continue
     }
 
     /// Sets the `RateLimit-*` headers, unless another limit of the chain already set them
@@ -438,30 +433,30 @@ impl Policy for RateLimitPolicy {
         "rate_limit"
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         // Local buckets decide at once; Redis is waited for.
         let Store::Local(local) = &self.store else {
-            return Err(req);
+            return Decided::Wait;
         };
         let now = ctx.received;
         let decision = self
             .key
-            .with_key(&req, ctx, |k| local.check(self.gcra, k, now));
-        Ok(self.decided(req, ctx, decision))
+            .with_key(req, ctx, |k| local.check(self.gcra, k, now));
+        self.decided(ctx, decision)
     }
 
-    async fn on_request(&self, req: Request<ProxyBody>, ctx: &mut RequestCtx) -> RequestOutcome {
+    async fn on_request(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+    ) -> RequestOutcome {
         let redis = match &self.store {
             Store::Redis(redis) => redis,
             Store::Local(_) => {
-                return match self.try_request(req, ctx) {
-                    Ok(outcome) => outcome,
-                    Err(req) => RequestOutcome::Continue(req),
-                }
+                return match self.try_request(&mut req, ctx) {
+                    Decided::Respond(resp) => RequestOutcome::Respond(resp),
+                    Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
+                };
             }
         };
         let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
@@ -483,18 +478,17 @@ impl Policy for RateLimitPolicy {
                 return RequestOutcome::Continue(req);
             }
         };
-        self.decided(req, ctx, decision)
+        match self.decided(ctx, decision) {
+            Decided::Respond(resp) => RequestOutcome::Respond(resp),
+            Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
+        }
     }
 
-    fn try_response(
-        &self,
-        mut resp: Response<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {
         if let PhaseState::RateLimit(d) = ctx.take_state() {
             self.set_headers(resp.headers_mut(), &d);
         }
-        Ok(resp)
+        true
     }
 }
 

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::respond::{
     append_token, content_length, empty, error_response, full, read_limited, ReadError,
 };
-use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 
 fn build_err(policy: &str, message: String) -> PolicyBuildError {
     PolicyBuildError {
@@ -133,19 +133,15 @@ impl Policy for IpFilterPolicy {
         false
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
-        Ok(if self.admits(ctx.client_addr.ip()) {
-            RequestOutcome::Continue(req)
+    fn try_request(&self, _req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
+        if self.admits(ctx.client_addr.ip()) {
+            Decided::Continue
         } else {
-            RequestOutcome::Respond(error_response(
+            Decided::Respond(error_response(
                 StatusCode::FORBIDDEN,
                 "client address not allowed",
             ))
-        })
+        }
     }
 }
 
@@ -247,18 +243,14 @@ impl Policy for MethodsPolicy {
         false
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        _ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, _ctx: &mut RequestCtx) -> Decided {
         if self.allow.contains(req.method()) {
-            return Ok(RequestOutcome::Continue(req));
+            return Decided::Continue;
         }
         let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         resp.headers_mut()
             .insert(header::ALLOW, self.allow_header.clone());
-        Ok(RequestOutcome::Respond(resp))
+        Decided::Respond(resp)
     }
 }
 
@@ -384,39 +376,32 @@ impl Policy for CorsPolicy {
         "cors"
     }
 
-    fn try_request(
-        &self,
-        req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
-        let Some(origin) = self.allowed_origin(&req) else {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
+        let Some(origin) = self.allowed_origin(req) else {
             // No CORS headers; the response phase still adds `Vary: Origin`.
-            return Ok(RequestOutcome::Continue(req));
+            return Decided::Continue;
         };
         let is_preflight = req.method() == Method::OPTIONS
             && req
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if is_preflight {
-            return Ok(RequestOutcome::Respond(self.preflight(&origin, &req)));
+            return Decided::Respond(self.preflight(&origin, req));
         }
         // The allowed origin, for the response.
         ctx.set_state(PhaseState::Cors(origin));
-        Ok(RequestOutcome::Continue(req))
+        Decided::Continue
     }
 
-    fn try_response(
-        &self,
-        resp: Response<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
-        Ok(self.respond(resp, ctx))
+    fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {
+        self.respond(resp, ctx);
+        true
     }
 }
 
 impl CorsPolicy {
     /// The response phase (it never waits).
-    fn respond(&self, mut resp: Response<ProxyBody>, ctx: &mut RequestCtx) -> Response<ProxyBody> {
+    fn respond(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) {
         let PhaseState::Cors(origin) = ctx.take_state() else {
             if !self.any_origin {
                 // The response depends on the request's Origin even when it was not allowed:
@@ -425,14 +410,13 @@ impl CorsPolicy {
                 // caches"). Allowed origins get it from `allow_origin_headers`.
                 append_token(resp.headers_mut(), header::VARY, "Origin");
             }
-            return resp;
+            return;
         };
         self.allow_origin_headers(resp.headers_mut(), &origin);
         if let Some(v) = &self.expose_headers {
             resp.headers_mut()
                 .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
         }
-        resp
     }
 }
 

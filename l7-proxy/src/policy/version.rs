@@ -20,7 +20,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 
 use super::respond::error_response;
-use super::{PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
+use super::{Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx};
 
 /// `{ type = "version", default = "v1", versions = { v1 = { upstream = "api-v1" } } }`
 #[derive(Debug, Clone, Deserialize)]
@@ -223,11 +223,7 @@ impl Policy for VersionPolicy {
         "version"
     }
 
-    fn try_request(
-        &self,
-        mut req: Request<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<RequestOutcome, Request<ProxyBody>> {
+    fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         let mut selected = None;
         let mut by_path = false;
         if self.config.from_path {
@@ -254,10 +250,10 @@ impl Policy for VersionPolicy {
                 match self.lookup(&asked) {
                     Some(name) => selected = Some(name.to_string()),
                     None => {
-                        return Ok(RequestOutcome::Respond(error_response(
+                        return Decided::Respond(error_response(
                             StatusCode::BAD_REQUEST,
                             &format!("unsupported API version {asked:?}"),
-                        )))
+                        ))
                     }
                 }
             }
@@ -267,16 +263,12 @@ impl Policy for VersionPolicy {
             ctx.upstream_group = v.upstream.clone();
         }
         ctx.set_state(PhaseState::Version(SelectedVersion { name, by_path }));
-        Ok(RequestOutcome::Continue(req))
+        Decided::Continue
     }
 
-    fn try_response(
-        &self,
-        mut resp: Response<ProxyBody>,
-        ctx: &mut RequestCtx,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {
         let PhaseState::Version(SelectedVersion { name, by_path }) = ctx.take_state() else {
-            return Ok(resp);
+            return true;
         };
         let headers = resp.headers_mut();
         if !by_path {
@@ -288,7 +280,7 @@ impl Policy for VersionPolicy {
                 headers.insert("sunset", s.clone());
             }
         }
-        Ok(resp)
+        true
     }
 }
 
