@@ -864,7 +864,7 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
                 .collect(),
         );
         md += &format!(
-            "| {body} | {} | {rps:.0} | {rps_ratio:.2}x (cost {:.0}%) | {cpu:.1} µs | {cpu_ratio:.2}x (cost {:.0}%) | {bytes:.0} |\n",
+            "| {body} | {} | {rps:.0} | {rps_ratio:.3}x (cost {:.1}%) | {cpu:.1} µs | {cpu_ratio:.3}x (cost {:.1}%) | {bytes:.0} |\n",
             r.label,
             (1.0 - rps_ratio) * 100.0,
             (1.0 - cpu_ratio) * 100.0

@@ -16,8 +16,8 @@
 //! token found among those verified before, a local rate limit, a negotiated encoding), and a
 //! phase's future, however short its work, is built and moved as a whole (several hundred
 //! bytes each: about 60 ns per policy and phase). So a policy may also decide synchronously
-//! ([`Policy::try_request`], [`Policy::try_response`]); the chain asks that first and builds
-//! the future only for the requests it hands on. Other policies plug in through
+//! ([`Policy::try_request`], [`Policy::try_response`]), changing the request or response in
+//! place; the chain asks that first and builds the future only for the requests it hands on. Other policies plug in through
 //! [`DynPolicy`] at the cost of one boxed future per phase.
 //!
 //! # Policy types
