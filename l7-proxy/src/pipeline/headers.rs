@@ -183,10 +183,14 @@ pub fn list_items<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
 ) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .get_all(name)
+    headers.get_all(name).into_iter().flat_map(value_items)
+}
+
+/// The items of one line of a list header, trimmed (none if the line is not text).
+pub fn value_items(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
         .into_iter()
-        .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
 }

@@ -229,8 +229,7 @@ impl BasicAuthPolicy {
         }
     }
 
-    /// Lets `user` through: the credentials leave the request, the user name goes on.
-    /// Lets a request with verified credentials on, as `user`.
+    /// [`Self::admit_in_place`] for the request phase that waited.
     fn admit(
         &self,
         mut req: Request<ProxyBody>,
@@ -241,6 +240,7 @@ impl BasicAuthPolicy {
         RequestOutcome::Continue(req)
     }
 
+    /// Lets `user` through: the credentials leave the request, the user name goes on.
     fn admit_in_place(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx, user: String) {
         req.headers_mut().remove(header::AUTHORIZATION);
         if let Some(h) = &self.user_header {

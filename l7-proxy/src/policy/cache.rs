@@ -560,14 +560,6 @@ const HOP_BY_HOP: [&str; 7] = [
     "proxy-connection",
 ];
 
-/// The request phase's outcome from what [`CachePolicy::finish`] decided about `req`.
-fn outcome(decided: Decided, req: Request<ProxyBody>) -> RequestOutcome {
-    match decided {
-        Decided::Respond(resp) => RequestOutcome::Respond(resp),
-        Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
-    }
-}
-
 /// What the request phase found before any waiting ([`CachePolicy::begin`]).
 struct Found {
     base_key: String,
@@ -763,7 +755,7 @@ impl Policy for CachePolicy {
     ) -> RequestOutcome {
         let (mut found, mut rx) = match self.begin(&req, ctx) {
             Begin::Done => return RequestOutcome::Continue(req),
-            Begin::Found(found) => return outcome(self.finish(&mut req, ctx, found), req),
+            Begin::Found(found) => return self.finish(&mut req, ctx, found).outcome(req),
             Begin::Wait(found, rx) => (found, rx),
         };
         let wait = Duration::from_millis(self.config.coalesce_wait_ms);
@@ -776,7 +768,7 @@ impl Policy for CachePolicy {
         // The leader's response was not stored; recompute with what is known now.
         found.vary_key = self.vary_key(&found.base_key, req.headers());
         found.cached = self.lookup(&found.vary_key);
-        outcome(self.finish(&mut req, ctx, found), req)
+        self.finish(&mut req, ctx, found).outcome(req)
     }
 
     fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {

@@ -34,9 +34,12 @@ use serde::Deserialize;
 use tokio::io::AsyncRead;
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::respond::{full, read_limited, whole_body_now, ReadError};
+use super::respond::{
+    full, has_directive, length_value, read_limited, value_directives, whole_body_now, ReadError,
+};
 pub use super::small_gzip::Strategy as GzipStrategy;
 use super::{BoxError, Decided, PhaseState, Policy, PolicyBuildError, ProxyBody, RequestCtx};
+use crate::pipeline::headers::value_items;
 
 /// `{ type = "compress", algorithms = ["zstd", "gzip", "br"], min_size = 1024, gzip_level = 1 }`
 #[derive(Debug, Clone, Deserialize)]
@@ -205,29 +208,34 @@ impl CompressPolicy {
         {
             return false;
         }
-        let type_ok = heads.content_type.is_some_and(|ct| {
+        let big_enough = heads.len.is_none_or(|len| len >= self.config.min_size);
+        !heads.encoded && !heads.no_transform && heads.type_ok && big_enough
+    }
+
+    /// What the response phase needs of `headers`, in one pass over them.
+    fn heads(&self, headers: &http::HeaderMap) -> Heads {
+        Heads::of(headers, |ct| {
             let ct = ct.trim_ascii();
             self.config
                 .content_types
                 .iter()
                 .any(|p| starts_with_ignore_case(ct, p.as_bytes()))
-        });
-        let big_enough = heads.len.is_none_or(|len| len >= self.config.min_size);
-        !heads.encoded && !heads.no_transform && type_ok && big_enough
+        })
     }
 }
 
 /// What the response phase reads of a response's headers, found in one pass over them: a
 /// lookup by name hashes the name (byte by byte, even for a standard one), and a pass over
-/// the few headers of a response costs less than the eight lookups it replaces.
-#[derive(Default)]
-struct Heads<'a> {
+/// the few headers of a response costs less than the eight lookups it replaces. The edits
+/// ([`CompressPolicy::prepare`]) look up only what this found.
+#[derive(Clone, Copy, Default)]
+struct Heads {
     /// `Content-Length`, when present and valid (the first one).
     len: Option<u64>,
     /// How many `Content-Length` values there are (valid or not).
     lengths: u8,
-    /// The first `Content-Type`.
-    content_type: Option<&'a [u8]>,
+    /// The first `Content-Type` is one of the configured compressible types.
+    type_ok: bool,
     /// The first `Content-Encoding` is not `identity`.
     encoded: bool,
     /// `Content-Range` is present.
@@ -242,22 +250,21 @@ struct Heads<'a> {
     etag: bool,
 }
 
-impl<'a> Heads<'a> {
-    fn of(headers: &'a http::HeaderMap) -> Self {
+impl Heads {
+    /// `headers` read in one pass; `type_ok` judges the first `Content-Type`.
+    fn of(headers: &http::HeaderMap, type_ok: impl Fn(&[u8]) -> bool) -> Self {
         let mut heads = Self::default();
         let (mut typed, mut coded) = (false, false);
         for (name, value) in headers {
             if name == header::CONTENT_LENGTH {
                 if heads.lengths == 0 {
-                    heads.len = std::str::from_utf8(value.as_bytes())
-                        .ok()
-                        .and_then(|v| v.trim().parse().ok());
+                    heads.len = length_value(value);
                 }
                 heads.lengths = heads.lengths.saturating_add(1);
             } else if name == header::CONTENT_TYPE {
                 if !typed {
                     typed = true;
-                    heads.content_type = Some(value.as_bytes());
+                    heads.type_ok = type_ok(value.as_bytes());
                 }
             } else if name == header::CONTENT_ENCODING {
                 if !coded {
@@ -267,11 +274,7 @@ impl<'a> Heads<'a> {
             } else if name == header::CONTENT_RANGE {
                 heads.ranged = true;
             } else if name == header::CACHE_CONTROL {
-                heads.no_transform |= value_items(value).any(|d| {
-                    d.split('=')
-                        .next()
-                        .is_some_and(|n| n.trim().eq_ignore_ascii_case("no-transform"))
-                });
+                heads.no_transform |= has_directive(value_directives(value), "no-transform");
             } else if name == header::VARY {
                 heads.varies |=
                     value_items(value).any(|t| t.eq_ignore_ascii_case("Accept-Encoding"));
@@ -283,15 +286,6 @@ impl<'a> Heads<'a> {
         }
         heads
     }
-}
-
-/// The items of one list header value, trimmed (none if it is not visible ASCII).
-fn value_items(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
 }
 
 /// Picks the offered encoding with the highest q-value in `accept_encoding`, ties broken by
@@ -497,9 +491,8 @@ impl Policy for CompressPolicy {
         let &PhaseState::Compress(neg) = ctx.state() else {
             return true;
         };
-        let heads = Heads::of(resp.headers());
+        let heads = self.heads(resp.headers());
         let compressible = self.compressible(resp.status(), &heads);
-        let edits = Edits::of(&heads);
         // A body compressed whole must be here whole; one that is not yet is awaited by
         // `on_response`.
         let mut whole = None;
@@ -518,7 +511,7 @@ impl Policy for CompressPolicy {
             None => (self.streamed(std::mem::take(resp.body_mut()), neg), None),
         };
         *resp.body_mut() = body;
-        self.prepare(resp.headers_mut(), neg.encoding, edits, len);
+        self.prepare(resp.headers_mut(), neg.encoding, heads, len);
         true
     }
 
@@ -530,12 +523,11 @@ impl Policy for CompressPolicy {
         let PhaseState::Compress(neg) = ctx.take_state() else {
             return resp;
         };
-        let heads = Heads::of(resp.headers());
+        let heads = self.heads(resp.headers());
         let compressible = self.compressible(resp.status(), &heads);
         if !compressible {
             return resp;
         }
-        let edits = Edits::of(&heads);
         let one_shot = self.one_shot(neg, compressible, heads.len);
         let (mut parts, body) = resp.into_parts();
         let (body, len) = match (neg.encoding, one_shot) {
@@ -550,29 +542,8 @@ impl Policy for CompressPolicy {
             },
             _ => (self.streamed(body, neg), None),
         };
-        self.prepare(&mut parts.headers, neg.encoding, edits, len);
+        self.prepare(&mut parts.headers, neg.encoding, heads, len);
         Response::from_parts(parts, body)
-    }
-}
-
-/// The header changes of a compressible response, from its [`Heads`].
-#[derive(Clone, Copy)]
-struct Edits {
-    varies: bool,
-    /// How many `Content-Length` values it has.
-    lengths: u8,
-    accept_ranges: bool,
-    etag: bool,
-}
-
-impl Edits {
-    fn of(heads: &Heads) -> Self {
-        Self {
-            varies: heads.varies,
-            lengths: heads.lengths,
-            accept_ranges: heads.accept_ranges,
-            etag: heads.etag,
-        }
     }
 }
 
@@ -588,21 +559,21 @@ impl CompressPolicy {
     /// client that sent another Accept-Encoding); with an `encoding`, `Content-Encoding`, the
     /// compressed `Content-Length` of a body compressed whole (`len`) or none (hyper chunks a
     /// streamed one), no `Accept-Ranges`, and a weak ETag (a strong one names the identity
-    /// bytes). Only what `edits` says is there is looked up: each lookup hashes a name.
+    /// bytes). Only what `heads` says is there is looked up: each lookup hashes a name.
     fn prepare(
         &self,
         headers: &mut http::HeaderMap,
         encoding: Option<Encoding>,
-        edits: Edits,
+        heads: Heads,
         len: Option<usize>,
     ) {
-        if !edits.varies {
+        if !heads.varies {
             headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
         }
         let Some(encoding) = encoding else {
             return;
         };
-        match (len, edits.lengths) {
+        match (len, heads.lengths) {
             // The one value replaced where it is, without a lookup.
             (Some(len), 1) => {
                 if let Some(value) = headers
@@ -620,14 +591,14 @@ impl CompressPolicy {
                 headers.remove(header::CONTENT_LENGTH);
             }
         }
-        if edits.accept_ranges {
+        if heads.accept_ranges {
             headers.remove(header::ACCEPT_RANGES);
         }
         headers.insert(
             header::CONTENT_ENCODING,
             HeaderValue::from_static(encoding.token()),
         );
-        if !edits.etag {
+        if !heads.etag {
             return;
         }
         if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) {
@@ -716,7 +687,7 @@ mod tests {
             if !cc.is_empty() {
                 h.insert(header::CACHE_CONTROL, HeaderValue::try_from(cc).unwrap());
             }
-            policy.compressible(resp.status(), &Heads::of(resp.headers()))
+            policy.compressible(resp.status(), &policy.heads(resp.headers()))
         };
         assert!(resp(""));
         assert!(resp("max-age=60"));
@@ -737,7 +708,7 @@ mod tests {
                     HeaderValue::from_str(value).unwrap(),
                 );
             }
-            let heads = Heads::of(&headers);
+            let heads = policy.heads(&headers);
             assert_eq!(
                 heads.len,
                 pairs
@@ -745,8 +716,7 @@ mod tests {
                     .find(|p| p.0 == "content-length")
                     .and_then(|p| p.1.parse().ok())
             );
-            let edits = Edits::of(&heads);
-            policy.prepare(&mut headers, encoding, edits, len);
+            policy.prepare(&mut headers, encoding, heads, len);
             let mut out: Vec<String> = headers
                 .iter()
                 .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))

@@ -17,8 +17,8 @@
 //! phase's future, however short its work, is built and moved as a whole (several hundred
 //! bytes each: about 60 ns per policy and phase). So a policy may also decide synchronously
 //! ([`Policy::try_request`], [`Policy::try_response`]), changing the request or response in
-//! place; the chain asks that first and builds the future only for the requests it hands on. Other policies plug in through
-//! [`DynPolicy`] at the cost of one boxed future per phase.
+//! place; the chain asks that first and builds the future only for the requests it hands on.
+//! Other policies plug in through [`DynPolicy`] at the cost of one boxed future per phase.
 //!
 //! # Policy types
 //!
@@ -209,6 +209,17 @@ pub enum Decided {
     Wait,
 }
 
+impl Decided {
+    /// The request phase's outcome for `req`, the request this decided about: a request that
+    /// was not answered goes on.
+    pub fn outcome(self, req: Request<ProxyBody>) -> RequestOutcome {
+        match self {
+            Decided::Respond(resp) => RequestOutcome::Respond(resp),
+            Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
+        }
+    }
+}
+
 /// One gateway policy. Implementations write the phases as `async fn`s.
 pub trait Policy: Send + Sync + 'static {
     /// Short name used in logs and metrics (`jwt`, `rate_limit`, ...).
@@ -230,10 +241,7 @@ pub trait Policy: Send + Sync + 'static {
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> impl Future<Output = RequestOutcome> + Send {
-        std::future::ready(match self.try_request(&mut req, ctx) {
-            Decided::Respond(resp) => RequestOutcome::Respond(resp),
-            Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
-        })
+        std::future::ready(self.try_request(&mut req, ctx).outcome(req))
     }
 
     /// Whether the policy has a response phase. Policies that only act on requests say

@@ -453,10 +453,7 @@ impl Policy for RateLimitPolicy {
         let redis = match &self.store {
             Store::Redis(redis) => redis,
             Store::Local(_) => {
-                return match self.try_request(&mut req, ctx) {
-                    Decided::Respond(resp) => RequestOutcome::Respond(resp),
-                    Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
-                };
+                return self.try_request(&mut req, ctx).outcome(req);
             }
         };
         let key = self.key.with_key(&req, ctx, |k| match &redis.prefix {
@@ -478,10 +475,7 @@ impl Policy for RateLimitPolicy {
                 return RequestOutcome::Continue(req);
             }
         };
-        match self.decided(ctx, decision) {
-            Decided::Respond(resp) => RequestOutcome::Respond(resp),
-            Decided::Continue | Decided::Wait => RequestOutcome::Continue(req),
-        }
+        self.decided(ctx, decision).outcome(req)
     }
 
     fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {

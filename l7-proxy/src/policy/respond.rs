@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, BodyStream, Empty, Full, StreamBody};
 use smallvec::SmallVec;
 
 use super::{BoxError, ProxyBody};
-use crate::pipeline::headers::{has_token, list_items};
+use crate::pipeline::headers::{has_token, list_items, value_items};
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -136,26 +136,33 @@ pub fn whole_body_now(body: &mut ProxyBody, len: usize) -> Option<Bytes> {
 
 /// The `Content-Length` of a message, when present and valid.
 pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    length_value(headers.get(header::CONTENT_LENGTH)?)
+}
+
+/// A `Content-Length` value, when valid.
+pub fn length_value(value: &HeaderValue) -> Option<u64> {
+    value.to_str().ok()?.trim().parse().ok()
 }
 
 /// `Cache-Control` directives with their optional values (quotes removed), as written.
 /// Compare names with `eq_ignore_ascii_case`.
 pub fn directives(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
-    list_items(headers, &header::CACHE_CONTROL).filter_map(|d| {
-        if d.is_empty() {
-            return None;
-        }
-        Some(match d.split_once('=') {
-            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-            None => (d, None),
-        })
+    list_items(headers, &header::CACHE_CONTROL).filter_map(directive)
+}
+
+/// [`directives`] of one `Cache-Control` line.
+pub fn value_directives(value: &HeaderValue) -> impl Iterator<Item = (&str, Option<&str>)> {
+    value_items(value).filter_map(directive)
+}
+
+/// One `Cache-Control` item as a directive and its optional value; none if empty.
+fn directive(d: &str) -> Option<(&str, Option<&str>)> {
+    if d.is_empty() {
+        return None;
+    }
+    Some(match d.split_once('=') {
+        Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+        None => (d, None),
     })
 }
 
