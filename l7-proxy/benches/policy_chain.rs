@@ -5,7 +5,8 @@
 //! (`/json`), which compresses as API responses do. Each chain runs beside the empty chain
 //! (plain proxying) in the same run; compare their times (the difference is what the policies
 //! cost per request). `cargo xtask bench policies` measures
-//! the same chains through a real proxy with wrk.
+//! the same chains through a real proxy with wrk. `fixed_deflate/json` times the fixed-code
+//! deflate alone on the JSON body: the codec's share of `json/gzip_fixed`.
 //!
 //! Run with `cargo bench -p l7-proxy --bench policy_chain`.
 
@@ -151,5 +152,18 @@ fn policy_chain(c: &mut Criterion) {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-criterion_group!(benches, policy_chain);
+/// The fixed-code deflate alone on the JSON body: the codec's share of `json/gzip_fixed`.
+fn fixed_deflate(c: &mut Criterion) {
+    let json = sample::records(1024);
+    let mut out = Vec::with_capacity(l7_proxy::policy::fixed_deflate::bound(json.len()));
+    c.bench_function("fixed_deflate/json", |b| {
+        b.iter(|| {
+            out.clear();
+            l7_proxy::policy::fixed_deflate::deflate_into(std::hint::black_box(&json), &mut out);
+            out.len()
+        })
+    });
+}
+
+criterion_group!(benches, policy_chain, fixed_deflate);
 criterion_main!(benches);
