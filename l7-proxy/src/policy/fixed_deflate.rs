@@ -133,6 +133,33 @@ impl BitWriter<'_> {
         self.put(code, bits);
     }
 
+    /// Writes `data[from..to]` as literals. ASCII (below 128, as JSON, HTML and most text)
+    /// has 8-bit codes, each its byte plus 0x30 with the bits reversed (RFC 1951 §3.2.6): up
+    /// to eight such bytes are coded at once in a word, with no table lookups.
+    #[inline(always)]
+    fn literals(&mut self, data: &[u8], mut from: usize, to: usize) {
+        while to - from >= 4 {
+            let n = (to - from).min(8);
+            let Some(chunk) = data[from..].first_chunk::<8>() else {
+                break;
+            };
+            // The run's bytes only (`n` is 4 to 8).
+            let mask = u64::MAX >> (64 - 8 * n);
+            let bytes = u64::from_le_bytes(*chunk) & mask;
+            if bytes & 0x8080_8080_8080_8080 != 0 {
+                break;
+            }
+            // Per byte: + 0x30 (no carry below 128), then its bits reversed in place.
+            let codes = (bytes + 0x3030_3030_3030_3030).reverse_bits().swap_bytes() & mask;
+            self.put(codes as u32, 32);
+            self.put((codes >> 32) as u32, 8 * (n as u32 - 4));
+            from += n;
+        }
+        for &byte in &data[from..to] {
+            self.literal(byte);
+        }
+    }
+
     /// Writes the last partial byte; returns the length written.
     fn finish(mut self) -> usize {
         while self.count > 0 {
@@ -221,6 +248,8 @@ pub fn deflate_into(data: &[u8], out: &mut Vec<u8>) {
         // BFINAL = 1, BTYPE = 01 (fixed codes).
         w.put(0b011, 3);
         let mut pos = 0;
+        // Literals are written in runs, when a match or the end comes: up to eight at once.
+        let mut literals_from = 0;
         if data.len() >= MIN_MATCH {
             let last = data.len() - MIN_MATCH;
             while pos <= last {
@@ -230,26 +259,24 @@ pub fn deflate_into(data: &[u8], out: &mut Vec<u8>) {
                 table[at] = pos as u32;
                 if candidate < pos && pos - candidate <= WINDOW && read_u32(data, candidate) == word
                 {
+                    w.literals(data, literals_from, pos);
                     let len = match_length(data, candidate, pos, MAX_MATCH.min(data.len() - pos));
                     let (len_code, len_bits) = LENGTHS[len];
                     let (dist_code, dist_bits) = distance_code(pos - candidate);
                     w.put(len_code | dist_code << len_bits, len_bits + dist_bits);
                     pos += len;
+                    literals_from = pos;
                     // The match's last position too, for the next repeat of what follows.
                     if pos <= last {
                         let before = pos - 1;
                         table[slot(read_u32(data, before))] = before as u32;
                     }
                 } else {
-                    // The word's first byte is `data[pos]`.
-                    w.literal(word as u8);
                     pos += 1;
                 }
             }
         }
-        for &byte in &data[pos..] {
-            w.literal(byte);
-        }
+        w.literals(data, literals_from, data.len());
         let (end, end_bits) = literal_code(256);
         w.put(end, end_bits);
         w.finish()
