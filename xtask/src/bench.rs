@@ -805,9 +805,10 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
             let (port, pid) = serving(r.server);
             let url = format!("http://127.0.0.1:{port}/{}/x", r.path);
             let headers = [auth.as_str(), BROWSER_ACCEPT_ENCODING];
-            let before = cpu_ns(pid)?;
+            let (before, split_before) = (cpu_ns(pid)?, user_system_s(pid)?);
             let report = wrk_report(&url, 32, seconds, &headers)?;
             let cpu = cpu_ns(pid)? - before;
+            let split = user_system_s(pid)?;
             if report.contains("Non-2xx") {
                 anyhow::bail!("{url} answered errors:\n{report}");
             }
@@ -815,6 +816,8 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
             Ok(Run {
                 rps: wrk_figures(&report).0,
                 cpu_us: cpu / 1000.0 / requests,
+                user_us: (split.0 - split_before.0) * 1e6 / requests,
+                system_us: (split.1 - split_before.1) * 1e6 / requests,
                 bytes: bytes / requests,
             })
         };
@@ -840,7 +843,7 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         v[v.len() / 2]
     };
     let mut md = String::from(
-        "| body | route | req/s | vs plain | proxy CPU per request | vs plain | bytes per response |\n|---|---|---:|---:|---:|---:|---:|\n",
+        "| body | route | req/s | vs plain | proxy CPU per request | vs plain | of which user / kernel | bytes per response |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (r, runs) in routes.iter().zip(&figures) {
         // The plain run of the same body through the same proxy, in the same rounds.
@@ -856,6 +859,8 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
         let rps = median(runs.iter().map(|r| r.rps).collect());
         let cpu = median(runs.iter().map(|r| r.cpu_us).collect());
         let bytes = median(runs.iter().map(|r| r.bytes).collect());
+        let user = median(runs.iter().map(|r| r.user_us).collect());
+        let system = median(runs.iter().map(|r| r.system_us).collect());
         let rps_ratio = median(runs.iter().zip(plain).map(|(r, p)| r.rps / p.rps).collect());
         let cpu_ratio = median(
             runs.iter()
@@ -864,14 +869,14 @@ pub fn policy_cost(root: &Path, out_dir: &Path) -> Result<String> {
                 .collect(),
         );
         md += &format!(
-            "| {body} | {} | {rps:.0} | {rps_ratio:.3}x (cost {:.1}%) | {cpu:.1} µs | {cpu_ratio:.3}x (cost {:.1}%) | {bytes:.0} |\n",
+            "| {body} | {} | {rps:.0} | {rps_ratio:.3}x (cost {:.1}%) | {cpu:.1} µs | {cpu_ratio:.3}x (cost {:.1}%) | {user:.1} / {system:.1} µs | {bytes:.0} |\n",
             r.label,
             (1.0 - rps_ratio) * 100.0,
             (1.0 - cpu_ratio) * 100.0
         );
     }
     md += &format!(
-        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body through the same proxy. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). Bytes per response are wrk's, headers included. The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 44%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work. nginx (`worker_processes 1`) and HAProxy (`nbthread 1`) wait on CPU 0 too, idle except in their own rows; nginx compresses with `gzip_comp_level 1` and `gzip_min_length 256`, HAProxy with `compression algo gzip` (libslz in Debian's build).\n"
+        "\nOne l7-proxy on CPU 0; wrk (`-t1 -c32`, the same JWT and `{BROWSER_ACCEPT_ENCODING}` on every route) and the upstreams on CPU 1. {POLICY_ROUNDS} rounds of {POLICY_SECONDS} s runs, every route in each round; req/s and CPU per request are medians, and each ratio is the median over rounds of the ratio to that round's plain run of the same body through the same proxy. \"vs plain\" in CPU is plain's CPU per request divided by the route's (the throughput one core would reach). User and kernel time come from the process's `/proc/PID/stat` (sampled at the scheduler tick, so they add up to the CPU column only roughly): the policies run in user space, and the kernel's share per request (sockets, and waking wrk and the upstream on CPU 1, which idle more often the slower the proxy is) grows with the user time a route adds. Bytes per response are wrk's, headers included. The JSON body (`lbdemo service --json-body 1024`) is a list of user records with random ids, which gzip -1 shrinks to 44%; the `x` body compresses to almost nothing, so its rows show what each codec costs per response before any real work. nginx (`worker_processes 1`) and HAProxy (`nbthread 1`) wait on CPU 0 too, idle except in their own rows; nginx compresses with `gzip_comp_level 1` and `gzip_min_length 256`, HAProxy with `compression algo gzip` (libslz in Debian's build).\n"
     );
     Ok(md)
 }
@@ -904,6 +909,9 @@ struct Run {
     rps: f64,
     /// The proxy's CPU time per request, µs.
     cpu_us: f64,
+    /// Of which in user space and in the kernel, µs (from `/proc/PID/stat`).
+    user_us: f64,
+    system_us: f64,
     /// Bytes per response, headers included.
     bytes: f64,
 }
@@ -915,6 +923,26 @@ fn cpu_ns(pid: u32) -> Result<f64> {
         .next()
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("reading the schedstat of process {pid}"))
+}
+
+/// Seconds process `pid` (all its threads) has run in user space and in the kernel: fields 14
+/// and 15 of `/proc/PID/stat`, in clock ticks of 1/100 s (Linux's `USER_HZ` on x86).
+fn user_system_s(pid: u32) -> Result<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis,
+    // where field 3 comes first.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |field: usize| -> Result<f64> {
+        fields
+            .get(field - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|t| t / 100.0)
+            .with_context(|| format!("reading field {field} of /proc/{pid}/stat"))
+    };
+    Ok((ticks(14)?, ticks(15)?))
 }
 
 /// nginx and HAProxy configs for the reference rows of `bench policies`: `/plain/` proxies the
