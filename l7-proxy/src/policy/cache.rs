@@ -198,6 +198,15 @@ pub enum CacheState {
     Passing(Passing),
     /// A lookup that missed (or found a stale entry to revalidate).
     Pending(Box<Pending>),
+    /// A miss while another request fetches the same response: what the lookup found, kept
+    /// by `try_request` so that `on_request` waits without looking up again.
+    Waiting(Box<Waiting>),
+}
+
+/// See [`CacheState::Waiting`].
+pub struct Waiting {
+    found: Found,
+    rx: Waiters,
 }
 
 /// See [`CacheState::Passing`].
@@ -687,6 +696,27 @@ impl CachePolicy {
         Begin::Found(found)
     }
 
+    /// Waits for the leader fetching the same response, then serves what it stored, or goes
+    /// on with a fresh lookup if it stored nothing (within `coalesce_wait_ms`).
+    async fn wait_for_leader(
+        &self,
+        mut req: Request<ProxyBody>,
+        ctx: &mut RequestCtx,
+        waiting: Box<Waiting>,
+    ) -> RequestOutcome {
+        let Waiting { mut found, mut rx } = *waiting;
+        let wait = Duration::from_millis(self.config.coalesce_wait_ms);
+        let _ = tokio::time::timeout(wait, rx.changed()).await;
+        let result = rx.borrow().clone();
+        if let Some(entry) = result {
+            return RequestOutcome::Respond(serve(&entry, &found.client, found.head));
+        }
+        // The leader's response was not stored; recompute with what is known now.
+        found.vary_key = self.vary_key(&found.base_key, req.headers());
+        found.cached = self.lookup(&found.vary_key);
+        self.finish(&mut req, ctx, found).outcome(req)
+    }
+
     /// The response to a request for a key known to be uncacheable. The request headers a
     /// Vary would need were not kept: a storable response ends the state, and the next
     /// request is looked up and stored.
@@ -744,7 +774,13 @@ impl Policy for CachePolicy {
             Begin::Done => Decided::Continue,
             Begin::Found(found) => self.finish(req, ctx, found),
             // Another request is fetching this response: `on_request` waits for it.
-            Begin::Wait(..) => Decided::Wait,
+            Begin::Wait(found, rx) => {
+                ctx.set_state(PhaseState::Cache(CacheState::Waiting(Box::new(Waiting {
+                    found,
+                    rx,
+                }))));
+                Decided::Wait
+            }
         }
     }
 
@@ -753,22 +789,17 @@ impl Policy for CachePolicy {
         mut req: Request<ProxyBody>,
         ctx: &mut RequestCtx,
     ) -> RequestOutcome {
-        let (mut found, mut rx) = match self.begin(&req, ctx) {
-            Begin::Done => return RequestOutcome::Continue(req),
-            Begin::Found(found) => return self.finish(&mut req, ctx, found).outcome(req),
-            Begin::Wait(found, rx) => (found, rx),
+        // What `try_request` found, or, when called without it, a lookup of its own.
+        let waiting = match ctx.take_state() {
+            PhaseState::Cache(CacheState::Waiting(waiting)) => waiting,
+            _ => match self.begin(&req, ctx) {
+                Begin::Done => return RequestOutcome::Continue(req),
+                Begin::Found(found) => return self.finish(&mut req, ctx, found).outcome(req),
+                Begin::Wait(found, rx) => Box::new(Waiting { found, rx }),
+            },
         };
-        let wait = Duration::from_millis(self.config.coalesce_wait_ms);
-        // Boxed: only waiters need the timer, not every request's future.
-        let _ = Box::pin(tokio::time::timeout(wait, rx.changed())).await;
-        let result = rx.borrow().clone();
-        if let Some(entry) = result {
-            return RequestOutcome::Respond(serve(&entry, &found.client, found.head));
-        }
-        // The leader's response was not stored; recompute with what is known now.
-        found.vary_key = self.vary_key(&found.base_key, req.headers());
-        found.cached = self.lookup(&found.vary_key);
-        self.finish(&mut req, ctx, found).outcome(req)
+        // Boxed: only waiters need the timer and the lookup, not every request's future.
+        Box::pin(self.wait_for_leader(req, ctx, waiting)).await
     }
 
     fn try_response(&self, resp: &mut Response<ProxyBody>, ctx: &mut RequestCtx) -> bool {

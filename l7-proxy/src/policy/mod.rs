@@ -226,8 +226,9 @@ pub trait Policy: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Request phase, for the requests it can decide without waiting, changing `req` in place;
-    /// [`Decided::Wait`], with `req` and `ctx` untouched, to have [`Self::on_request`] decide.
-    /// The chain asks this first; the default hands every request on.
+    /// [`Decided::Wait`], with `req` untouched, to have [`Self::on_request`] decide (a policy
+    /// may keep what it found in `ctx`'s state for its own `on_request`). The chain asks this
+    /// first; the default hands every request on.
     fn try_request(&self, req: &mut Request<ProxyBody>, ctx: &mut RequestCtx) -> Decided {
         let _ = (req, ctx);
         Decided::Wait
