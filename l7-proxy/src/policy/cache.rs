@@ -589,7 +589,7 @@ enum Begin {
     /// Looked up: [`CachePolicy::finish`] ends the phase at once.
     Found(Found),
     /// Missed while another request fetches the same response: wait for its result first.
-    Wait(Found, Waiters),
+    Wait(Box<Waiting>),
 }
 
 impl CachePolicy {
@@ -683,7 +683,7 @@ impl CachePolicy {
         if let Some(rx) = inflight.get(&found.vary_key) {
             let rx = rx.clone();
             drop(inflight);
-            return Begin::Wait(found, rx);
+            return Begin::Wait(Box::new(Waiting { found, rx }));
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(found.vary_key.clone(), rx);
@@ -774,11 +774,8 @@ impl Policy for CachePolicy {
             Begin::Done => Decided::Continue,
             Begin::Found(found) => self.finish(req, ctx, found),
             // Another request is fetching this response: `on_request` waits for it.
-            Begin::Wait(found, rx) => {
-                ctx.set_state(PhaseState::Cache(CacheState::Waiting(Box::new(Waiting {
-                    found,
-                    rx,
-                }))));
+            Begin::Wait(waiting) => {
+                ctx.set_state(PhaseState::Cache(CacheState::Waiting(waiting)));
                 Decided::Wait
             }
         }
@@ -795,7 +792,7 @@ impl Policy for CachePolicy {
             _ => match self.begin(&req, ctx) {
                 Begin::Done => return RequestOutcome::Continue(req),
                 Begin::Found(found) => return self.finish(&mut req, ctx, found).outcome(req),
-                Begin::Wait(found, rx) => Box::new(Waiting { found, rx }),
+                Begin::Wait(waiting) => waiting,
             },
         };
         // Boxed: only waiters need the timer and the lookup, not every request's future.
