@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.check {
-        l7_proxy::Config::from_file(&args.config)
+        l7_proxy::Proxy::check_file(&args.config)
             .with_context(|| format!("checking {}", args.config.display()))?;
         println!("{}: ok", args.config.display());
         return Ok(());

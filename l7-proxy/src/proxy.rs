@@ -56,6 +56,16 @@ impl Proxy {
         Self::start_inner(config, Some(path)).await
     }
 
+    /// Loads `path` and builds everything a start or reload builds from it (routes, policies
+    /// with their key files, TLS certificates and keys), without binding any socket: what
+    /// `l7-proxy --check` reports, as `nginx -t` does. Must run inside a tokio runtime.
+    pub fn check_file(path: impl AsRef<Path>) -> Result<(), ProxyError> {
+        let config = Config::from_file(path.as_ref())?;
+        let metrics = Arc::new(Metrics::new());
+        RuntimeState::build(&config, 1, None, &ClientCache::default(), &metrics)?;
+        Ok(())
+    }
+
     async fn start_inner(config: Config, path: Option<PathBuf>) -> Result<ProxyHandle, ProxyError> {
         let metrics = Arc::new(Metrics::new());
         let clients = ClientCache::default();

@@ -553,14 +553,26 @@ impl Default for RetryConfig {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file, which must name at least one listener.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml_str(&text)
+        let config = Self::from_toml_str(&text)?;
+        // A library user may build listeners of their own; a proxy run from a file without
+        // any would accept no connection.
+        if config.listeners.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "listeners".into(),
+                line: 1,
+                message: "no [[listeners]]: the proxy would accept no connections; add one \
+                          with a name and an ip:port address"
+                    .into(),
+            });
+        }
+        Ok(config)
     }
 
     /// Parses and validates config text.

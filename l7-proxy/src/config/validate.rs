@@ -5,9 +5,11 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use super::{
-    ActionConfig, Algorithm, Config, ConfigError, PathMatchConfig, UpstreamProtocol, ViaSetting,
+    ActionConfig, Algorithm, Config, ConfigError, HashOn, PathMatchConfig, UpstreamProtocol,
+    ViaSetting,
 };
 use crate::pipeline::via::is_token;
+use crate::policy::PolicyConfig;
 
 /// Largest member weight (each unit is 160 points on the hash ring).
 pub const MAX_WEIGHT: u32 = 1000;
@@ -16,6 +18,29 @@ pub const MAX_WEIGHT: u32 = 1000;
 const STANDARD_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
+
+/// Headers of a fixed response that the proxy writes itself (RFC 9112 framing and
+/// connection management).
+const FRAMING_HEADERS: [&str; 6] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+];
+
+/// Whether listening on `a` and on `b` at once fails: the same port (0 is any free one) on
+/// the same address, or on a wildcard address that covers the other (`[::]` covers IPv4
+/// too, as sockets are dual-stack by default).
+fn addrs_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.ip() == b.ip() || covers(a, b) || covers(b, a)
+}
 
 impl Config {
     /// Checks the parsed config; the first problem found is returned.
@@ -50,6 +75,14 @@ impl Config {
                 format!("`{}` is not an ip:port address: {e}", value.get_ref()),
             )
         })
+    }
+
+    /// Names identify listeners, groups and routes in logs, metrics and the admin API.
+    fn check_name(&self, field: &str, name: &toml::Spanned<String>) -> Result<(), ConfigError> {
+        if name.get_ref().trim().is_empty() {
+            return Err(self.invalid(field, name, "a name must not be empty"));
+        }
+        Ok(())
     }
 
     /// A timeout of 0 would fail every request or close every connection at once (HAProxy
@@ -98,8 +131,15 @@ impl Config {
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
-        let mut addrs = HashSet::new();
+        // Addresses bound so far, with the field that binds each.
+        let mut bound: Vec<(SocketAddr, String)> = Vec::new();
+        if let Some(admin) = &self.admin {
+            if let Ok(addr) = admin.address.get_ref().parse() {
+                bound.push((addr, "admin.address".into()));
+            }
+        }
         for (i, l) in self.listeners.iter().enumerate() {
+            self.check_name(&format!("listeners[{i}].name"), &l.name)?;
             if !names.insert(l.name.get_ref()) {
                 return Err(self.invalid(
                     format!("listeners[{i}].name"),
@@ -108,10 +148,19 @@ impl Config {
                 ));
             }
             let field = format!("listeners[{i}].address");
-            self.check_addr(&field, &l.address)?;
-            if !addrs.insert(l.address.get_ref()) {
-                return Err(self.invalid(field, &l.address, "duplicate listener address"));
+            let addr = self.check_addr(&field, &l.address)?;
+            if let Some((_, other)) = bound.iter().find(|(b, _)| addrs_clash(*b, addr)) {
+                return Err(self.invalid(
+                    &field,
+                    &l.address,
+                    format!(
+                        "`{}` overlaps `{other}`: both cannot listen on port {} at once",
+                        l.address.get_ref(),
+                        addr.port()
+                    ),
+                ));
             }
+            bound.push((addr, field));
             if let Some(tls) = &l.tls {
                 if tls.certs.get_ref().is_empty() {
                     return Err(self.invalid(
@@ -129,6 +178,7 @@ impl Config {
         let mut names = HashSet::new();
         for (i, g) in self.upstreams.iter().enumerate() {
             let at = format!("upstreams[{i}]");
+            self.check_name(&format!("{at}.name"), &g.name)?;
             if !names.insert(g.name.get_ref()) {
                 return Err(self.invalid(format!("{at}.name"), &g.name, "duplicate group name"));
             }
@@ -162,7 +212,26 @@ impl Config {
                         "consistent_hash needs `hash_on`",
                     ))
                 }
-                (Algorithm::ConsistentHash, Some(_)) | (_, None) => {}
+                (Algorithm::ConsistentHash, Some(h)) => {
+                    let bad = match h.get_ref() {
+                        HashOn::Header(name) => {
+                            http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                        }
+                        HashOn::Cookie(name) => {
+                            name.is_empty() || name.contains([';', '=', ' ', ','])
+                        }
+                        HashOn::ClientIp => false,
+                    };
+                    if bad {
+                        return Err(self.invalid(
+                            format!("{at}.hash_on"),
+                            h,
+                            "not a valid header or cookie name: no request could carry it, so \
+                             requests would be spread at random",
+                        ));
+                    }
+                }
+                (_, None) => {}
                 (_, Some(h)) => {
                     return Err(self.invalid(
                         format!("{at}.hash_on"),
@@ -213,6 +282,15 @@ impl Config {
                      members, set max_idle_per_member = 0",
                 ));
             }
+            let passive = &g.passive_health;
+            if passive.consecutive_failures > 0 && passive.ejection_ms == 0 {
+                return Err(self.invalid(
+                    format!("{at}.passive_health.ejection_ms"),
+                    &g.name,
+                    "must be at least 1: a member ejected for 0 ms is never ejected; set \
+                     consecutive_failures = 0 to turn passive health checks off",
+                ));
+            }
             if let Some(hc) = &g.health_check {
                 self.check_timeout(&format!("{at}.health_check.timeout_ms"), &hc.timeout_ms)?;
                 if hc.path.parse::<http::uri::PathAndQuery>().is_err() {
@@ -222,12 +300,25 @@ impl Config {
                         format!("`{}` is not a valid request path", hc.path),
                     ));
                 }
-                if !hc.path.starts_with('/') || hc.rise == 0 || hc.fall == 0 {
+                if !hc.path.starts_with('/') {
                     return Err(self.invalid(
-                        format!("{at}.health_check"),
+                        format!("{at}.health_check.path"),
                         &g.name,
-                        "health_check.path must start with `/`, rise and fall must be >= 1",
+                        format!("`{}` must start with `/`", hc.path),
                     ));
+                }
+                for (field, value) in [
+                    ("interval_ms", hc.interval_ms),
+                    ("rise", hc.rise.into()),
+                    ("fall", hc.fall.into()),
+                ] {
+                    if value == 0 {
+                        return Err(self.invalid(
+                            format!("{at}.health_check.{field}"),
+                            &g.name,
+                            "must be at least 1",
+                        ));
+                    }
                 }
             }
         }
@@ -239,6 +330,7 @@ impl Config {
         let mut names = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
+            self.check_name(&format!("{at}.name"), &r.name)?;
             if !names.insert(r.name.get_ref()) {
                 return Err(self.invalid(format!("{at}.name"), &r.name, "duplicate route name"));
             }
@@ -309,6 +401,24 @@ impl Config {
                 }
             }
             self.validate_action(&at, r.action.get_ref(), &r.action, &groups)?;
+            for (j, p) in r.policies.iter().enumerate() {
+                let PolicyConfig::Version(v) = p else {
+                    continue;
+                };
+                for (version, entry) in &v.versions {
+                    if !groups.contains(&entry.upstream) {
+                        return Err(self.invalid(
+                            format!("{at}.policies[{j}].versions.{version}.upstream"),
+                            &r.name,
+                            format!(
+                                "route `{}`: no upstream group named `{}`",
+                                r.name.get_ref(),
+                                entry.upstream
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -348,6 +458,20 @@ impl Config {
                                 "must start with `/`",
                             ));
                         }
+                        // Every request would fail with 400 when its new path does not parse.
+                        if v.get_ref().parse::<http::uri::PathAndQuery>().is_err()
+                            || v.get_ref().contains(['?', '#'])
+                        {
+                            return Err(self.invalid(
+                                format!("{at}.action.forward.{name}"),
+                                v,
+                                format!(
+                                    "`{}` is not a valid path: percent-encode spaces and \
+                                     other characters a URL path cannot hold",
+                                    v.get_ref()
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -363,6 +487,13 @@ impl Config {
                         line: self.line_of(span),
                         message: "redirect status must be 301, 302, 303, 307 or 308".into(),
                     });
+                }
+                if r.location.get_ref().trim().is_empty() {
+                    return Err(self.invalid(
+                        format!("{at}.action.redirect.location"),
+                        &r.location,
+                        "a redirect needs a location",
+                    ));
                 }
                 if http::HeaderValue::from_str(r.location.get_ref()).is_err() {
                     return Err(self.invalid(
@@ -383,14 +514,27 @@ impl Config {
                 }
             }
             ActionConfig::Fixed(f) => {
-                if !(100..=599).contains(f.status.get_ref()) {
+                // 1xx are interim responses: a client would wait for a final one.
+                if !(200..=599).contains(f.status.get_ref()) {
                     return Err(self.invalid(
                         format!("{at}.action.fixed.status"),
                         &f.status,
-                        "status must be between 100 and 599",
+                        "status must be between 200 and 599",
                     ));
                 }
                 for (name, value) in &f.headers {
+                    // The proxy frames the body it sends; a header that claims another
+                    // framing would make the client wait for bytes that never come.
+                    if FRAMING_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                        return Err(self.invalid(
+                            format!("{at}.action.fixed.headers.{name}"),
+                            value,
+                            format!(
+                                "`{name}` is set by the proxy from the body and the \
+                                 connection; remove it"
+                            ),
+                        ));
+                    }
                     if http::HeaderName::from_bytes(name.as_bytes()).is_err()
                         || http::HeaderValue::from_str(value.get_ref()).is_err()
                     {
@@ -544,5 +688,126 @@ action = { forward = { group = "api", strip_prefix = "/api" } }
         let msg = Config::from_toml_str(&text).unwrap_err().to_string();
         assert!(msg.contains("routes[0].match.path"), "{msg}");
         assert!(msg.contains("line 12"), "{msg}");
+    }
+
+    /// The error of `text`, which must be refused, as (field, message).
+    fn refusal(text: &str) -> (String, String) {
+        match Config::from_toml_str(text) {
+            Err(ConfigError::Invalid { field, message, .. }) => (field, message),
+            Err(other) => panic!("not a validation error: {other}"),
+            Ok(_) => panic!("accepted:\n{text}"),
+        }
+    }
+
+    #[test]
+    fn listeners_that_cannot_bind_together_are_refused() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[listeners]]\nname = \"a\"\naddress = \"{a}\"\n\
+                 [[listeners]]\nname = \"b\"\naddress = \"{b}\"\n"
+            )
+        };
+        for (a, b) in [
+            ("[::1]:28080", "[0:0::1]:28080"),
+            ("0.0.0.0:28080", "127.0.0.1:28080"),
+            ("127.0.0.1:28080", "0.0.0.0:28080"),
+            ("[::]:28080", "10.0.0.1:28080"),
+        ] {
+            let (field, message) = refusal(&two(a, b));
+            assert_eq!(field, "listeners[1].address");
+            assert!(
+                message.contains("overlaps `listeners[0].address`"),
+                "{message}"
+            );
+        }
+        // Other ports, an IPv4 wildcard beside IPv6, and port 0 (any free port) are fine.
+        for (a, b) in [
+            ("127.0.0.1:28080", "127.0.0.1:28081"),
+            ("0.0.0.0:28080", "[::1]:28080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            Config::from_toml_str(&two(a, b)).unwrap();
+        }
+        let admin = "[admin]\naddress = \"127.0.0.1:28090\"\n\
+                     [[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:28090\"\n";
+        let (field, message) = refusal(admin);
+        assert_eq!(field, "listeners[0].address");
+        assert!(message.contains("overlaps `admin.address`"), "{message}");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_by_name() {
+        let cases = [
+            (GOOD.replace("name = \"web\"", "name = \"\""), "listeners[0].name", "must not be empty"),
+            (GOOD.replace("name = \"api\"\nmembers", "name = \" \"\nmembers"), "upstreams[0].name", "must not be empty"),
+            (
+                GOOD.replace("members = [", "health_check = { interval_ms = 0 }\nmembers = ["),
+                "upstreams[0].health_check.interval_ms",
+                "at least 1",
+            ),
+            (
+                GOOD.replace("members = [", "health_check = { rise = 0 }\nmembers = ["),
+                "upstreams[0].health_check.rise",
+                "at least 1",
+            ),
+            (
+                GOOD.replace("members = [", "passive_health = { ejection_ms = 0 }\nmembers = ["),
+                "upstreams[0].passive_health.ejection_ms",
+                "consecutive_failures = 0",
+            ),
+            (
+                GOOD.replace(
+                    "members = [",
+                    "algorithm = \"consistent_hash\"\nhash_on = { header = \"x user\" }\nmembers = [",
+                ),
+                "upstreams[0].hash_on",
+                "not a valid header or cookie name",
+            ),
+            (
+                GOOD.replace("strip_prefix = \"/api\"", "rewrite_path = \"/a b\""),
+                "routes[0].action.forward.rewrite_path",
+                "`/a b` is not a valid path",
+            ),
+            (
+                GOOD.replace(
+                    "action = { forward = { group = \"api\", strip_prefix = \"/api\" } }",
+                    "action = { redirect = { location = \"\" } }",
+                ),
+                "routes[0].action.redirect.location",
+                "needs a location",
+            ),
+            (
+                GOOD.replace(
+                    "action = { forward = { group = \"api\", strip_prefix = \"/api\" } }",
+                    "action = { fixed = { status = 101 } }",
+                ),
+                "routes[0].action.fixed.status",
+                "between 200 and 599",
+            ),
+            (
+                GOOD.replace(
+                    "action = { forward = { group = \"api\", strip_prefix = \"/api\" } }",
+                    "action = { fixed = { body = \"hello\", headers = { Content-Length = \"99\" } } }",
+                ),
+                "routes[0].action.fixed.headers.Content-Length",
+                "set by the proxy",
+            ),
+            (
+                format!(
+                    "{GOOD}policies = [{{ type = \"version\", default = \"v1\", versions = \
+                     {{ v1 = {{ upstream = \"api\" }}, v2 = {{ upstream = \"api-v2\" }} }} }}]\n"
+                ),
+                "routes[0].policies[0].versions.v2.upstream",
+                "route `api`: no upstream group named `api-v2`",
+            ),
+        ];
+        for (text, want_field, want) in cases {
+            let (field, message) = refusal(&text);
+            assert_eq!(field, want_field, "{message}");
+            assert!(
+                message.contains(want),
+                "{field}: {message:?} lacks {want:?}"
+            );
+        }
     }
 }

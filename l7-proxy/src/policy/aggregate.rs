@@ -84,6 +84,21 @@ impl AggregatePolicy {
         if config.calls.is_empty() {
             return Err(err("calls must not be empty".into()));
         }
+        let mut keys = std::collections::HashSet::new();
+        for (i, call) in config.calls.iter().enumerate() {
+            if !keys.insert(call.key.as_str()) {
+                return Err(err(format!(
+                    "calls[{i}].key: {:?} is used by an earlier call; each call needs its \
+                     own key in the combined object",
+                    call.key
+                )));
+            }
+            if call.timeout_ms == 0 {
+                return Err(err(format!(
+                    "calls[{i}].timeout_ms must be at least 1: 0 would fail the call at once"
+                )));
+            }
+        }
         let urls = config
             .calls
             .iter()

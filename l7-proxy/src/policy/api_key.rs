@@ -86,13 +86,22 @@ impl ApiKeyPolicy {
         let realm = challenge_realm(&config.realm).map_err(err)?;
         let challenge = HeaderValue::try_from(format!("Key realm=\"{realm}\""))
             .map_err(|e| err(format!("realm: {e}")))?;
+        if config.keys.is_empty() {
+            return Err(err(
+                "keys must not be empty: every request would be refused".into(),
+            ));
+        }
         let mut ids_by_hash = HashMap::new();
         for (i, entry) in config.keys.iter().enumerate() {
             let digest: [u8; 32] = hex::decode(entry.sha256.trim())
                 .ok()
                 .and_then(|d| d.try_into().ok())
                 .ok_or_else(|| err(format!("keys[{i}].sha256: not 64 hex characters")))?;
-            ids_by_hash.insert(digest, entry.id.clone());
+            if let Some(other) = ids_by_hash.insert(digest, entry.id.clone()) {
+                return Err(err(format!(
+                    "keys[{i}].sha256: the same key as id {other:?}; one key names one client"
+                )));
+            }
         }
         Ok(Self {
             header,

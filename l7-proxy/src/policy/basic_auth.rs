@@ -163,6 +163,12 @@ impl BasicAuthPolicy {
             policy: "basic_auth".into(),
             message,
         };
+        if config.users.is_empty() {
+            return Err(err(
+                "users must not be empty: every request would be refused".into(),
+            ));
+        }
+        super::check_secs("cache_secs", config.cache_secs).map_err(err)?;
         let mut first = None;
         for (user, phc) in &config.users {
             let hash = check_argon2(phc).map_err(|e| err(format!("users.{user}: {e}")))?;

@@ -151,7 +151,7 @@ impl Entry {
 
     /// Current age: the age it had when received plus the time it has been stored.
     fn age(&self) -> Duration {
-        self.initial_age + self.stored_at.elapsed()
+        self.initial_age.saturating_add(self.stored_at.elapsed())
     }
 
     fn fresh(&self) -> bool {
@@ -239,6 +239,27 @@ pub struct CachePolicy {
 
 impl CachePolicy {
     pub fn build(config: CacheConfig) -> Result<Self, PolicyBuildError> {
+        let err = |message: String| PolicyBuildError {
+            policy: "cache".into(),
+            message,
+        };
+        if config.max_bytes == 0 {
+            return Err(err(
+                "max_bytes must be at least 1: a cache of 0 bytes would store nothing".into(),
+            ));
+        }
+        if config.max_ttl_secs == 0 {
+            return Err(err(
+                "max_ttl_secs must be at least 1: every entry would expire at once".into(),
+            ));
+        }
+        for (field, secs) in [
+            ("default_ttl_secs", config.default_ttl_secs),
+            ("max_ttl_secs", config.max_ttl_secs),
+            ("uncacheable_secs", config.uncacheable_secs),
+        ] {
+            super::check_secs(field, secs).map_err(err)?;
+        }
         let entries = Cache::with_weighter(
             (config.max_bytes / 4096).clamp(64, 1 << 20) as usize,
             config.max_bytes,
@@ -347,8 +368,12 @@ fn delta_seconds(v: &str) -> Option<u64> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(v.parse().unwrap_or(u64::MAX))
+    // RFC 9111 1.2.2: a value too large to represent counts as 2^31 seconds.
+    Some(v.parse().unwrap_or(u64::MAX).min(DELTA_SECONDS_MAX))
 }
+
+/// The largest delta-seconds value a cache needs to represent (RFC 9111 1.2.2).
+const DELTA_SECONDS_MAX: u64 = 1 << 31;
 
 /// The upstream's `Age` (zero when absent or invalid).
 fn received_age(headers: &HeaderMap) -> Duration {
@@ -961,6 +986,22 @@ mod tests {
             ttl("max-age=99999999999999999999999"),
             Some((Duration::from_secs(86_400), false))
         );
+    }
+
+    /// An `Age` too large for a number is 2^31 seconds (RFC 9111 1.2.2), and the entry's age
+    /// stays representable: a `no-cache` response with an ETag is stored however old.
+    #[test]
+    fn a_huge_age_is_capped_and_ages_without_overflow() {
+        let mut h = headers("no-cache");
+        h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        h.insert(
+            header::AGE,
+            HeaderValue::from_static("99999999999999999999999"),
+        );
+        assert_eq!(received_age(&h), Duration::from_secs(1 << 31));
+        let entry = Entry::new(StatusCode::OK, h, Bytes::new(), (Duration::ZERO, true));
+        assert!(entry.age() >= Duration::from_secs(1 << 31));
+        assert!(!entry.fresh());
     }
 
     #[test]

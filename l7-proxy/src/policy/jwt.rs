@@ -33,7 +33,7 @@
 //! `forward_token = true` (Envoy `jwt_authn`'s `forward`, false by default), so the upstream
 //! does not receive a credential it could replay.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -199,14 +199,59 @@ impl JwtPolicy {
         if config.jwks_file.is_none() && config.jwks_url.is_none() {
             return Err(err("one of jwks_file or jwks_url is required".into()));
         }
+        if config.jwks_file.is_some() && config.jwks_url.is_some() {
+            return Err(err(
+                "set jwks_file or jwks_url, not both: keys come from one place".into(),
+            ));
+        }
         if config.algorithms.is_empty() {
             return Err(err("algorithms must not be empty".into()));
+        }
+        if let Some(url) = &config.jwks_url {
+            let uri = url.parse::<http::Uri>().ok();
+            if uri.as_ref().and_then(http::Uri::scheme_str) != Some("http")
+                || uri.as_ref().and_then(http::Uri::host).is_none()
+            {
+                return Err(err(format!(
+                    "jwks_url {url:?} is not an http:// URL with a host (https is not \
+                     supported for JWKS: fetch the set to a jwks_file, or serve it over \
+                     plain HTTP on a trusted network)"
+                )));
+            }
+            if config.jwks_refresh_secs == 0 {
+                return Err(err(
+                    "jwks_refresh_secs must be at least 1: 0 would fetch the JWKS on every \
+                     request"
+                        .into(),
+                ));
+            }
+            super::check_secs("jwks_refresh_secs", config.jwks_refresh_secs).map_err(err)?;
         }
         let keys = match &config.jwks_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| err(format!("jwks_file {}: {e}", path.display())))?;
-                parse_jwks(&text).map_err(|e| err(format!("jwks_file {}: {e}", path.display())))?
+                let keys = parse_jwks(&text)
+                    .map_err(|e| err(format!("jwks_file {}: {e}", path.display())))?;
+                // A file's keys are final: if none verifies an allowed algorithm, every
+                // token would be refused.
+                if !keys
+                    .iter()
+                    .any(|k| k.algorithms.iter().any(|a| config.algorithms.contains(a)))
+                {
+                    let fit: BTreeSet<String> = keys
+                        .iter()
+                        .flat_map(|k| k.algorithms.iter().map(|a| format!("{a:?}")))
+                        .collect();
+                    return Err(err(format!(
+                        "jwks_file {}: no key verifies any of algorithms {:?}; its keys \
+                         verify {}",
+                        path.display(),
+                        config.algorithms,
+                        fit.into_iter().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                keys
             }
             None => Vec::new(),
         };

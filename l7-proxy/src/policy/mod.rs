@@ -522,13 +522,36 @@ pub struct PolicyBuildError {
     pub message: String,
 }
 
+/// The longest duration, in seconds, a policy setting may name: ten years. Longer ones are
+/// surely typos, and an instant that far ahead may not be representable.
+pub const MAX_SECS: u64 = 10 * 365 * 86_400;
+
+/// Refuses a `field` of `secs` seconds over [`MAX_SECS`].
+pub(crate) fn check_secs(field: &str, secs: u64) -> Result<(), String> {
+    if secs > MAX_SECS {
+        return Err(format!(
+            "{field} = {secs} is over {MAX_SECS} seconds (ten years)"
+        ));
+    }
+    Ok(())
+}
+
 /// Builds a route's chain from its config, in order. Called at config load and on reload, so
 /// errors surface before the config goes live.
 pub fn build_chain(configs: &[PolicyConfig]) -> Result<PolicyChain, PolicyBuildError> {
-    check_order(configs)?;
+    build_chain_at(configs).map_err(|(_, e)| e)
+}
+
+/// [`build_chain`], whose error also says which policy (its index in `configs`) could not be
+/// built; none when the chain's order is refused.
+pub fn build_chain_at(
+    configs: &[PolicyConfig],
+) -> Result<PolicyChain, (Option<usize>, PolicyBuildError)> {
+    check_order(configs).map_err(|e| (None, e))?;
     let policies = configs
         .iter()
-        .map(build_policy)
+        .enumerate()
+        .map(|(i, c)| build_policy(c).map_err(|e| (Some(i), e)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(PolicyChain::new(policies))
 }
@@ -723,5 +746,116 @@ mod tests {
                 p.name()
             );
         }
+    }
+
+    /// Settings that would make a policy do nothing, refuse everything or fail later are
+    /// refused when the chain is built, with the setting named.
+    #[test]
+    fn settings_that_cannot_work_are_refused_by_name() {
+        let mut jwks = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut jwks,
+            br#"{"keys":[{"kty":"oct","alg":"HS256","k":"c2VjcmV0"}]}"#,
+        )
+        .unwrap();
+        let file = jwks.path().display().to_string();
+        let refused = |list: &str, want: &[&str]| {
+            let Err(e) = try_chain(list) else {
+                panic!("{list} was accepted");
+            };
+            let e = e.to_string();
+            for w in want {
+                assert!(e.contains(w), "{list}: {e:?} lacks {w:?}");
+            }
+        };
+        let sha = "0".repeat(64);
+        for (list, want) in [
+            (
+                format!(r#"{{ type = "jwt", jwks_file = "{file}", jwks_url = "http://127.0.0.1:9/" }}"#),
+                &["jwks_file or jwks_url, not both"][..],
+            ),
+            (
+                r#"{ type = "jwt", jwks_url = "https://idp.example/jwks" }"#.into(),
+                &["jwks_url \"https://idp.example/jwks\"", "https is not supported"][..],
+            ),
+            (
+                r#"{ type = "jwt", jwks_url = "http://127.0.0.1:9/", jwks_refresh_secs = 0 }"#.into(),
+                &["jwks_refresh_secs must be at least 1"][..],
+            ),
+            (
+                r#"{ type = "jwt", jwks_url = "http://127.0.0.1:9/", jwks_refresh_secs = 9223372036854775807 }"#.into(),
+                &["jwks_refresh_secs = 9223372036854775807 is over"][..],
+            ),
+            (
+                format!(r#"{{ type = "jwt", jwks_file = "{file}", algorithms = ["RS256", "ES256"] }}"#),
+                &["no key verifies any of algorithms [RS256, ES256]", "HS256"][..],
+            ),
+            (r#"{ type = "api_key", keys = [] }"#.into(), &["keys must not be empty"][..]),
+            (
+                format!(r#"{{ type = "api_key", keys = [{{ id = "a", sha256 = "{sha}" }}, {{ id = "b", sha256 = "{sha}" }}] }}"#),
+                &["keys[1].sha256", "the same key as id \"a\""][..],
+            ),
+            (r#"{ type = "basic_auth", users = {} }"#.into(), &["users must not be empty"][..]),
+            (r#"{ type = "ip_filter" }"#.into(), &["allow, deny or both"][..]),
+            (r#"{ type = "methods", allow = [] }"#.into(), &["allow must not be empty"][..]),
+            (r#"{ type = "cors", origins = [] }"#.into(), &["origins must not be empty"][..]),
+            (
+                r#"{ type = "cors", origins = ["https://*.example.com"] }"#.into(),
+                &["\"https://*.example.com\"", "wildcards"][..],
+            ),
+            (
+                r#"{ type = "cors", origins = ["https://app.example.com/x"] }"#.into(),
+                &["is not an origin"][..],
+            ),
+            (r#"{ type = "cache", max_bytes = 0 }"#.into(), &["max_bytes must be at least 1"][..]),
+            (r#"{ type = "cache", max_ttl_secs = 0 }"#.into(), &["max_ttl_secs must be at least 1"][..]),
+            (
+                r#"{ type = "cache", uncacheable_secs = 9223372036854775807 }"#.into(),
+                &["uncacheable_secs = 9223372036854775807 is over"][..],
+            ),
+            (
+                r#"{ type = "aggregate", calls = [{ key = "a", url = "http://127.0.0.1:9/1" }, { key = "a", url = "http://127.0.0.1:9/2" }] }"#.into(),
+                &["calls[1].key", "\"a\" is used by an earlier call"][..],
+            ),
+            (
+                r#"{ type = "aggregate", calls = [{ key = "a", url = "http://127.0.0.1:9/1", timeout_ms = 0 }] }"#.into(),
+                &["calls[0].timeout_ms must be at least 1"][..],
+            ),
+            (
+                r#"{ type = "rate_limit", requests = 1, redis_prefix = "x" }"#.into(),
+                &["redis_prefix needs redis_url"][..],
+            ),
+            (
+                r#"{ type = "rate_limit", requests = 1, redis_url = "redis://127.0.0.1:9", redis_timeout_ms = 0 }"#.into(),
+                &["redis_timeout_ms must be at least 1"][..],
+            ),
+            (
+                r#"{ type = "basic_auth", users = { a = "x" }, cache_secs = 9223372036854775807 }"#.into(),
+                &["cache_secs = 9223372036854775807 is over"][..],
+            ),
+        ] {
+            refused(&list, want);
+        }
+        // What these checks must still let through.
+        chain(&format!(
+            r#"{{ type = "jwt", jwks_file = "{file}", algorithms = ["HS256", "RS256"] }},
+               {{ type = "ip_filter", deny = ["10.0.0.1", "2001:db8::/32"] }},
+               {{ type = "cors", origins = ["https://app.example.com", "http://127.0.0.1:8080", "null"] }}"#
+        ));
+    }
+
+    #[test]
+    fn an_address_that_is_no_network_is_named() {
+        let table: toml::Table =
+            toml::from_str(r#"p = [{ type = "ip_filter", allow = ["10.0.0.0/33"] }]"#).unwrap();
+        let e = table["p"]
+            .clone()
+            .try_into::<Vec<PolicyConfig>>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`10.0.0.0/33` is not an address or a network"),
+            "{e}"
+        );
     }
 }

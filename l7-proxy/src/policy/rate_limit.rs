@@ -352,6 +352,17 @@ impl RateLimitPolicy {
         if config.requests == 0 || config.period_secs == 0 {
             return Err(err("requests and period_secs must be positive".into()));
         }
+        super::check_secs("period_secs", config.period_secs).map_err(err)?;
+        if config.redis_url.is_none() && config.redis_prefix.is_some() {
+            return Err(err(
+                "redis_prefix needs redis_url: without Redis, buckets are kept in memory".into(),
+            ));
+        }
+        if config.redis_url.is_some() && config.redis_timeout_ms == 0 {
+            return Err(err(
+                "redis_timeout_ms must be at least 1: 0 would time out every Redis call".into(),
+            ));
+        }
         let burst = config.burst.unwrap_or(config.requests);
         if burst == 0 {
             return Err(err("burst must be positive".into()));
@@ -361,7 +372,7 @@ impl RateLimitPolicy {
         let store = match &config.redis_url {
             Some(url) => Store::Redis(Box::new(RedisBuckets {
                 client: redis::Client::open(url.as_str())
-                    .map_err(|e| err(format!("redis_url: {e}")))?,
+                    .map_err(|e| err(format!("redis_url {url:?}: {e}")))?,
                 conn: OnceCell::new(),
                 script: redis::Script::new(GCRA_LUA),
                 prefix: config.redis_prefix.clone(),

@@ -77,6 +77,35 @@ fn header_name_list(
     ))
 }
 
+/// Checks that `origin` is `*` or an origin as browsers send it in `Origin`:
+/// `scheme://host` with an optional port, and no path.
+fn check_origin(origin: &str) -> Result<(), String> {
+    // `null` is what sandboxed documents and some redirects send.
+    if origin == "*" || origin == "null" {
+        return Ok(());
+    }
+    if origin.contains('*') {
+        return Err(format!(
+            "{origin:?}: wildcards other than \"*\" alone are not supported; list each origin \
+             (https://app.example.com)"
+        ));
+    }
+    let uri = origin.parse::<http::Uri>().ok();
+    let whole = uri.as_ref().is_some_and(|u| {
+        u.scheme().is_some()
+            && u.host().is_some_and(|h| !h.is_empty())
+            && u.path_and_query()
+                .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+    });
+    if !whole || origin.ends_with('/') {
+        return Err(format!(
+            "{origin:?} is not an origin: write scheme://host[:port], with no path \
+             (https://app.example.com)"
+        ));
+    }
+    Ok(())
+}
+
 // ---- IP filter ----------------------------------------------------------------------------
 
 /// `{ type = "ip_filter", allow = ["10.0.0.0/8"], deny = ["10.6.6.0/24"] }`
@@ -84,11 +113,30 @@ fn header_name_list(
 #[serde(deny_unknown_fields)]
 pub struct IpFilterConfig {
     /// When not empty, only these networks are admitted.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "networks")]
     pub allow: Vec<IpNet>,
     /// Always refused; checked first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "networks")]
     pub deny: Vec<IpNet>,
+}
+
+/// A list of networks in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`) or single addresses
+/// (`10.0.0.1`, as `/32` or `/128`, as nginx's `allow` takes them); an error names the entry.
+fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| {
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{t}` is not an address or a network in CIDR notation (10.0.0.0/8, \
+                         10.0.0.1, 2001:db8::/32)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 pub struct IpFilterPolicy {
@@ -111,6 +159,12 @@ fn canonical_net(net: IpNet) -> IpNet {
 
 impl IpFilterPolicy {
     pub fn build(mut config: IpFilterConfig) -> Result<Self, PolicyBuildError> {
+        if config.allow.is_empty() && config.deny.is_empty() {
+            return Err(build_err(
+                "ip_filter",
+                "needs networks in allow, deny or both: as it is, it filters nothing".into(),
+            ));
+        }
         for net in config.allow.iter_mut().chain(config.deny.iter_mut()) {
             *net = canonical_net(*net);
         }
@@ -220,6 +274,12 @@ pub struct MethodsPolicy {
 
 impl MethodsPolicy {
     pub fn build(config: MethodsConfig) -> Result<Self, PolicyBuildError> {
+        if config.allow.is_empty() {
+            return Err(build_err(
+                "methods",
+                "allow must not be empty: every request would be refused".into(),
+            ));
+        }
         let mut allow = parse_methods("methods", "allow", &config.allow)?;
         // A resource that answers GET answers HEAD too (RFC 9110 §9.3.2; nginx's
         // `limit_except GET` allows both).
@@ -294,6 +354,16 @@ pub struct CorsPolicy {
 
 impl CorsPolicy {
     pub fn build(config: CorsConfig) -> Result<Self, PolicyBuildError> {
+        if config.origins.is_empty() {
+            return Err(build_err(
+                "cors",
+                "origins must not be empty: list the origins allowed, or \"*\" for any".into(),
+            ));
+        }
+        for origin in &config.origins {
+            check_origin(origin).map_err(|e| build_err("cors", format!("origins: {e}")))?;
+        }
+        super::check_secs("max_age_secs", config.max_age_secs).map_err(|e| build_err("cors", e))?;
         let any_origin = config.origins.iter().any(|o| o == "*");
         if any_origin && config.credentials {
             return Err(build_err(

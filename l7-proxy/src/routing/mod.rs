@@ -185,8 +185,16 @@ impl Route {
                     .collect(),
             },
         };
-        let policies = policy::build_chain(&rc.policies).map_err(|e| {
-            config.invalid(format!("routes[{index}].policies"), &rc.name, e.to_string())
+        let policies = policy::build_chain_at(&rc.policies).map_err(|(at, e)| {
+            let field = match at {
+                Some(j) => format!("routes[{index}].policies[{j}]"),
+                None => format!("routes[{index}].policies"),
+            };
+            config.invalid(
+                field,
+                &rc.name,
+                format!("route `{}`: {e}", rc.name.get_ref()),
+            )
         })?;
         Ok(Self {
             name: rc.name.get_ref().clone(),

@@ -58,6 +58,59 @@ fn binary_check_reports_the_line() {
     );
 }
 
+/// `l7-proxy --check` on `text`: (success, stdout, stderr).
+fn check(text: &str) -> (bool, String, String) {
+    let file = crate::support::ConfigFile::new(text);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_l7-proxy"))
+        .args(["--check", "--config"])
+        .arg(&file.path)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--check` builds what a start builds (policies, TLS files), as `nginx -t` does, not only
+/// the TOML.
+#[test]
+fn binary_check_builds_policies_and_tls_as_a_start_would() {
+    let base = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+                [[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:9\" }]\n\
+                [[routes]]\nname = \"api\"\naction = { forward = { group = \"g\" } }\n";
+    let (ok, stdout, stderr) = check(base);
+    assert!(ok && stdout.contains(": ok"), "{stdout}{stderr}");
+
+    let (ok, _, stderr) = check(&format!(
+        "{base}policies = [{{ type = \"rate_limit\", requests = 10 }}, \
+         {{ type = \"rate_limit\", requests = 0 }}]\n"
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("routes[0].policies[1]")
+            && stderr.contains("route `api`: policy rate_limit: requests and period_secs"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = check(&base.replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\ntls = { certs = [{ cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }] }\n",
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("/nonexistent/c.pem") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+
+    // A file with no listener would start a proxy that accepts nothing.
+    let (ok, _, stderr) =
+        check("[[upstreams]]\nname = \"g\"\nmembers = [{ address = \"127.0.0.1:9\" }]\n");
+    assert!(!ok && stderr.contains("no [[listeners]]"), "{stderr}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
