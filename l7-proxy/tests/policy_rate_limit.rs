@@ -179,10 +179,13 @@ fn free_port() -> u16 {
 }
 
 fn start_redis() -> Option<RedisServer> {
+    start_redis_on(free_port())
+}
+
+fn start_redis_on(port: u16) -> Option<RedisServer> {
     let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
-    let port = free_port();
     let child = Command::new(bin)
         .args([
             "--port",
@@ -301,6 +304,66 @@ async fn redis_buckets_are_per_route_unless_a_prefix_is_shared() {
     );
     assert_eq!(get(c, "/", &[]).await.status, 200);
     assert_eq!(get(d, "/", &[]).await.status, 429);
+}
+
+/// A Redis that goes away and comes back (a restart, a failover) is used again: requests are
+/// limited through it as before, not failed (or let through unlimited) for good.
+#[tokio::test]
+async fn rate_limiting_resumes_once_redis_is_back() {
+    let Some(redis) = start_redis() else {
+        eprintln!("SKIPPED: redis-server not found in /usr/bin or /usr/local/bin");
+        return;
+    };
+    let port = redis.port;
+    let up = ok_upstream().await;
+    let policy = |mode: &str| {
+        format!(
+            "type = \"rate_limit\"\nrequests = 3\nperiod_secs = 60\n\
+             redis_url = \"redis://127.0.0.1:{port}/\"\nredis_prefix = \"back-{mode}-{}\"\n\
+             on_redis_error = \"{mode}\"\nredis_timeout_ms = 1000",
+            std::process::id()
+        )
+    };
+    let closed = limited_gateway(&up, &policy("fail_closed")).await;
+    let open = limited_gateway(&up, &policy("fail_open")).await;
+    for gw in [closed, open] {
+        let got = get(gw, "/", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("ratelimit-remaining"), Some("2"));
+    }
+
+    drop(redis);
+    let got = get(closed, "/", &[]).await;
+    assert_eq!(got.status, 503);
+    let got = get(open, "/", &[]).await;
+    assert_eq!((got.status, got.header("ratelimit-limit")), (200, None));
+    // While Redis is down, a request learns it at once rather than after redis_timeout_ms.
+    let started = Instant::now();
+    assert_eq!(get(closed, "/", &[]).await.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let _redis = start_redis_on(port).expect("redis-server restarts");
+    for gw in [closed, open] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = get(gw, "/", &[]).await;
+            // The restarted Redis has no buckets: this key's starts full again.
+            if got.status == 200 && got.header("ratelimit-remaining") == Some("2") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still {} with remaining {:?} 10 s after Redis came back",
+                got.status,
+                got.header("ratelimit-remaining")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test]

@@ -27,9 +27,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
-use tokio::sync::OnceCell;
 
 use super::jwt::JwtClaims;
 use super::respond::{error_response, number_header};
@@ -282,7 +281,9 @@ impl LocalBuckets {
 
 struct RedisBuckets {
     client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: std::sync::Mutex<RedisConn>,
+    /// One connection attempt at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
     script: redis::Script,
     /// `None`: `l7rl:<route name>:<limit>`.
     prefix: Option<String>,
@@ -291,28 +292,129 @@ struct RedisBuckets {
     timeout: Duration,
 }
 
+/// The connection to Redis, made on first use and made again after it fails.
+///
+/// redis-rs's `ConnectionManager` would reconnect by itself, but after a failed reconnection
+/// (Redis still down) it can keep handing out that failure for good (redis-rs issue 1556), so
+/// a restarted Redis was never used again. Here a connection that fails is forgotten, and the
+/// next request connects anew, at most once per [`RECONNECT_BACKOFF`] while connecting fails:
+/// meanwhile requests get the error at once, without waiting `redis_timeout_ms` each.
+#[derive(Default)]
+struct RedisConn {
+    /// The live connection, with its number (to forget only the one that failed).
+    live: Option<(u64, MultiplexedConnection)>,
+    made: u64,
+    /// After a failed attempt: no new attempt before this instant.
+    retry_at: Option<Instant>,
+    /// The failed attempt's error.
+    last_error: String,
+}
+
+/// The least time between two attempts to connect to Redis while it is unreachable.
+const RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether `e` means the connection is no longer usable (rather than a refusal by Redis,
+/// such as a script error, on a healthy connection).
+fn connection_lost(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
 impl RedisBuckets {
+    fn state(&self) -> std::sync::MutexGuard<'_, RedisConn> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live connection, or a new one; an error while connecting is backed off.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), String> {
+        let ready = |state: &RedisConn| -> Option<Result<(u64, MultiplexedConnection), String>> {
+            if let Some(live) = &state.live {
+                return Some(Ok(live.clone()));
+            }
+            let backing_off = state.retry_at.is_some_and(|t| Instant::now() < t);
+            backing_off.then(|| Err(format!("unreachable ({}); retrying", state.last_error)))
+        };
+        if let Some(r) = ready(&self.state()) {
+            return r;
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(r) = ready(&self.state()) {
+            return r;
+        }
+        let made = self.client.get_multiplexed_async_connection().await;
+        let mut state = self.state();
+        match made {
+            Ok(conn) => {
+                state.made += 1;
+                state.retry_at = None;
+                state.live = Some((state.made, conn.clone()));
+                Ok((state.made, conn))
+            }
+            Err(e) => {
+                state.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
+                state.last_error = e.to_string();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Forgets connection `number` (if it is still the live one): the next request connects.
+    fn forget(&self, number: u64) {
+        let mut state = self.state();
+        if state.live.as_ref().is_some_and(|(n, _)| *n == number) {
+            state.live = None;
+        }
+    }
+
     /// `key` is the full Redis key (prefix included).
     async fn check(&self, gcra: Gcra, key: String) -> Result<Decision, String> {
+        // The connection in use, forgotten if the whole call times out on it.
+        let in_use = std::sync::atomic::AtomicU64::new(0);
         let run = async {
-            let conn = self
-                .conn
-                .get_or_try_init(|| ConnectionManager::new(self.client.clone()))
-                .await?;
-            let mut conn = conn.clone();
-            let r: Vec<i64> = self
-                .script
-                .key(key)
-                .arg(gcra.emission_us)
-                .arg(gcra.burst)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok::<_, redis::RedisError>(r)
+            // A connection that broke since its last use (Redis restarted) fails the first
+            // call: the second goes over a new connection.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let (number, mut conn) = self.connection().await?;
+                in_use.store(number, std::sync::atomic::Ordering::Relaxed);
+                let r: Result<Vec<i64>, _> = self
+                    .script
+                    .key(&key)
+                    .arg(gcra.emission_us)
+                    .arg(gcra.burst)
+                    .invoke_async(&mut conn)
+                    .await;
+                match r {
+                    Ok(r) => return Ok(r),
+                    Err(e) if connection_lost(&e) => {
+                        self.forget(number);
+                        if attempts == 2 {
+                            return Err(e.to_string());
+                        }
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
         };
-        let r = tokio::time::timeout(self.timeout, run)
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        let r = match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r?,
+            Err(_) => {
+                // No answer in time: the connection may be dead without an error (a peer gone
+                // without a reset); the next request connects anew. No connection at all:
+                // connecting hangs (a host that drops packets), which is backed off too.
+                match in_use.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => {
+                        let mut state = self.state();
+                        if state.live.is_none() {
+                            state.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
+                            state.last_error = "connecting timed out".into();
+                        }
+                    }
+                    number => self.forget(number),
+                }
+                return Err("timed out".into());
+            }
+        };
         let [allowed, remaining, reset_us, retry_after_us] = r[..] else {
             return Err(format!("unexpected script reply {r:?}"));
         };
@@ -373,7 +475,8 @@ impl RateLimitPolicy {
             Some(url) => Store::Redis(Box::new(RedisBuckets {
                 client: redis::Client::open(url.as_str())
                     .map_err(|e| err(format!("redis_url {url:?}: {e}")))?,
-                conn: OnceCell::new(),
+                conn: std::sync::Mutex::default(),
+                connecting: tokio::sync::Mutex::new(()),
                 script: redis::Script::new(GCRA_LUA),
                 prefix: config.redis_prefix.clone(),
                 limit: format!(
