@@ -353,3 +353,38 @@ async fn cache_keeps_the_identity_variant_apart() {
     );
     assert_eq!(up.hits(), 2);
 }
+
+/// An upstream that promises more bytes than it sends: the body is read whole before it is
+/// compressed, so nothing has reached the client yet, which gets a 502 rather than a
+/// connection closed without any response.
+#[tokio::test]
+async fn a_truncated_upstream_body_is_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut out =
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5000\r\n\r\n"
+                        .to_vec();
+                out.extend(std::iter::repeat_n(b'a', 2000));
+                let _ = stream.write_all(&out).await;
+                // Closed 3000 bytes short.
+            });
+        }
+    });
+    let chain = chain_from_toml("[[policies]]\ntype = \"compress\"\nalgorithms = [\"gzip\"]");
+    let gw = gateway(chain, one_group("app", up), "app").await;
+    let got = get(gw, "/", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(got.status, 502, "{:?}", got.body);
+    assert_eq!(got.header("content-encoding"), None);
+}

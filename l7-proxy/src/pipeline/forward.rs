@@ -4,9 +4,13 @@
 //! HTTP/1.1 upgrades are tunnelled once the member answers `101`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -57,6 +61,18 @@ pub async fn forward(
     // attempts left and another member.
     let may_send_again = retryable && group.retries.attempts > 0 && group.members.len() > 1;
     let (mut parts, body) = req.into_parts();
+    // A request body that fails (the client aborts, or sends a malformed chunk) fails the
+    // upstream request too; that is not the member's fault, and must not eject it.
+    let (body, watch) = if body.is_end_stream() {
+        (body, None)
+    } else {
+        let watch = Arc::new(AtomicBool::new(false));
+        let watched = WatchedBody {
+            inner: body,
+            failed: watch.clone(),
+        };
+        (BodyExt::boxed(watched), Some(watch))
+    };
     if !h2 {
         // Only `TE: trailers` is left (see `sanitize`); it means something to HTTP/2 (gRPC).
         parts.headers.remove(http::header::TE);
@@ -157,6 +173,19 @@ pub async fn forward(
                     from_member: true,
                 };
             }
+            Ok(Err(err)) if watch.as_ref().is_some_and(|w| w.load(Ordering::Relaxed)) => {
+                // The client's body failed: 400 (nginx answers a malformed body so; a client
+                // that went away sees nothing), no retry, and the member keeps its health.
+                tracing::debug!(member = %member.addr, error = %err, "request body from the client failed");
+                return Forwarded {
+                    response: text_response(
+                        StatusCode::BAD_REQUEST,
+                        "the request body could not be read\n".into(),
+                    ),
+                    member: Some(member.addr),
+                    from_member: false,
+                };
+            }
             Ok(Err(err)) => {
                 member.record_outcome(false, &group.passive, metrics);
                 tracing::warn!(member = %member.addr, group = %group.name, error = %err, "upstream request failed");
@@ -193,6 +222,36 @@ pub async fn forward(
                 };
             }
         }
+    }
+}
+
+/// A client's request body on its way upstream, noting whether reading it failed.
+struct WatchedBody {
+    inner: ProxyBody,
+    failed: Arc<AtomicBool>,
+}
+
+impl Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = crate::policy::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -538,7 +538,15 @@ impl Policy for CompressPolicy {
                 Err(ReadError::TooLarge { body }) => {
                     (encode_body(body, encoding, &self.config), None)
                 }
-                Err(ReadError::Body(e)) => (failed_body(e), None),
+                // Nothing is sent yet: the client gets a 502 (as from cache and transform),
+                // not a connection closed without a response.
+                Err(ReadError::Body(e)) => {
+                    tracing::debug!(error = %e, "compress: upstream body failed");
+                    return super::respond::error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream body failed",
+                    );
+                }
             },
             _ => (self.streamed(body, neg), None),
         };

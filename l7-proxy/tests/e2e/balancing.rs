@@ -429,3 +429,48 @@ async fn request_metrics_count_by_route_status_and_member_across_reloads() {
     );
     proxy.shutdown().await;
 }
+
+/// A client that aborts its upload or sends a malformed chunked body fails the request to the
+/// member too; that must not count against the member, or any client could take a group
+/// down. The malformed body gets 400, and the member keeps serving.
+#[tokio::test]
+async fn failed_client_bodies_do_not_eject_members() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let up = TestUpstream::start("solo").await;
+    let toml = one_group(
+        "round_robin",
+        &members(&[&up]),
+        "passive_health = { consecutive_failures = 1, ejection_ms = 60000 }",
+    );
+    let proxy = start_proxy(&toml).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..3 {
+        let answer = raw_exchange(
+            addr,
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+            Duration::from_millis(500),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let mut aborted = tokio::net::TcpStream::connect(addr).await.unwrap();
+        aborted
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(aborted);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = get(&c, addr, "h", "/").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "solo"));
+    let admin = proxy.admin_addr().unwrap();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let label = format!(
+        "l7_upstream_member_healthy{{group=\"g\",member=\"{}\"}}",
+        up.addr
+    );
+    assert_eq!(metric(&metrics, &label), Some(1.0), "{metrics}");
+    proxy.shutdown().await;
+}
