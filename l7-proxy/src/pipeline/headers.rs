@@ -58,6 +58,34 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// RFC 9112 3.2: an HTTP/1.1 request must carry `Host` (unless its target names the
+/// authority), and a `Host` must be a host with an optional port (empty is allowed, for a
+/// target without authority). A server must answer 400 otherwise, as nginx does: such a
+/// request would reach routing and the upstream with a host nothing agreed on.
+pub fn check_host(
+    version: http::Version,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> Result<(), &'static str> {
+    match headers.get(header::HOST) {
+        None if version == http::Version::HTTP_11 && uri.authority().is_none() => {
+            Err("missing Host")
+        }
+        None => Ok(()),
+        Some(host) if host.is_empty() => Ok(()),
+        Some(host) => match http::uri::Authority::try_from(host.as_bytes()) {
+            Ok(a)
+                if !a.as_str().contains('@')
+                    && !a.host().is_empty()
+                    && (a.as_str().len() == a.host().len() || a.port_u16().is_some()) =>
+            {
+                Ok(())
+            }
+            _ => Err("invalid Host"),
+        },
+    }
+}
+
 /// Whether the request's `Expect` holds an expectation other than `100-continue` (RFC 9110
 /// 10.1.1, case-insensitive), which no part of this proxy can meet: such a request is answered
 /// `417` and goes no further. `100-continue` is met by hyper, which sends `100 Continue` when

@@ -249,6 +249,7 @@ fn sanitize<B>(
         }
     }
     headers::check_framing(req.headers()).map_err(bad_request)?;
+    headers::check_host(req.version(), req.uri(), req.headers()).map_err(bad_request)?;
     if headers::has_unmet_expectation(req.headers()) {
         return Err(text_response(
             StatusCode::EXPECTATION_FAILED,

@@ -33,6 +33,11 @@ async fn smuggling_attempts_get_400_and_never_reach_upstream() {
         b"POST / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         // Two Host headers: which one routes?
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        // HTTP/1.1 without Host, or with one that is no host[:port] (RFC 9112 3.2)
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a:port\r\n\r\n",
         // Invalid bytes in header names and values
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad\x01Name: v\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad: a\x00b\r\n\r\n",
@@ -59,6 +64,16 @@ async fn smuggling_attempts_get_400_and_never_reach_upstream() {
     .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert_eq!(up.hits(), 1);
+    // HTTP/1.0 needs no Host; an absolute target names the host itself.
+    for fine in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"GET http://a/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+    ] {
+        let ok = raw_exchange(addr, fine, Duration::from_secs(2)).await;
+        assert!(ok.contains(" 200 OK"), "{:?}: {ok}", String::from_utf8_lossy(fine));
+    }
+    assert_eq!(up.hits(), 4);
     proxy.shutdown().await;
 }
 
