@@ -187,6 +187,28 @@ async fn jwt_rejects_expired_wrong_audience_forged_and_premature_tokens() {
         "nbf in the future",
     )
     .await;
+    // A time that is not an integer: jsonwebtoken alone would skip such an nbf.
+    for (nbf, why) in [
+        (json!((now() + 600).to_string()), "nbf a string"),
+        (json!(true), "nbf a boolean"),
+        (json!(now() as f64 + 600.5), "nbf a fraction in the future"),
+    ] {
+        let mut odd = good_claims();
+        odd["nbf"] = nbf;
+        assert_invalid(gw, &bearer(&token(Algorithm::HS256, "hs", odd)), why).await;
+    }
+    let mut past_fraction = good_claims();
+    past_fraction["nbf"] = json!(now() as f64 - 60.5);
+    let ok = get(
+        gw,
+        "/orders",
+        &[(
+            "authorization",
+            &bearer(&token(Algorithm::HS256, "hs", past_fraction)),
+        )],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "an nbf in the past, with a fraction");
 
     // Forged: wrong HMAC secret.
     let forged = encode(
@@ -256,8 +278,8 @@ async fn jwt_rejects_expired_wrong_audience_forged_and_premature_tokens() {
 
     assert_eq!(
         up.hits(),
-        1,
-        "only the within-leeway request reached the upstream"
+        2,
+        "only the within-leeway and the past-nbf requests reached the upstream"
     );
 }
 

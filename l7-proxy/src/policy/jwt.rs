@@ -446,6 +446,24 @@ impl JwtPolicy {
     }
 
     fn check_claims(&self, claims: Value) -> Result<Value, AuthError> {
+        // jsonwebtoken skips an `nbf` it cannot read as an integer (a string, a boolean, a
+        // fraction), which would let a token through before its time: the times are
+        // NumericDates (RFC 7519 2), and `nbf` is checked here whatever its number.
+        for name in ["exp", "nbf", "iat"] {
+            if claims.get(name).is_some_and(|v| !v.is_number()) {
+                return Err(AuthError::Invalid(format!(
+                    "claim {name} is not a NumericDate"
+                )));
+            }
+        }
+        if let Some(nbf) = claims.get("nbf").and_then(Value::as_f64) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            if nbf > now + self.config.leeway_secs as f64 {
+                return Err(AuthError::Invalid("ImmatureSignature".into()));
+            }
+        }
         for name in &self.config.required_claims {
             if claims.get(name).is_none_or(Value::is_null) {
                 return Err(AuthError::Invalid(format!("missing claim {name}")));
