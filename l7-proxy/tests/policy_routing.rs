@@ -308,6 +308,20 @@ async fn transform_edits_headers_path_and_json_bodies() {
     .await;
     assert_eq!(got.status, 413);
     assert_eq!(up.hits(), 1);
+
+    // HEAD: the upstream's Content-Length is that of the unedited body a GET would get; the
+    // edited length is unknown, so none is sent (it was 0, the empty body's).
+    let get = send(gw, "GET", "/api/users", &[], "").await;
+    assert_eq!(get.status, 200);
+    assert_eq!(
+        get.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    let head = send(gw, "HEAD", "/api/users", &[], "").await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), None);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("x-served-by"), Some("gw"));
 }
 
 /// POSTs `chunks` with chunked transfer encoding (no Content-Length).

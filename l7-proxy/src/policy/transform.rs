@@ -18,7 +18,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::respond::{error_response, full, read_limited, ReadError};
+use super::respond::{content_length, error_response, full, read_limited, ReadError};
 use super::{Policy, PolicyBuildError, ProxyBody, RequestCtx, RequestOutcome};
 use crate::template::{Fill, HeaderTemplate};
 
@@ -328,6 +328,16 @@ impl Policy for TransformPolicy {
         else {
             return Response::from_parts(parts, body);
         };
+        // No body, but a length: the answer to HEAD (or a 304), whose Content-Length is the
+        // length of the body a GET would get, before the edits. The edited length is not known
+        // without that body, so none is sent (RFC 9110 8.6 allows leaving it out), rather than
+        // the 0 of the empty body.
+        if http_body::Body::is_end_stream(&body) {
+            if content_length(&parts.headers).is_some_and(|n| n > 0) {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            return Response::from_parts(parts, body);
+        }
         let bytes = match read_limited(body, self.config.max_body_bytes).await {
             Ok(b) => b,
             Err(ReadError::TooLarge { body }) => return Response::from_parts(parts, body),

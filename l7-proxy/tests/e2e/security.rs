@@ -71,7 +71,11 @@ async fn smuggling_attempts_get_400_and_never_reach_upstream() {
         b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
     ] {
         let ok = raw_exchange(addr, fine, Duration::from_secs(2)).await;
-        assert!(ok.contains(" 200 OK"), "{:?}: {ok}", String::from_utf8_lossy(fine));
+        assert!(
+            ok.contains(" 200 OK"),
+            "{:?}: {ok}",
+            String::from_utf8_lossy(fine)
+        );
     }
     assert_eq!(up.hits(), 4);
     proxy.shutdown().await;
