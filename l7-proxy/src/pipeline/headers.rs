@@ -72,18 +72,62 @@ pub fn check_host(
             Err("missing Host")
         }
         None => Ok(()),
-        Some(host) if host.is_empty() => Ok(()),
-        Some(host) => match http::uri::Authority::try_from(host.as_bytes()) {
-            Ok(a)
-                if !a.as_str().contains('@')
-                    && !a.host().is_empty()
-                    && (a.as_str().len() == a.host().len() || a.port_u16().is_some()) =>
-            {
-                Ok(())
-            }
-            _ => Err("invalid Host"),
-        },
+        Some(host) if host.is_empty() || is_host_port(host.as_bytes()) => Ok(()),
+        Some(_) => Err("invalid Host"),
     }
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986 3.2.2): a bracketed IP literal, or a name (or IPv4
+/// address) of unreserved, percent and sub-delimiter characters; the port up to 5 digits.
+/// Checked by hand on every request: parsing an `Authority` would copy the value.
+fn is_host_port(value: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inner = &literal[..end];
+        (
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')),
+            &literal[end + 1..],
+        )
+    } else {
+        let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let name = &value[..end];
+        (
+            !name.is_empty()
+                && name.iter().all(|&b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(
+                            b,
+                            b'-' | b'.'
+                                | b'_'
+                                | b'~'
+                                | b'%'
+                                | b'!'
+                                | b'$'
+                                | b'&'
+                                | b'\''
+                                | b'('
+                                | b')'
+                                | b'*'
+                                | b'+'
+                                | b','
+                                | b';'
+                                | b'='
+                        )
+                }),
+            &value[end..],
+        )
+    };
+    host_ok
+        && match rest.split_first() {
+            None => true,
+            Some((b':', port)) => port.len() <= 5 && port.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
 }
 
 /// Whether the request's `Expect` holds an expectation other than `100-continue` (RFC 9110
@@ -624,5 +668,26 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 36);
         assert_eq!(h["x-request-id"], id.as_str());
+    }
+
+    #[test]
+    fn hosts_are_a_host_and_an_optional_port() {
+        for good in [
+            "a",
+            "a.example.com",
+            "a.example.com:8080",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "my_host",
+            "a:",
+        ] {
+            assert!(is_host_port(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a/b", "user@a", "a:port", "a:123456", ":80", "[::1", "[]:80", "[::1]x", "a b", "a:1:2",
+        ] {
+            assert!(!is_host_port(bad.as_bytes()), "{bad}");
+        }
     }
 }
