@@ -104,6 +104,37 @@ fn read_key(
     })
 }
 
+/// A TLS client config (TLS 1.2 and 1.3) trusting the CA certificates of the PEM file `ca`,
+/// or the system's when none: for the HTTPS fetches policies make (a JWKS). Errors are
+/// plain text, for the policy to name its field.
+pub fn https_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    let added = match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            roots.add_parsable_certificates(certs).0
+        }
+        None => {
+            roots
+                .add_parsable_certificates(rustls_native_certs::load_native_certs().certs)
+                .0
+        }
+    };
+    if added == 0 {
+        return Err(match ca {
+            Some(path) => format!("no usable CA certificate in {}", path.display()),
+            None => "no CA certificates found on this system; name a CA file".into(),
+        });
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Picks a certificate by SNI.
 #[derive(Debug)]
 pub struct SniResolver {

@@ -2,7 +2,8 @@
 //!
 //! Data in: the `Authorization: Bearer <token>` header of a request, and signing keys from a
 //! JWKS document (a file read at build time, or a URL fetched on first use and refreshed every
-//! `jwks_refresh_secs`). HS256/384/512 keys are JWKS `oct` keys; RS256/384/512 and
+//! `jwks_refresh_secs`: `https://`, its server verified against the system's CAs or those of
+//! `jwks_ca_file`, or `http://`). HS256/384/512 keys are JWKS `oct` keys; RS256/384/512 and
 //! PS256/384/512 `RSA` keys; ES256/384 `EC` keys; EdDSA `OKP` keys. A key with `alg` verifies
 //! only that algorithm.
 //!
@@ -58,9 +59,14 @@ pub struct JwtConfig {
     /// Path of a JWKS JSON document.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// `http://` URL of a JWKS document, fetched lazily and refreshed periodically.
+    /// `https://` (or `http://`) URL of a JWKS document, fetched lazily and refreshed
+    /// periodically.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM file of the CA certificates that an `https://` `jwks_url`'s server is verified
+    /// against; by default the system's.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     #[serde(default = "default_refresh_secs")]
     pub jwks_refresh_secs: u64,
     /// Accepted signing algorithms.
@@ -152,10 +158,17 @@ pub struct JwtPolicy {
     generations: AtomicU64,
     forward: Vec<(String, HeaderName)>,
     refreshing: tokio::sync::Mutex<()>,
+    /// The client that fetches `jwks_url` (HTTPS, or plain HTTP).
+    fetcher: Option<JwksClient>,
     /// One prepared `Validation` per accepted algorithm.
     validations: Vec<(Algorithm, Validation)>,
     verified: Option<VerifiedCache>,
 }
+
+type JwksClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<bytes::Bytes>,
+>;
 
 /// Tokens verified before, by their text.
 type VerifiedCache = quick_cache::sync::Cache<String, Arc<Verified>>;
@@ -199,6 +212,9 @@ impl JwtPolicy {
         if config.jwks_file.is_none() && config.jwks_url.is_none() {
             return Err(err("one of jwks_file or jwks_url is required".into()));
         }
+        if config.jwks_ca_file.is_some() && config.jwks_url.is_none() {
+            return Err(err("jwks_ca_file needs an https:// jwks_url".into()));
+        }
         if config.jwks_file.is_some() && config.jwks_url.is_some() {
             return Err(err(
                 "set jwks_file or jwks_url, not both: keys come from one place".into(),
@@ -207,17 +223,39 @@ impl JwtPolicy {
         if config.algorithms.is_empty() {
             return Err(err("algorithms must not be empty".into()));
         }
+        let mut fetcher = None;
         if let Some(url) = &config.jwks_url {
             let uri = url.parse::<http::Uri>().ok();
-            if uri.as_ref().and_then(http::Uri::scheme_str) != Some("http")
+            let scheme = uri.as_ref().and_then(http::Uri::scheme_str);
+            if !matches!(scheme, Some("https" | "http"))
                 || uri.as_ref().and_then(http::Uri::host).is_none()
             {
                 return Err(err(format!(
-                    "jwks_url {url:?} is not an http:// URL with a host (https is not \
-                     supported for JWKS: fetch the set to a jwks_file, or serve it over \
-                     plain HTTP on a trusted network)"
+                    "jwks_url {url:?} is not an https:// or http:// URL with a host"
                 )));
             }
+            if scheme == Some("http") && config.jwks_ca_file.is_some() {
+                return Err(err(
+                    "jwks_ca_file verifies an https:// jwks_url; this one is http://".into(),
+                ));
+            }
+            let tls = if scheme == Some("https") {
+                crate::tls::https_client_config(config.jwks_ca_file.as_deref())
+                    .map_err(|e| err(format!("jwks_ca_file: {e}")))?
+            } else {
+                // Never used: an http:// URL is fetched without TLS.
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| err(e.to_string()))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            };
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .build();
+            fetcher = Some(Client::builder(TokioExecutor::new()).build(connector));
             if config.jwks_refresh_secs == 0 {
                 return Err(err(
                     "jwks_refresh_secs must be at least 1: 0 would fetch the JWKS on every \
@@ -285,6 +323,7 @@ impl JwtPolicy {
             })),
             forward,
             refreshing: tokio::sync::Mutex::new(()),
+            fetcher,
         })
     }
 
@@ -330,7 +369,10 @@ impl JwtPolicy {
             return keys; // another request refreshed while we waited
         }
         let refresh = Duration::from_secs(self.config.jwks_refresh_secs);
-        let set = match fetch_jwks(url).await {
+        let Some(client) = &self.fetcher else {
+            return keys;
+        };
+        let set = match fetch_jwks(client, url).await {
             Ok(fresh) => KeySet {
                 keys: fresh,
                 generation: self.generations.fetch_add(1, Ordering::Relaxed),
@@ -612,8 +654,8 @@ fn verify_key(jwk: &Jwk) -> Result<VerifyKey, String> {
 
 /// Fetches and parses the JWKS at `url`: the whole exchange must finish within
 /// [`JWKS_FETCH_TIMEOUT`], and the body must not exceed [`JWKS_MAX_BYTES`].
-async fn fetch_jwks(url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
-    let body = tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch_body(url))
+async fn fetch_jwks(client: &JwksClient, url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
+    let body = tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch_body(client, url))
         .await
         .map_err(|_| {
             format!(
@@ -624,10 +666,19 @@ async fn fetch_jwks(url: &str) -> Result<Vec<Arc<VerifyKey>>, String> {
     parse_jwks(std::str::from_utf8(&body).map_err(|e| format!("JWKS is not UTF-8: {e}"))?)
 }
 
-async fn fetch_body(url: &str) -> Result<bytes::Bytes, String> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+async fn fetch_body(client: &JwksClient, url: &str) -> Result<bytes::Bytes, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
-    let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+    let resp = client.get(uri).await.map_err(|e| {
+        // The client's error is a summary ("client error (Connect)"); the cause, such as a
+        // certificate the CAs do not vouch for, is in its sources.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        text
+    })?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
     }

@@ -775,8 +775,20 @@ mod tests {
                 &["jwks_file or jwks_url, not both"][..],
             ),
             (
-                r#"{ type = "jwt", jwks_url = "https://idp.example/jwks" }"#.into(),
-                &["jwks_url \"https://idp.example/jwks\"", "https is not supported"][..],
+                r#"{ type = "jwt", jwks_url = "ftp://idp.example/jwks" }"#.into(),
+                &["jwks_url \"ftp://idp.example/jwks\" is not an https:// or http:// URL"][..],
+            ),
+            (
+                format!(r#"{{ type = "jwt", jwks_file = "{file}", jwks_ca_file = "{file}" }}"#),
+                &["jwks_ca_file needs an https:// jwks_url"][..],
+            ),
+            (
+                format!(r#"{{ type = "jwt", jwks_url = "http://127.0.0.1:9/", jwks_ca_file = "{file}" }}"#),
+                &["jwks_ca_file verifies an https:// jwks_url"][..],
+            ),
+            (
+                format!(r#"{{ type = "jwt", jwks_url = "https://127.0.0.1:9/", jwks_ca_file = "{file}" }}"#),
+                &["jwks_ca_file: no usable CA certificate in"][..],
             ),
             (
                 r#"{ type = "jwt", jwks_url = "http://127.0.0.1:9/", jwks_refresh_secs = 0 }"#.into(),

@@ -235,3 +235,107 @@ async fn returning_clients_resume_with_session_tickets_until_a_reload() {
     }
     proxy.shutdown().await;
 }
+
+/// A `jwt` policy fetches its JWKS over HTTPS, verifying the server against `jwks_ca_file`
+/// (identity providers publish their keys over HTTPS only). Here another proxy instance, with
+/// a certificate from a test CA, serves the JWKS as a fixed response. A gateway that trusts
+/// only the system's CAs refuses that server, so no key is ever loaded and tokens get 401.
+#[tokio::test]
+async fn jwt_fetches_its_jwks_over_https_and_verifies_the_server() {
+    use base64::Engine;
+    let pki = TestPki::new("jwks ca");
+    let file = ConfigFile::new("");
+    let dir = file.dir();
+    let (cert, key) = pki.write(&dir, "jwks", &["127.0.0.1"]);
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let secret = b"https-jwks-secret";
+    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let jwks = format!(r#"{{"keys":[{{"kty":"oct","kid":"k1","alg":"HS256","k":"{k}"}}]}}"#);
+    let idp = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+tls = {{ certs = [{{ cert = {:?}, key = {:?} }}] }}
+[[routes]]
+name = "jwks"
+action = {{ fixed = {{ status = 200, body = '{jwks}', headers = {{ content-type = "application/json" }} }} }}
+"#,
+        cert.display().to_string(),
+        key.display().to_string()
+    ))
+    .await;
+    let jwks_url = format!(
+        "https://127.0.0.1:{}/jwks.json",
+        idp.listener_addr("tls").unwrap().port()
+    );
+    let up = TestUpstream::start("api").await;
+    let gateway = |ca_line: String| {
+        format!(
+            r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_line} }}]
+"#,
+            members(&[&up])
+        )
+    };
+    let trusting = start_proxy(&gateway(format!(
+        ", jwks_ca_file = {:?}",
+        ca.display().to_string()
+    )))
+    .await;
+    let system_only = start_proxy(&gateway(String::new())).await;
+
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({ "sub": "alice", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap();
+    let c = client();
+    let ask = |proxy: std::net::SocketAddr, token: String| {
+        let c = c.clone();
+        async move {
+            let req = http::Request::get(format!("http://{proxy}/"))
+                .header("host", "h")
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            send(&c, req).await
+        }
+    };
+    let web = trusting.listener_addr("web").unwrap();
+    let got = ask(web, token.clone()).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.body, "api");
+    let forged = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({ "sub": "alice", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(b"guessed"),
+    )
+    .unwrap();
+    assert_eq!(ask(web, forged).await.status, 401);
+
+    let refused = ask(system_only.listener_addr("web").unwrap(), token).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(up.hits(), 1);
+    for p in [idp, trusting, system_only] {
+        p.shutdown().await;
+    }
+}
