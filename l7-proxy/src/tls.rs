@@ -135,6 +135,31 @@ pub fn https_client_config(ca: Option<&std::path::Path>) -> Result<rustls::Clien
         .with_no_client_auth())
 }
 
+/// A connector for the HTTP calls policies make (a JWKS, aggregated calls): `https://` URLs
+/// over TLS verified against [`https_client_config`]`(ca)` when `https` is set, `http://` as
+/// they are.
+pub fn policy_connector(
+    https: bool,
+    ca: Option<&std::path::Path>,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, String>
+{
+    let tls = if https {
+        https_client_config(ca)?
+    } else {
+        // Never used: no URL needs TLS.
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
+}
+
 /// Picks a certificate by SNI.
 #[derive(Debug)]
 pub struct SniResolver {

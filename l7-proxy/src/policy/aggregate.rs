@@ -1,6 +1,9 @@
 //! Aggregation: answers a request by calling several upstream URLs concurrently and combining
 //! their JSON bodies into one object.
 //!
+//! Calls go to `https://` URLs (the server verified against the system's CAs, or those of
+//! `ca_file`) or `http://` ones.
+//!
 //! Data in: the client request supplies only the headers listed in `forward_headers` (for
 //! example `authorization`; after a `jwt` policy, which removes it once verified, that needs
 //! the jwt's `forward_token = true`, and the chain is refused without it) and, when `forward_query` is set, its query string, appended to
@@ -19,6 +22,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -41,13 +45,17 @@ pub struct AggregateConfig {
     pub forward_query: bool,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// PEM file of the CA certificates that `https://` calls' servers are verified against;
+    /// by default the system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateCall {
     pub key: String,
-    /// `http://` URL.
+    /// `https://` or `http://` URL.
     pub url: String,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -72,7 +80,7 @@ pub struct AggregatePolicy {
     config: AggregateConfig,
     urls: Vec<Uri>,
     forward_headers: Vec<HeaderName>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
 impl AggregatePolicy {
@@ -108,8 +116,11 @@ impl AggregatePolicy {
                     .url
                     .parse()
                     .map_err(|e| err(format!("calls[{i}].url: {e}")))?;
-                if uri.scheme_str() != Some("http") {
-                    return Err(err(format!("calls[{i}].url: only http:// is supported")));
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                    return Err(err(format!(
+                        "calls[{i}].url: {:?} is not an https:// or http:// URL with a host",
+                        c.url
+                    )));
                 }
                 Ok(uri)
             })
@@ -121,7 +132,15 @@ impl AggregatePolicy {
                 HeaderName::try_from(h.as_str()).map_err(|e| err(format!("forward_headers: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let https = config.calls.iter().any(|c| c.url.starts_with("https://"));
+        if config.ca_file.is_some() && !https {
+            return Err(err(
+                "ca_file verifies https:// calls; every call here is http://".into(),
+            ));
+        }
+        let connector = crate::tls::policy_connector(https, config.ca_file.as_deref())
+            .map_err(|e| err(format!("ca_file: {e}")))?;
+        let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             config,
             urls,
@@ -159,7 +178,11 @@ impl AggregatePolicy {
             }
         }
         let fetch = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| crate::policy::error_chain(&e))?;
             if !resp.status().is_success() {
                 return Err(format!("status {}", resp.status().as_u16()));
             }

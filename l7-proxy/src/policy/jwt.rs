@@ -239,22 +239,11 @@ impl JwtPolicy {
                     "jwks_ca_file verifies an https:// jwks_url; this one is http://".into(),
                 ));
             }
-            let tls = if scheme == Some("https") {
-                crate::tls::https_client_config(config.jwks_ca_file.as_deref())
-                    .map_err(|e| err(format!("jwks_ca_file: {e}")))?
-            } else {
-                // Never used: an http:// URL is fetched without TLS.
-                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| err(e.to_string()))?
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth()
-            };
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .build();
+            let connector = crate::tls::policy_connector(
+                scheme == Some("https"),
+                config.jwks_ca_file.as_deref(),
+            )
+            .map_err(|e| err(format!("jwks_ca_file: {e}")))?;
             fetcher = Some(Client::builder(TokioExecutor::new()).build(connector));
             if config.jwks_refresh_secs == 0 {
                 return Err(err(
@@ -668,17 +657,7 @@ async fn fetch_jwks(client: &JwksClient, url: &str) -> Result<Vec<Arc<VerifyKey>
 
 async fn fetch_body(client: &JwksClient, url: &str) -> Result<bytes::Bytes, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
-    let resp = client.get(uri).await.map_err(|e| {
-        // The client's error is a summary ("client error (Connect)"); the cause, such as a
-        // certificate the CAs do not vouch for, is in its sources.
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            text = format!("{text}: {cause}");
-            source = cause.source();
-        }
-        text
-    })?;
+    let resp = client.get(uri).await.map_err(|e| super::error_chain(&e))?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
     }

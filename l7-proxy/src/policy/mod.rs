@@ -522,6 +522,19 @@ pub struct PolicyBuildError {
     pub message: String,
 }
 
+/// `error` and its sources, as one line: an HTTP client's error is a summary ("client error
+/// (Connect)"), and the cause (a refused connection, a certificate the CAs do not vouch for)
+/// is in its sources.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
 /// The longest duration, in seconds, a policy setting may name: ten years. Longer ones are
 /// surely typos, and an instant that far ahead may not be representable.
 pub const MAX_SECS: u64 = 10 * 365 * 86_400;
@@ -832,6 +845,14 @@ mod tests {
             (
                 r#"{ type = "aggregate", calls = [{ key = "a", url = "http://127.0.0.1:9/1", timeout_ms = 0 }] }"#.into(),
                 &["calls[0].timeout_ms must be at least 1"][..],
+            ),
+            (
+                format!(r#"{{ type = "aggregate", ca_file = "{file}", calls = [{{ key = "a", url = "http://127.0.0.1:9/1" }}] }}"#),
+                &["ca_file verifies https:// calls"][..],
+            ),
+            (
+                r#"{ type = "aggregate", calls = [{ key = "a", url = "ftp://127.0.0.1:9/1" }] }"#.into(),
+                &["calls[0].url: \"ftp://127.0.0.1:9/1\" is not an https:// or http:// URL"][..],
             ),
             (
                 r#"{ type = "rate_limit", requests = 1, redis_prefix = "x" }"#.into(),

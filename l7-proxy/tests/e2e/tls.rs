@@ -339,3 +339,73 @@ policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_
         p.shutdown().await;
     }
 }
+
+/// An `aggregate` call to an `https://` service, verified against `ca_file`: another proxy
+/// instance serves JSON over TLS with a test CA's certificate.
+#[tokio::test]
+async fn aggregate_calls_https_services_verified_against_ca_file() {
+    let pki = TestPki::new("aggregate ca");
+    let file = ConfigFile::new("");
+    let dir = file.dir();
+    let (cert, key) = pki.write(&dir, "svc", &["127.0.0.1"]);
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let svc = start_proxy(&format!(
+        r#"
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+tls = {{ certs = [{{ cert = {:?}, key = {:?} }}] }}
+[[routes]]
+name = "user"
+action = {{ fixed = {{ status = 200, body = '{{"name":"alice"}}', headers = {{ content-type = "application/json" }} }} }}
+"#,
+        cert.display().to_string(),
+        key.display().to_string()
+    ))
+    .await;
+    let url = format!(
+        "https://127.0.0.1:{}/user",
+        svc.listener_addr("tls").unwrap().port()
+    );
+    let up = TestUpstream::start("unused").await;
+    let gateway = |ca_line: String| {
+        format!(
+            r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[upstreams]]
+name = "up"
+members = {}
+[[routes]]
+name = "all"
+action = {{ forward = {{ group = "up" }} }}
+policies = [{{ type = "aggregate", on_error = "partial", calls = [{{ key = "user", url = "{url}" }}]{ca_line} }}]
+"#,
+            members(&[&up])
+        )
+    };
+    let trusting = start_proxy(&gateway(format!(
+        ", ca_file = {:?}",
+        ca.display().to_string()
+    )))
+    .await;
+    let system_only = start_proxy(&gateway(String::new())).await;
+    let c = client();
+    let got = get(&c, trusting.listener_addr("web").unwrap(), "h", "/").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let body: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(body["user"], serde_json::json!({ "name": "alice" }));
+
+    // Trusting only the system's CAs, the call fails on the certificate, and says so.
+    let got = get(&c, system_only.listener_addr("web").unwrap(), "h", "/").await;
+    let body: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(body["user"], serde_json::Value::Null, "{body}");
+    let why = body["_errors"]["user"].as_str().unwrap_or_default();
+    assert!(why.contains("certificate"), "{body}");
+    assert_eq!(up.hits(), 0);
+    for p in [svc, trusting, system_only] {
+        p.shutdown().await;
+    }
+}
