@@ -85,7 +85,7 @@ impl RuntimeState {
                 .transpose()?;
             let group = UpstreamGroup::build(g, clients, tls, metrics);
             if let Some(old) = previous.and_then(|p| p.groups.get(&group.name)) {
-                group.inherit_health(old);
+                group.inherit_health(old, g.health_check.is_some());
                 for member in &group.members {
                     member.publish_health(metrics);
                 }

@@ -110,6 +110,11 @@ impl Member {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
     }
 
+    /// Up as far as active health checks know (ejections aside).
+    pub fn is_active_up(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -170,10 +175,15 @@ impl Member {
 
     /// Takes over the health of the same member in the previous config generation, so a
     /// reload neither revives a dead member nor forgets an ejection.
-    pub fn inherit_health(&self, previous: &Member) {
+    /// Takes the health state of `previous` (the same member in the config being replaced);
+    /// its active state only when this group still has health checks (`checked`): without
+    /// them, nothing would ever bring a member marked down back.
+    pub fn inherit_health(&self, previous: &Member, checked: bool) {
         let relaxed = Ordering::Relaxed;
-        self.active_up
-            .store(previous.active_up.load(relaxed), relaxed);
+        if checked {
+            self.active_up
+                .store(previous.active_up.load(relaxed), relaxed);
+        }
         self.ejected_until_ms
             .store(previous.ejected_until_ms.load(relaxed), relaxed);
         self.ejections
@@ -319,10 +329,12 @@ impl UpstreamGroup {
     }
 
     /// Members keep their health across a reload when group name and address are unchanged.
-    pub fn inherit_health(&self, previous: &UpstreamGroup) {
+    /// Members that were in `previous` keep their health; `checked`: this group has active
+    /// health checks (see [`Member::inherit_health`]).
+    pub fn inherit_health(&self, previous: &UpstreamGroup, checked: bool) {
         for member in &self.members {
             if let Some(old) = previous.members.iter().find(|m| m.addr == member.addr) {
-                member.inherit_health(old);
+                member.inherit_health(old, checked);
             }
         }
     }
@@ -337,14 +349,29 @@ impl UpstreamGroup {
         Some(hash_bytes(&key))
     }
 
-    /// Picks an available member not in `tried`.
+    /// Picks an available member not in `tried`. When every one left is ejected by passive
+    /// health, one of those is picked anyway: ejections come from answers (a 5xx that a
+    /// client's own request may cause), and must never take the whole group down, as nginx
+    /// retries all its peers once every one has failed and Envoy routes to all hosts in
+    /// panic mode. Members that active health checks found down stay out: a group with none
+    /// up answers 503.
     pub fn pick(&self, hash: Option<u64>, tried: &[usize]) -> Option<usize> {
-        self.balancer.pick(
-            &self.members,
-            |i| !tried.contains(&i) && self.members[i].is_available(),
-            hash,
-            !tried.is_empty(),
-        )
+        let retry = !tried.is_empty();
+        self.balancer
+            .pick(
+                &self.members,
+                |i| !tried.contains(&i) && self.members[i].is_available(),
+                hash,
+                retry,
+            )
+            .or_else(|| {
+                self.balancer.pick(
+                    &self.members,
+                    |i| !tried.contains(&i) && self.members[i].is_active_up(),
+                    hash,
+                    retry,
+                )
+            })
     }
 
     /// Every request adds `budget_percent`% of a retry to the budget.
@@ -447,7 +474,15 @@ mod tests {
             g.members[0].record_outcome(false, &g.passive, &m);
         }
         assert_eq!(counts(&g, 10), vec![0, 10]);
+        // Every member ejected: they are picked anyway, not none.
+        for _ in 0..3 {
+            g.members[1].record_outcome(false, &g.passive, &m);
+        }
+        assert_eq!(counts(&g, 10), vec![5, 5]);
+        // Down by active health checks: never picked; none left up is none.
         g.members[1].set_active_up(false, &m);
+        assert_eq!(counts(&g, 10), vec![10, 0]);
+        g.members[0].set_active_up(false, &m);
         assert_eq!(g.pick(None, &[]), None);
     }
 

@@ -474,3 +474,67 @@ async fn failed_client_bodies_do_not_eject_members() {
     assert_eq!(metric(&metrics, &label), Some(1.0), "{metrics}");
     proxy.shutdown().await;
 }
+
+/// 5xx answers eject a member (passive health), but ejections never take a whole group down:
+/// with every member ejected, they are still tried, as nginx and Envoy (panic mode) do. Else
+/// any client could cause a group-wide 503 by requesting a path that fails.
+#[tokio::test]
+async fn ejections_never_take_the_whole_group_down() {
+    let up = TestUpstream::start("only").await;
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&up]),
+        "passive_health = { consecutive_failures = 3, ejection_ms = 60000 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    for _ in 0..5 {
+        let a = get_with(&c, addr, "h", "/", &[("x-want-status", "500")]).await;
+        assert_eq!(a.status, 500);
+    }
+    let admin = proxy.admin_addr().unwrap();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let label = format!(
+        "l7_upstream_member_healthy{{group=\"g\",member=\"{}\"}}",
+        up.addr
+    );
+    assert_eq!(metric(&metrics, &label), Some(0.0), "ejected: {metrics}");
+    let a = get(&c, addr, "h", "/").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "only"));
+    proxy.shutdown().await;
+}
+
+/// A reload that removes a group's health checks also forgets that they had found a member
+/// down: nothing would ever bring it back otherwise.
+#[tokio::test]
+async fn a_reload_without_health_checks_brings_down_members_back() {
+    let up = TestUpstream::start("down").await;
+    let with_checks = one_group(
+        "round_robin",
+        &members(&[&up]),
+        "health_check = { path = \"/health\", interval_ms = 50, timeout_ms = 200, rise = 2, fall = 1 }",
+    );
+    let proxy = start_proxy(&with_checks).await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let c = client();
+    up.kill();
+    let mut down = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if get(&c, addr, "h", "/").await.status == 503 {
+            down = true;
+            break;
+        }
+    }
+    assert!(down, "health checks take the member down");
+    let without = one_group("round_robin", &members(&[&up]), "");
+    proxy
+        .reload(l7_proxy::Config::from_toml_str(&without).unwrap())
+        .await
+        .unwrap();
+    let _revived = TestUpstream::start_on("revived", up.addr).await;
+    let a = get(&c, addr, "h", "/").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "revived"));
+    proxy.shutdown().await;
+}
