@@ -144,6 +144,17 @@ pub async fn forward(
         };
         if h2 {
             upstream_req.headers_mut().remove(http::header::HOST);
+        } else if watch.is_some()
+            && !upstream_req
+                .headers()
+                .contains_key(http::header::CONTENT_LENGTH)
+        {
+            // A body of unknown length: hyper chunks it for most methods, but sends GET and
+            // HEAD (as Elasticsearch's `_search` is sent) with no body at all unless told.
+            upstream_req.headers_mut().insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
         }
 
         let in_flight = member.start_request();

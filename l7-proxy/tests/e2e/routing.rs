@@ -479,6 +479,15 @@ async fn request_bodies_arrive_intact_over_h1_and_h2() {
     .await;
     assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
     assert!(chunked.ends_with("hello world"), "{chunked}");
+    // GET with a chunked body (an Elasticsearch `_search`): hyper would drop it unless told.
+    let get = raw_exchange(
+        addr,
+        b"GET /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nc\r\n{\"query\":{}}\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(get.starts_with("HTTP/1.1 200"), "{get}");
+    assert!(get.ends_with("{\"query\":{}}"), "{get}");
 
     let mut sender = h2c_sender(addr).await;
     let req = http::Request::post("http://h/echo/h2")
