@@ -3,11 +3,13 @@
 //! when the first could not be reached (within the group's retry budget). WebSocket and other
 //! HTTP/1.1 upgrades are tunnelled once the member answers `101`.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -66,10 +68,12 @@ pub async fn forward(
     let (body, watch) = if body.is_end_stream() {
         (body, None)
     } else {
-        let watch = Arc::new(AtomicBool::new(false));
+        let watch = Arc::new(BodyWatch::new());
         let watched = WatchedBody {
             inner: body,
-            failed: watch.clone(),
+            watch: watch.clone(),
+            silence: None,
+            limit: group.request_timeout,
         };
         (BodyExt::boxed(watched), Some(watch))
     };
@@ -159,9 +163,10 @@ pub async fn forward(
 
         let in_flight = member.start_request();
         member.count_request(metrics);
-        let sent = tokio::time::timeout(
-            group.request_timeout,
+        let sent = within_request_timeout(
             client.request(member.addr, &member.authority, upstream_req),
+            group.request_timeout,
+            watch.as_deref(),
         );
         match sent.await {
             Ok(Ok(mut resp)) => {
@@ -184,15 +189,31 @@ pub async fn forward(
                     from_member: true,
                 };
             }
-            Ok(Err(err)) if watch.as_ref().is_some_and(|w| w.load(Ordering::Relaxed)) => {
+            Ok(Err(err))
+                if watch
+                    .as_ref()
+                    .is_some_and(|w| w.failed.load(Ordering::Relaxed)) =>
+            {
                 // The client's body failed: 400 (nginx answers a malformed body so; a client
-                // that went away sees nothing), no retry, and the member keeps its health.
+                // that went away sees nothing), or 408 when it stopped sending; no retry, and
+                // the member keeps its health.
                 tracing::debug!(member = %member.addr, error = %err, "request body from the client failed");
-                return Forwarded {
-                    response: text_response(
+                let response = if watch
+                    .as_ref()
+                    .is_some_and(|w| w.silent.load(Ordering::Relaxed))
+                {
+                    text_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body stopped arriving\n".into(),
+                    )
+                } else {
+                    text_response(
                         StatusCode::BAD_REQUEST,
                         "the request body could not be read\n".into(),
-                    ),
+                    )
+                };
+                return Forwarded {
+                    response,
                     member: Some(member.addr),
                     from_member: false,
                 };
@@ -236,10 +257,43 @@ pub async fn forward(
     }
 }
 
-/// A client's request body on its way upstream, noting whether reading it failed.
+/// What became of a client's request body on its way upstream.
+struct BodyWatch {
+    /// Reading it failed (the client aborted, sent a malformed chunk, or went silent).
+    failed: AtomicBool,
+    /// It failed because the client sent nothing for the group's request timeout.
+    silent: AtomicBool,
+    /// The last read is waiting for the client.
+    waiting: AtomicBool,
+    /// When it last moved (a frame passed, or it ended), in ms since `start`.
+    moved_ms: AtomicU64,
+    start: tokio::time::Instant,
+}
+
+impl BodyWatch {
+    fn new() -> Self {
+        Self {
+            failed: AtomicBool::new(false),
+            silent: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            moved_ms: AtomicU64::new(0),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    fn moved_at(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A client's request body on its way upstream, noting what becomes of it in a [`BodyWatch`];
+/// a client silent for `limit` fails it (nginx's `client_body_timeout`).
 struct WatchedBody {
     inner: ProxyBody,
-    failed: Arc<AtomicBool>,
+    watch: Arc<BodyWatch>,
+    /// Started when a read waits for the client; gone once a frame comes.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
 }
 
 impl Body for WatchedBody {
@@ -250,9 +304,35 @@ impl Body for WatchedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Relaxed);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let watch = &this.watch;
+        match &polled {
+            Poll::Pending => {
+                watch.waiting.store(true, Ordering::Relaxed);
+                let limit = this.limit;
+                let silence = this
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if silence.as_mut().poll(cx).is_ready() {
+                    watch.silent.store(true, Ordering::Relaxed);
+                    watch.failed.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(format!(
+                        "the client sent no body bytes for {} ms",
+                        limit.as_millis()
+                    )
+                    .into())));
+                }
+            }
+            Poll::Ready(frame) => {
+                this.silence = None;
+                watch.waiting.store(false, Ordering::Relaxed);
+                let ms = watch.start.elapsed().as_millis() as u64;
+                watch.moved_ms.store(ms, Ordering::Relaxed);
+                if let Some(Err(_)) = frame {
+                    watch.failed.store(true, Ordering::Relaxed);
+                }
+            }
         }
         polled
     }
@@ -263,6 +343,42 @@ impl Body for WatchedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// `send` within the group's request timeout, which counts from the end of the client's
+/// body (as Envoy's route timeout does) rather than from its start: an upload slower than the
+/// timeout is not the member's fault. While the body streams, the member must take each part
+/// within the timeout of the last one; a client that goes silent fails its own body instead
+/// ([`WatchedBody`]). `Err` is a timeout to blame on the member.
+async fn within_request_timeout<F: std::future::Future>(
+    send: F,
+    timeout: Duration,
+    watch: Option<&BodyWatch>,
+) -> Result<F::Output, ()> {
+    let Some(watch) = watch else {
+        return tokio::time::timeout(timeout, send).await.map_err(|_| ());
+    };
+    let mut send = std::pin::pin!(send);
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            out = &mut send => return Ok(out),
+            () = tokio::time::sleep_until(deadline) => {
+                let now = tokio::time::Instant::now();
+                if watch.waiting.load(Ordering::Relaxed) && !watch.failed.load(Ordering::Relaxed) {
+                    // Waiting for the client, whose silence fails the body on its own clock.
+                    deadline = now + timeout;
+                    continue;
+                }
+                let next = watch.moved_at() + timeout;
+                if next > now {
+                    deadline = next;
+                    continue;
+                }
+                return Err(());
+            }
+        }
     }
 }
 

@@ -538,3 +538,71 @@ async fn a_reload_without_health_checks_brings_down_members_back() {
     assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "revived"));
     proxy.shutdown().await;
 }
+
+/// `request_timeout_ms` counts from the end of the client's upload (as Envoy's route
+/// timeout): an upload slower than it reaches the member whole. A client that stops sending
+/// gets 408 after that long, and the member is not blamed.
+#[tokio::test]
+async fn request_timeout_counts_from_the_end_of_the_upload() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = TestUpstream::start("echo").await;
+    let proxy = start_proxy(&one_group(
+        "round_robin",
+        &members(&[&up]),
+        "request_timeout_ms = 600\npassive_health = { consecutive_failures = 1, ejection_ms = 60000 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+
+    // Five parts, 300 ms apart: 1.2 s in all, twice the timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for part in ["ab", "cd", "ef", "gh", "ij"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        slow.write_all(part.as_bytes()).await.unwrap();
+    }
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("abcdefghij"), "{answer}");
+
+    // Three bytes of ten, then silence.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let c = client();
+    let metrics = get(&c, proxy.admin_addr().unwrap(), "admin", "/metrics")
+        .await
+        .body;
+    let label = format!(
+        "l7_upstream_member_healthy{{group=\"g\",member=\"{}\"}}",
+        up.addr
+    );
+    assert_eq!(
+        metric(&metrics, &label),
+        Some(1.0),
+        "not ejected: {metrics}"
+    );
+    proxy.shutdown().await;
+}
