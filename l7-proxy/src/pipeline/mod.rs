@@ -243,12 +243,23 @@ fn sanitize<B>(
 ) -> Result<Option<(HeaderValue, hyper::upgrade::OnUpgrade)>, Response<ProxyBody>> {
     let bad_request =
         |why: &str| text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+    // A message whose framing is in doubt leaves the rest of the connection in doubt too
+    // (where its body ends, where the next request starts): answered, then closed, as nginx
+    // does.
+    let bad_framing = |why: &str| {
+        let mut resp = bad_request(why);
+        if req.version() <= Version::HTTP_11 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    };
     if req.version() <= Version::HTTP_11 {
         if let Some(FramingVerdict::Reject(why)) = conn.framing.as_ref().and_then(|f| f.next()) {
-            return Err(bad_request(why));
+            return Err(bad_framing(why));
         }
     }
-    headers::check_framing(req.headers()).map_err(bad_request)?;
+    headers::check_framing(req.headers()).map_err(bad_framing)?;
     headers::check_host(req.version(), req.uri(), req.headers()).map_err(bad_request)?;
     if headers::has_unmet_expectation(req.headers()) {
         return Err(text_response(

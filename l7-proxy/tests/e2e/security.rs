@@ -81,6 +81,26 @@ async fn smuggling_attempts_get_400_and_never_reach_upstream() {
     proxy.shutdown().await;
 }
 
+/// After a request refused for its framing, the connection is closed (as nginx does): where
+/// that request's body ends, and so where the next request starts, is in doubt.
+#[tokio::test]
+async fn a_connection_ends_after_a_request_refused_for_its_framing() {
+    let (proxy, up) = proxy_with_upstream("").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let answer = raw_exchange(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello\
+          GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert_eq!(up.hits(), 0);
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn slow_client_with_half_a_header_is_cut_off() {
     let (proxy, up) = proxy_with_upstream("header_read_timeout_ms = 300").await;
