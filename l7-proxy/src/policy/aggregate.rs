@@ -260,11 +260,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rejects_https_and_empty_calls() {
+    fn rejects_other_schemes_and_empty_calls() {
         let cfg: AggregateConfig = toml::from_str("calls = []").unwrap();
         assert!(AggregatePolicy::build(cfg).is_err());
         let cfg: AggregateConfig =
-            toml::from_str("calls = [{ key = \"a\", url = \"https://x/\" }]").unwrap();
+            toml::from_str("calls = [{ key = \"a\", url = \"ws://x/\" }]").unwrap();
         assert!(AggregatePolicy::build(cfg).is_err());
+        let cfg: AggregateConfig =
+            toml::from_str("calls = [{ key = \"a\", url = \"https://x/\" }]").unwrap();
+        assert!(AggregatePolicy::build(cfg).is_ok());
     }
 }
