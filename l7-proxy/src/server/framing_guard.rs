@@ -14,13 +14,16 @@
 //! looking and queues nothing more; hyper and the header checks still apply.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Largest request head inspected.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -71,10 +74,19 @@ pub struct FramingGuard<S> {
     pending: Vec<u8>,
     verdicts: Arc<FramingVerdicts>,
     started: bool,
+    /// How long a request head may take from its first byte to its end.
+    head_timeout: Option<Duration>,
+    /// Running while a head has begun but not ended.
+    head_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> FramingGuard<S> {
-    pub fn new(inner: S) -> (Self, Arc<FramingVerdicts>) {
+    /// `head_timeout`: a request head must end within this time of its first byte, or reads
+    /// fail with `TimedOut` (hyper then closes the connection). hyper's own header read
+    /// timeout also runs while a keep-alive connection waits for its next request, which
+    /// made it the keep-alive timeout; here the wait before the first byte is idle time,
+    /// bounded by the idle timeout, as in Envoy and Go.
+    pub fn new(inner: S, head_timeout: Option<Duration>) -> (Self, Arc<FramingVerdicts>) {
         let verdicts = Arc::new(FramingVerdicts::default());
         (
             Self {
@@ -83,9 +95,16 @@ impl<S> FramingGuard<S> {
                 pending: Vec::new(),
                 verdicts: verdicts.clone(),
                 started: false,
+                head_timeout,
+                head_deadline: None,
             },
             verdicts,
         )
+    }
+
+    /// A head has begun and not ended.
+    fn in_head(&self) -> bool {
+        matches!(self.state, State::Head) && !self.pending.is_empty()
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
@@ -306,10 +325,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            if !matches!(this.state, State::Stopped) {
+        match result {
+            Poll::Ready(Ok(())) if !matches!(this.state, State::Stopped) => {
                 this.feed(&buf.filled()[before..]);
+                match this.head_timeout {
+                    Some(limit) if this.in_head() => {
+                        if this.head_deadline.is_none() {
+                            this.head_deadline = Some(Box::pin(tokio::time::sleep(limit)));
+                        }
+                    }
+                    _ => this.head_deadline = None,
+                }
             }
+            Poll::Pending => {
+                if let Some(deadline) = &mut this.head_deadline {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not complete in time",
+                        )));
+                    }
+                }
+            }
+            _ => {}
         }
         result
     }
@@ -350,7 +388,7 @@ mod tests {
     use super::*;
 
     fn verdicts(stream: &[u8], chunk: usize) -> Vec<Option<FramingVerdict>> {
-        let (mut guard, verdicts) = FramingGuard::new(());
+        let (mut guard, verdicts) = FramingGuard::new((), None);
         for piece in stream.chunks(chunk) {
             guard.feed(piece);
         }

@@ -142,7 +142,10 @@ async fn serve_connection(
     let busy = Arc::new(Busy::default());
     match &settings.tls {
         None => {
-            let (io, framing) = FramingGuard::new(IdleTimeoutIo::new(stream, idle, busy.clone()));
+            let (io, framing) = FramingGuard::new(
+                IdleTimeoutIo::new(stream, idle, busy.clone()),
+                Some(handshake_timeout),
+            );
             let conn = ConnInfo {
                 client_addr,
                 tls: false,
@@ -150,13 +153,15 @@ async fn serve_connection(
                 busy: Some(busy),
                 forwarding: Arc::new(ForwardingValues::new(client_addr, false)),
             };
-            serve_http(io, conn, shared, watcher, handshake_timeout).await
+            serve_http(io, conn, shared, watcher).await
         }
         Some(acceptor) => {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let (io, framing) =
-                        FramingGuard::new(IdleTimeoutIo::new(tls, idle, busy.clone()));
+                    let (io, framing) = FramingGuard::new(
+                        IdleTimeoutIo::new(tls, idle, busy.clone()),
+                        Some(handshake_timeout),
+                    );
                     let conn = ConnInfo {
                         client_addr,
                         tls: true,
@@ -164,7 +169,7 @@ async fn serve_connection(
                         busy: Some(busy),
                         forwarding: Arc::new(ForwardingValues::new(client_addr, true)),
                     };
-                    serve_http(io, conn, shared, watcher, handshake_timeout).await
+                    serve_http(io, conn, shared, watcher).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -173,20 +178,17 @@ async fn serve_connection(
     }
 }
 
-async fn serve_http<I>(
-    io: I,
-    conn: ConnInfo,
-    shared: Arc<Shared>,
-    watcher: Watcher,
-    header_read_timeout: Duration,
-) where
+async fn serve_http<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        // Heads are timed by the FramingGuard, from their first byte: hyper's timer also
+        // runs between requests, which closed keep-alive connections after it.
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     let peer = conn.client_addr;
     let service = service_fn(move |req| {

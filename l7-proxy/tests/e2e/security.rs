@@ -142,6 +142,54 @@ async fn idle_client_connection_is_closed() {
     proxy.shutdown().await;
 }
 
+/// The keep-alive wait between requests is idle time (idle_timeout_ms), not head-reading
+/// time: a connection quiet for longer than header_read_timeout_ms serves its next request.
+/// A head must still end within header_read_timeout_ms of its first byte.
+#[tokio::test]
+async fn keep_alive_lasts_the_idle_timeout_and_heads_the_header_timeout() {
+    let (proxy, up) = proxy_with_upstream(
+        "header_read_timeout_ms = 300
+idle_timeout_ms = 5000",
+    )
+    .await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // Three header timeouts of keep-alive silence.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    assert_eq!(up.hits(), 2);
+    // Half a head, then silence: cut off after the header timeout, not the idle one.
+    s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the half head was not cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn garbage_input_never_kills_the_proxy() {
     let (proxy, _up) = proxy_with_upstream("header_read_timeout_ms = 500").await;
