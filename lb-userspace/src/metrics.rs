@@ -8,6 +8,7 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -117,18 +118,75 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding the metrics listener on {addr}"))
 }
 
+/// Scrapes served at once; more connections are closed as soon as they are accepted. Each
+/// holds a file descriptor, and the agent's health checks need theirs: without a bound,
+/// clients holding connections open could starve them and take every backend down.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client has to send its request, and then to read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `/metrics` until the task is dropped.
 pub async fn serve(listener: TcpListener, services: Arc<Mutex<Services>>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
+            // Out of descriptors, say: wait rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: {MAX_CONNECTIONS} connections open; closing this one");
             continue;
         };
         let services = services.clone();
         tokio::spawn(async move {
-            if let Err(e) = scrape(stream, services).await {
-                tracing::debug!(error = %e, "metrics request failed");
+            let _slot = slot;
+            match tokio::time::timeout(REQUEST_TIMEOUT, scrape(stream, services)).await {
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => tracing::debug!(%peer, "metrics request timed out"),
+                Ok(Ok(())) => {}
             }
         });
+    }
+}
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    /// `GET` (or `HEAD`, no body) of `/metrics`, with or without a query.
+    Metrics {
+        head: bool,
+    },
+    NotFound {
+        head: bool,
+    },
+    /// Not an HTTP/1 request line.
+    Bad,
+}
+
+fn asked(head: &[u8]) -> Asked {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Asked::Bad;
+    };
+    if !version.starts_with(b"HTTP/1.") || !target.starts_with(b"/") {
+        return Asked::Bad;
+    }
+    let head = match method {
+        b"GET" => false,
+        b"HEAD" => true,
+        _ => return Asked::NotFound { head: false },
+    };
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if path == b"/metrics" {
+        Asked::Metrics { head }
+    } else {
+        Asked::NotFound { head }
     }
 }
 
@@ -142,21 +200,75 @@ async fn scrape(mut stream: TcpStream, services: Arc<Mutex<Services>>) -> anyhow
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let request = String::from_utf8_lossy(&buf);
-    let (status, body) = if request.starts_with("GET /metrics") {
-        let body = tokio::task::spawn_blocking(move || {
-            render(&services.lock().unwrap_or_else(|p| p.into_inner()))
-        })
-        .await??;
-        ("200 OK", body)
-    } else {
-        ("404 Not Found", "try /metrics\n".to_string())
+    let (status, content_type, body, head) = match asked(&buf) {
+        Asked::Metrics { head } => {
+            let body = tokio::task::spawn_blocking(move || {
+                render(&services.lock().unwrap_or_else(|p| p.into_inner()))
+            })
+            .await??;
+            // prometheus-client writes OpenMetrics text (`_total` samples, `# EOF`).
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+                head,
+            )
+        }
+        Asked::NotFound { head } => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "try GET /metrics\n".to_string(),
+            head,
+        ),
+        Asked::Bad => (
+            "400 Bad Request",
+            "text/plain; charset=utf-8",
+            "not an HTTP/1 request\n".to_string(),
+            false,
+        ),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let head_text = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(head_text.as_bytes()).await?;
+    if !head {
+        stream.write_all(body.as_bytes()).await?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_read_by_their_request_line() {
+        assert_eq!(
+            asked(b"GET /metrics HTTP/1.1\r\n"),
+            Asked::Metrics { head: false }
+        );
+        assert_eq!(
+            asked(b"GET /metrics?x=1 HTTP/1.0\r\n"),
+            Asked::Metrics { head: false }
+        );
+        assert_eq!(
+            asked(b"HEAD /metrics HTTP/1.1\r\n"),
+            Asked::Metrics { head: true }
+        );
+        assert_eq!(
+            asked(b"GET /metrics/../etc HTTP/1.1\r\n"),
+            Asked::NotFound { head: false }
+        );
+        assert_eq!(
+            asked(b"GET /metricsx HTTP/1.1\r\n"),
+            Asked::NotFound { head: false }
+        );
+        assert_eq!(
+            asked(b"POST /metrics HTTP/1.1\r\n"),
+            Asked::NotFound { head: false }
+        );
+        assert_eq!(asked(b"garbage\r\n"), Asked::Bad);
+        assert_eq!(asked(b""), Asked::Bad);
+    }
 }

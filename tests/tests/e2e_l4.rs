@@ -675,10 +675,34 @@ fn e2e_admin_api_and_metrics() {
     });
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(
+        body.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{body}"
+    );
+    assert!(
         body.contains(
             r#"xdplb_backend_new_flows_total{vip="10.77.100.1:8080/tcp",backend="10.77.0.12"}"#
         ),
         "{body}"
+    );
+    // Connections that send nothing are capped (64 at once): the rest are closed at once,
+    // so they cannot use up the descriptors that health checks need.
+    let closed_at_once = topo.lb.ns.run(|| {
+        use std::io::Read;
+        let held: Vec<std::net::TcpStream> = (0..96)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:9100").unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        held.iter()
+            .filter(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                    .unwrap();
+                matches!(s.read(&mut [0u8; 16]), Ok(0))
+            })
+            .count()
+    });
+    assert!(
+        closed_at_once >= 32,
+        "{closed_at_once} of 96 closed at once"
     );
     assert!(
         body.contains(r#"xdplb_backend_up{vip="10.77.100.1:80/tcp",backend="10.77.0.11"} 1"#),

@@ -89,6 +89,20 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    // Checked before `--check` answers, so that it passes nothing a start would refuse.
+    if config.agent.interfaces.is_empty() {
+        anyhow::bail!(
+            "{}: [agent] interfaces is empty; name the interfaces that receive VIP traffic",
+            args.config.display()
+        );
+    }
+    let mut named = std::collections::HashSet::new();
+    if let Some(twice) = config.agent.interfaces.iter().find(|i| !named.insert(*i)) {
+        anyhow::bail!(
+            "{}: [agent] interfaces names {twice:?} twice",
+            args.config.display()
+        );
+    }
     if args.check {
         println!(
             "{}: OK ({} VIPs, {} backends)",
@@ -97,12 +111,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             config.vips.iter().map(|v| v.backends.len()).sum::<usize>()
         );
         return Ok(());
-    }
-    if config.agent.interfaces.is_empty() {
-        anyhow::bail!(
-            "{}: [agent] interfaces is empty; name the interfaces that receive VIP traffic",
-            args.config.display()
-        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

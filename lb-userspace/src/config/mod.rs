@@ -195,10 +195,39 @@ fn default_weight() -> u32 {
 /// Most weight one backend may have (keeps Maglev's fill loop short).
 pub const MAX_WEIGHT: u32 = 1000;
 
+/// The shortest health check interval.
+pub const MIN_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The most consecutive checks `rise` or `fall` may ask for.
+pub const MAX_HEALTH_COUNT: u32 = 1000;
+
+/// Whether `addr` can be a VIP or a backend: not unspecified, multicast, broadcast, or an
+/// IPv4-mapped IPv6 address (IPv4 traffic arrives as IPv4: the datapath would never see it).
+fn usable(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some()),
+    }
+}
+
 impl HealthCheckSpec {
     pub fn validate(&self) -> Result<(), String> {
         if self.rise == 0 || self.fall == 0 {
             return Err("health_check rise and fall must be at least 1".into());
+        }
+        // A count of checks that takes longer than a day to reach is surely a typo: a
+        // backend that went down would in practice never come back.
+        if self.rise.max(self.fall) > MAX_HEALTH_COUNT {
+            return Err(format!(
+                "health_check rise and fall must be at most {MAX_HEALTH_COUNT}"
+            ));
+        }
+        if self.interval.0 < MIN_HEALTH_INTERVAL {
+            return Err(format!(
+                "health_check interval {:?} is below {MIN_HEALTH_INTERVAL:?}: checks that often \
+                 would load the agent and the backends for no gain",
+                self.interval.0
+            ));
         }
         if self.port == Some(0) {
             return Err(
@@ -208,6 +237,19 @@ impl HealthCheckSpec {
         if self.kind == CheckKind::Http && !self.path.starts_with('/') {
             return Err(format!(
                 "health_check path {:?} must start with '/'",
+                self.path
+            ));
+        }
+        // The path goes into the request line as it is: a space, CR or LF (or any control
+        // byte) would end the line and inject headers or a second request.
+        if self
+            .path
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii())
+        {
+            return Err(format!(
+                "health_check path {:?} holds spaces, control or non-ASCII characters; \
+                 percent-encode them",
                 self.path
             ));
         }
@@ -230,8 +272,21 @@ impl BackendSpec {
                 self.address, vip.address
             ));
         }
-        if self.address.is_unspecified() || self.address.is_multicast() {
-            return Err(format!("backend address {} is not usable", self.address));
+        if !usable(self.address) {
+            return Err(format!(
+                "backend address {} is not usable (unspecified, multicast, broadcast \
+                 or IPv4-mapped)",
+                self.address
+            ));
+        }
+        if let Some(mac) = self.mac {
+            // Group bit set (broadcast, multicast) or all zeros: no single host has it.
+            if mac.0[0] & 1 == 1 || mac.0 == [0; 6] {
+                return Err(format!(
+                    "backend {}: mac {mac} is not the address of one host",
+                    self.address
+                ));
+            }
         }
         if self.weight > MAX_WEIGHT {
             return Err(format!(
@@ -289,8 +344,12 @@ impl VipSpec {
         if self.port == 0 {
             return Err("port must not be 0".into());
         }
-        if self.address.is_unspecified() || self.address.is_multicast() {
-            return Err(format!("VIP address {} is not usable", self.address));
+        if !usable(self.address) {
+            return Err(format!(
+                "VIP address {} is not usable (unspecified, multicast, broadcast or \
+                 IPv4-mapped)",
+                self.address
+            ));
         }
         if self.mode == Mode::Ipip {
             let missing = match self.address {
@@ -342,7 +401,11 @@ impl Config {
     pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
         let invalid = |where_: String, message: String| ConfigError::Invalid { where_, message };
         let file = path.display();
-        if self.agent.pin_name.is_empty() || self.agent.pin_name.contains('/') {
+        if self.agent.pin_name.is_empty()
+            || self.agent.pin_name.contains('/')
+            || self.agent.pin_name == "."
+            || self.agent.pin_name == ".."
+        {
             return Err(invalid(
                 format!("{file}: [agent] pin_name"),
                 format!(
@@ -581,5 +644,67 @@ table_size = 251
                 .port,
             Some(8080)
         );
+    }
+
+    /// Values that would break the request line, load the agent, never bring a backend back,
+    /// or name no single host are refused by name.
+    #[test]
+    fn nonsense_values_are_refused() {
+        for (from, to, want) in [
+            (
+                r#"path = "/health" }"#,
+                r#"path = "/ok\r\nX-Injected: 1" }"#,
+                "holds spaces, control or non-ASCII characters",
+            ),
+            (
+                r#"path = "/health" }"#,
+                r#"path = "/a b" }"#,
+                "holds spaces",
+            ),
+            (
+                r#"path = "/health" }"#,
+                r#"path = "/health", interval = "1ms" }"#,
+                "interval 1ms is below 100ms",
+            ),
+            (
+                r#"path = "/health" }"#,
+                r#"path = "/health", rise = 100000000 }"#,
+                "rise and fall must be at most 1000",
+            ),
+            (
+                "address = \"10.0.0.100\"\nport = 80",
+                "address = \"255.255.255.255\"\nport = 80",
+                "VIP address 255.255.255.255 is not usable",
+            ),
+            (
+                "address = \"10.0.0.100\"\nport = 80",
+                "address = \"::ffff:10.0.0.100\"\nport = 80",
+                "is not usable",
+            ),
+            (
+                "02:00:00:00:01:01",
+                "ff:ff:ff:ff:ff:ff",
+                "mac ff:ff:ff:ff:ff:ff is not the address of one host",
+            ),
+            (
+                "02:00:00:00:01:01",
+                "00:00:00:00:00:00",
+                "is not the address of one host",
+            ),
+            (
+                "02:00:00:00:01:01",
+                "01:00:5e:00:00:01",
+                "is not the address of one host",
+            ),
+        ] {
+            assert!(GOOD.contains(from), "{from}");
+            let e = parse(&GOOD.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(e.contains(want), "{to}: {e}");
+        }
+        for name in [".", ".."] {
+            let text = GOOD.replacen("[agent]\n", &format!("[agent]\npin_name = \"{name}\"\n"), 1);
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("pin_name"), "{e}");
+        }
     }
 }
