@@ -165,6 +165,7 @@ pub async fn run(
         tracing::info!(%addr, "serving metrics on /metrics");
         tasks.spawn(metrics::serve(listener, services.clone()));
     }
+    tasks.spawn(follow_neighbours(services.clone()));
     tracing::info!(
         socket = %config.agent.admin_socket.display(),
         vips = config.vips.len(),
@@ -186,6 +187,34 @@ pub async fn run(
     let _ = std::fs::remove_file(&config.agent.admin_socket);
     tracing::info!("agent stopped");
     result
+}
+
+/// How often backends' next-hop MACs are compared with the kernel's neighbour table.
+const NEIGHBOUR_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every [`NEIGHBOUR_REFRESH`], brings the backends' next-hop MACs in line with the kernel's
+/// neighbour table ([`Services::refresh_next_hops`]).
+async fn follow_neighbours(services: Arc<Mutex<Services>>) {
+    let mut tick = tokio::time::interval(NEIGHBOUR_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let table = match tokio::task::spawn_blocking(crate::neigh::neighbours).await {
+            Ok(Ok(table)) => table,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading the neighbour table");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let refreshed = services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refresh_next_hops(&table);
+        if let Err(e) = refreshed {
+            tracing::warn!(error = %e, "updating a backend's next hop");
+        }
+    }
 }
 
 /// Feeds health-check results to the services until `shutdown` completes; with a config

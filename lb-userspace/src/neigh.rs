@@ -39,6 +39,42 @@ pub struct NextHop {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub mac: [u8; 6],
+    /// The address whose MAC `mac` is: the backend, or the gateway on the route to it.
+    pub via: IpAddr,
+}
+
+/// The kernel's neighbour table: the MAC of each next hop, by (address, interface index),
+/// for entries that are not failed or incomplete.
+pub type Neighbours = std::collections::HashMap<(IpAddr, u32), [u8; 6]>;
+
+/// Reads the whole neighbour table (two `ip` runs, whatever the number of backends).
+pub fn neighbours() -> Result<Neighbours, NeighError> {
+    let links = ip_json(&["link", "show"])?;
+    let index: std::collections::HashMap<&str, u32> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["ifname"].as_str()?, l["ifindex"].as_u64()? as u32)))
+        .collect();
+    let entries = ip_json(&["neigh", "show"])?;
+    let mut table = Neighbours::new();
+    for e in entries.as_array().into_iter().flatten() {
+        let failed = e["state"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
+        });
+        let (Some(dst), Some(ifindex), Some(mac)) = (
+            e["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok()),
+            e["dev"].as_str().and_then(|d| index.get(d).copied()),
+            e["lladdr"].as_str().and_then(|m| m.parse::<MacAddr>().ok()),
+        ) else {
+            continue;
+        };
+        if !failed {
+            table.insert((dst, ifindex), mac.0);
+        }
+    }
+    Ok(table)
 }
 
 fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
@@ -155,6 +191,7 @@ pub fn resolve(
             ifindex,
             src_mac,
             mac,
+            via: next_hop,
         });
     }
     let deadline = Instant::now() + RESOLVE_TIMEOUT;
@@ -165,6 +202,7 @@ pub fn resolve(
                 ifindex,
                 src_mac,
                 mac,
+                via: next_hop,
             });
         }
         if Instant::now() >= deadline {

@@ -693,7 +693,8 @@ fn e2e_admin_api_and_metrics() {
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(300));
         held.iter()
-            .filter(|mut s| {
+            .filter(|s| {
+                let mut s: &std::net::TcpStream = s;
                 s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
                     .unwrap();
                 matches!(s.read(&mut [0u8; 16]), Ok(0))
@@ -1106,4 +1107,63 @@ fn udp_servers(topo: &Topology, addr: SocketAddr) -> Vec<UdpNameServer> {
         .enumerate()
         .map(|(i, b)| UdpNameServer::start(&b.ns, &format!("b{i}"), addr))
         .collect()
+}
+
+/// A backend whose MAC changes (a replaced NIC, a moved VM) gets its traffic at the new MAC
+/// once the kernel's neighbour table knows it: the agent follows that table, where it kept
+/// the MAC it resolved at start and every frame to the backend was lost while its health
+/// checks (sent by the kernel) passed.
+#[test]
+fn e2e_dsr_follows_a_backend_mac_change() {
+    skip_unless_possible!();
+    let topo = Topology::new(2, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 2, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let counts = spread(&topo, 60);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "{counts:?}"
+    );
+
+    let new_mac = "02:31:00:00:00:11";
+    topo.backends[1]
+        .ns
+        .ip(&["link", "set", "eth0", "address", new_mac]);
+    // What the kernel learns from the backend's next ARP traffic, at once.
+    topo.lb.ns.ip(&[
+        "neigh",
+        "replace",
+        &backend_ip(1).to_string(),
+        "lladdr",
+        new_mac,
+        "dev",
+        "eth0",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let b1 = agent
+            .backends()
+            .into_iter()
+            .find(|b| b.address == backend_ip(1))
+            .expect("backend 1");
+        if b1.mac == new_mac {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent still sends to {} 12 s after the MAC changed",
+            b1.mac
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counts = spread(&topo, 60);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "{counts:?}"
+    );
+    agent.stop().unwrap();
 }

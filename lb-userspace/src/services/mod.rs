@@ -693,6 +693,41 @@ impl Services {
     }
 
     /// Applies one check result; flips the backend after `rise` / `fall` agreeing results.
+    /// Follows the kernel's neighbour table (`table`, from [`neigh::neighbours`]): a backend
+    /// (or its gateway) whose MAC changed, as when a NIC is replaced or a VM moves, would
+    /// otherwise keep getting frames at the old MAC, lost while its health checks (sent by
+    /// the kernel, which knows the new one) pass. Backends given a `mac` keep it. Returns how
+    /// many backends changed.
+    pub fn refresh_next_hops(&mut self, table: &neigh::Neighbours) -> Result<usize> {
+        let mut changed = 0;
+        for vip in &mut self.vips {
+            let name = vip.spec.id();
+            for b in &mut vip.backends {
+                if b.spec.mac.is_some() {
+                    continue;
+                }
+                let Some(&mac) = table.get(&(b.hop.via, b.hop.ifindex)) else {
+                    continue;
+                };
+                if mac == b.hop.mac {
+                    continue;
+                }
+                tracing::warn!(
+                    vip = %name,
+                    backend = %b.spec.address,
+                    next_hop = %b.hop.via,
+                    old = %crate::config::MacAddr(b.hop.mac),
+                    new = %crate::config::MacAddr(mac),
+                    "next hop MAC changed"
+                );
+                b.hop.mac = mac;
+                Self::write_backend(&mut self.dp, b)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     pub fn health_report(&mut self, r: HealthReport) -> Result<()> {
         let Some(vi) = self.vips.iter().position(|v| v.id == r.vip_id) else {
             return Ok(());
