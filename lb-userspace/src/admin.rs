@@ -197,7 +197,7 @@ pub fn call(
     let mut reply = String::new();
     BufReader::new(stream)
         .read_line(&mut reply)
-        .map_err(|e| stuck(e, "reading the reply of"))?;
+        .map_err(|e| stuck(e, "reading the reply from"))?;
     serde_json::from_str(&reply).with_context(|| format!("bad reply from the agent: {reply:?}"))
 }
 

@@ -39,7 +39,8 @@ impl CliError {
 ///
 /// VIPs are written ADDRESS:PORT[/tcp|udp], e.g. 10.0.0.10:80/tcp or [2001:db8::1]:443/tcp.
 /// Changes apply at once and live in the agent's memory (the config file is not rewritten).
-/// Exit status: 0 on success, 1 when the agent refused the request or cannot be reached.
+/// Exit status: 0 on success, 1 when the agent refused the request or cannot be reached, 2 when
+/// the command line is wrong (an unparsable address, port or size).
 #[derive(Debug, Parser)]
 #[command(name = "lbctl", version, about, long_about)]
 pub struct Args {

@@ -21,3 +21,32 @@ pub mod metrics;
 pub mod neigh;
 pub mod services;
 pub mod testrun;
+
+/// `error` and its causes on one line, as `{:#}` writes them, but without a cause whose text
+/// the line already holds (errors that quote their source in their own message).
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    #[test]
+    fn causes_already_quoted_are_left_out() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("reading x.toml: No such file");
+        assert_eq!(super::error_text(&e), "reading x.toml: No such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_text(&e), "outer: inner");
+    }
+}

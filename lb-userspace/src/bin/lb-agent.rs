@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb-agent: {e:#}");
+            eprintln!("lb-agent: {}", lb_userspace::error_text(&e));
             ExitCode::FAILURE
         }
     }
