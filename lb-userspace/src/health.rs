@@ -27,6 +27,9 @@ pub struct CheckTarget {
     pub address: IpAddr,
     pub port: u16,
     pub spec: HealthCheckSpec,
+    /// The interface the backend is reached on (its index): the scope of an IPv6 link-local
+    /// address, which a socket cannot reach without one.
+    pub scope_id: u32,
 }
 
 /// One probe's outcome.
@@ -61,7 +64,7 @@ impl HealthSpawner {
 async fn run(target: CheckTarget, tx: mpsc::UnboundedSender<HealthReport>) {
     let mut tick = tokio::time::interval(target.spec.interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let addr = SocketAddr::new(target.address, target.port);
+    let addr = crate::neigh::scoped(target.address, target.port, target.scope_id);
     loop {
         tick.tick().await;
         let result = match timeout(target.spec.timeout.0, probe(addr, &target.spec)).await {

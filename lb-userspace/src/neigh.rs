@@ -161,8 +161,20 @@ fn neighbour_mac(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>, NeighEr
     Ok(None)
 }
 
-/// Makes the kernel resolve `next_hop`: any datagram to it triggers ARP / ND.
-fn probe(next_hop: IpAddr) {
+/// `addr:port` as a socket address; an IPv6 link-local address gets interface `ifindex` as
+/// its scope, without which the kernel cannot tell which link it is on (EINVAL).
+pub fn scoped(addr: IpAddr, port: u16, ifindex: u32) -> SocketAddr {
+    match addr {
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(a, port, 0, ifindex))
+        }
+        _ => SocketAddr::new(addr, port),
+    }
+}
+
+/// Makes the kernel resolve `next_hop` (on interface `ifindex`): any datagram to it triggers
+/// ARP / ND.
+fn probe(next_hop: IpAddr, ifindex: u32) {
     let bind: SocketAddr = if next_hop.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -170,7 +182,7 @@ fn probe(next_hop: IpAddr) {
     };
     if let Ok(s) = UdpSocket::bind(bind) {
         // Port 9 is "discard"; the answer (if any) does not matter.
-        let _ = s.send_to(b"xdplb-arp-probe", SocketAddr::new(next_hop, 9));
+        let _ = s.send_to(b"xdplb-arp-probe", scoped(next_hop, 9, ifindex));
     }
 }
 
@@ -209,7 +221,7 @@ pub fn resolve(
             return Err(NeighError::Unresolved(next_hop));
         }
         if probed_at.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-            probe(next_hop);
+            probe(next_hop, ifindex);
             probed_at = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(50));

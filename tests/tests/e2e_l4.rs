@@ -1167,3 +1167,74 @@ fn e2e_dsr_follows_a_backend_mac_change() {
     );
     agent.stop().unwrap();
 }
+
+/// A backend named by its IPv6 link-local address (with the interface it is on): its health
+/// checks and the neighbour probe carry the interface as the address's scope, without which
+/// every check failed with EINVAL and the backend never came up.
+#[test]
+fn e2e_ipv6_link_local_backend() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    // The kernel's link-local address, once duplicate address detection is done with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let link_local: std::net::Ipv6Addr = loop {
+        let out = std::process::Command::new("ip")
+            .args(["-n", topo.backends[0].ns.name(), "-j", "-6", "addr", "show"])
+            .args(["dev", "eth0", "scope", "link"])
+            .output()
+            .expect("ip addr");
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let ready = links[0]["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["local"].is_string() && a["tentative"].as_bool() != Some(true))
+            .and_then(|a| a["local"].as_str()?.parse().ok());
+        if let Some(addr) = ready {
+            break addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no usable link-local address on b0: {links}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pin = unique_name("pin");
+    let text = format!(
+        r#"
+[agent]
+interfaces = ["eth0"]
+pin_name = "{pin}"
+admin_socket = "/tmp/{pin}.sock"
+
+[[vip]]
+address = "{VIP6}"
+port = {PORT}
+protocol = "tcp"
+health_check = {{ type = "tcp", interval = "200ms" }}
+
+[[vip.backend]]
+address = "{link_local}"
+interface = "eth0"
+"#
+    );
+    let cfg = Config::parse(&text, "ll.toml".as_ref()).expect("link-local config");
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    // A backend starts up; five checks later (fall is 3), it must still be.
+    std::thread::sleep(Duration::from_millis(1000));
+    let b0 = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == std::net::IpAddr::from(link_local))
+        .expect("the link-local backend");
+    assert_eq!(
+        (b0.health, b0.last_error.as_deref()),
+        (HealthState::Up, None),
+        "{b0:?}"
+    );
+    let counts = tally(&topo, 30, || ask_once(SocketAddr::from((VIP6, PORT))));
+    assert_eq!(counts.get("b0").copied(), Some(30), "{counts:?}");
+    agent.stop().unwrap();
+}

@@ -328,6 +328,7 @@ impl Services {
                 address: b.spec.address,
                 port: hc.port.unwrap_or(vip.spec.port),
                 spec: hc.clone(),
+                scope_id: b.hop.ifindex,
             };
             b.check = Some(spawner.spawn(target));
         }
