@@ -27,8 +27,6 @@ pub enum NeighError {
     NoInterface(String),
     #[error("no route to backend {addr}: {message}")]
     NoRoute { addr: IpAddr, message: String },
-    #[error("no MAC address for next hop {0} (ARP/ND got no answer; give `mac` explicitly)")]
-    Unresolved(IpAddr),
     #[error("running `ip {args}`: {message}")]
     Ip { args: String, message: String },
 }
@@ -41,6 +39,15 @@ pub struct NextHop {
     pub mac: [u8; 6],
     /// The address whose MAC `mac` is: the backend, or the gateway on the route to it.
     pub via: IpAddr,
+}
+
+/// The MAC of a next hop that ARP / ND has not answered for (yet).
+pub const UNRESOLVED: [u8; 6] = [0; 6];
+
+/// Asks the kernel to resolve `hop`'s next hop again (an ARP request or neighbour
+/// solicitation), for a later [`neighbours`] to find.
+pub fn solicit(hop: &NextHop) {
+    probe(hop.via, hop.ifindex);
 }
 
 /// The kernel's neighbour table: the MAC of each next hop, by (address, interface index),
@@ -187,7 +194,8 @@ fn probe(next_hop: IpAddr, ifindex: u32) {
 }
 
 /// Resolves the layer-2 path to `addr`, optionally through interface `via`. `mac` overrides
-/// the neighbour lookup.
+/// the neighbour lookup. A next hop that does not answer ARP / ND within a few seconds gets
+/// [`UNRESOLVED`] as its MAC.
 pub fn resolve(
     addr: IpAddr,
     via: Option<&str>,
@@ -218,7 +226,14 @@ pub fn resolve(
             });
         }
         if Instant::now() >= deadline {
-            return Err(NeighError::Unresolved(next_hop));
+            // Not an error: the backend is kept down until its MAC is known (see
+            // `Services::refresh_next_hops`), as IPVS keeps a real server it cannot reach.
+            return Ok(NextHop {
+                ifindex,
+                src_mac,
+                mac: UNRESOLVED,
+                via: next_hop,
+            });
         }
         if probed_at.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             probe(next_hop, ifindex);

@@ -1238,3 +1238,47 @@ interface = "eth0"
     assert_eq!(counts.get("b0").copied(), Some(30), "{counts:?}");
     agent.stop().unwrap();
 }
+
+/// A backend whose next hop does not answer ARP (a machine that is off) no longer stops the
+/// agent from starting: it is down, with the reason, and comes up by itself once it answers.
+#[test]
+fn e2e_unresolved_backend_is_down_until_it_answers() {
+    skip_unless_possible!();
+    let topo = Topology::new(2, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let b1 = backend_ip(1);
+    topo.backends[1]
+        .ns
+        .ip(&["addr", "del", &format!("{b1}/24"), "dev", "eth0"]);
+    let cfg = config_text(
+        BackendMode::Dsr,
+        2,
+        &format!("protocol = \"tcp\"\nport = {PORT}"),
+    );
+    let _pins = pins(&cfg);
+    let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let down = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == b1)
+        .expect("backend 1");
+    assert_eq!(down.health, HealthState::Down, "{down:?}");
+    assert!(
+        down.last_error.as_deref().unwrap_or("").contains("no MAC"),
+        "{down:?}"
+    );
+    let counts = spread(&topo, 30);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b0"], "{counts:?}");
+
+    topo.backends[1]
+        .ns
+        .ip(&["addr", "add", &format!("{b1}/24"), "dev", "eth0"]);
+    wait_health(&agent, b1.into(), HealthState::Up, Duration::from_secs(15));
+    let counts = spread(&topo, 60);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "{counts:?}"
+    );
+    agent.stop().unwrap();
+}

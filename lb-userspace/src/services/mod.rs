@@ -192,6 +192,14 @@ pub struct Services {
     config_path: Option<std::path::PathBuf>,
 }
 
+/// Why a backend whose next hop has no known MAC is down.
+fn unresolved_error(hop: &NextHop) -> String {
+    format!(
+        "no MAC for next hop {} (ARP/ND got no answer; retrying, or give `mac`)",
+        hop.via
+    )
+}
+
 impl Services {
     /// Wraps a loaded datapath. `health` spawns checkers (None: no health checks, for tools
     /// and tests without a runtime).
@@ -335,14 +343,27 @@ impl Services {
     }
 
     fn new_backend(spec: BackendSpec, hop: NextHop, id: u32, vip_id: u32) -> Backend {
+        // A next hop whose MAC is not known yet: down (out of the table) until it is.
+        let unresolved = hop.mac == neigh::UNRESOLVED;
+        if unresolved {
+            tracing::warn!(
+                backend = %spec.address,
+                next_hop = %hop.via,
+                "no MAC for the next hop yet (ARP/ND got no answer): down until it answers"
+            );
+        }
         Backend {
+            last_error: unresolved.then(|| unresolved_error(&hop)),
             spec,
             id,
             vip_id,
             hop,
-            health: HealthState::Up,
+            health: if unresolved {
+                HealthState::Down
+            } else {
+                HealthState::Up
+            },
             streak: 0,
-            last_error: None,
             check: None,
         }
     }
@@ -699,15 +720,24 @@ impl Services {
     /// otherwise keep getting frames at the old MAC, lost while its health checks (sent by
     /// the kernel, which knows the new one) pass. Backends given a `mac` keep it. Returns how
     /// many backends changed.
+    ///
+    /// A backend whose next hop never answered ([`neigh::UNRESOLVED`]) is solicited again, and
+    /// once its MAC is known it goes up (with health checks, once they pass `rise` times).
     pub fn refresh_next_hops(&mut self, table: &neigh::Neighbours) -> Result<usize> {
         let mut changed = 0;
-        for vip in &mut self.vips {
-            let name = vip.spec.id();
-            for b in &mut vip.backends {
+        for vi in 0..self.vips.len() {
+            let name = self.vips[vi].spec.id();
+            let checked = self.vips[vi].spec.health_check.is_some();
+            let mut table_changed = false;
+            for b in &mut self.vips[vi].backends {
                 if b.spec.mac.is_some() {
                     continue;
                 }
+                let unresolved = b.hop.mac == neigh::UNRESOLVED;
                 let Some(&mac) = table.get(&(b.hop.via, b.hop.ifindex)) else {
+                    if unresolved {
+                        neigh::solicit(&b.hop);
+                    }
                     continue;
                 };
                 if mac == b.hop.mac {
@@ -722,8 +752,18 @@ impl Services {
                     "next hop MAC changed"
                 );
                 b.hop.mac = mac;
+                if unresolved {
+                    b.last_error = None;
+                    if !checked {
+                        b.health = HealthState::Up;
+                        table_changed = true;
+                    }
+                }
                 Self::write_backend(&mut self.dp, b)?;
                 changed += 1;
+            }
+            if table_changed {
+                self.install_table(vi)?;
             }
         }
         Ok(changed)
@@ -783,11 +823,20 @@ impl Services {
             let spec = b.spec.clone();
             if spec.mac.is_none() {
                 match self.resolve(&spec) {
+                    Ok(hop) if hop.mac == neigh::UNRESOLVED => {
+                        tracing::warn!(backend = %address, "no answer to ARP/ND: keeping the old MAC");
+                    }
                     Ok(hop) => self.vips[vi].backends[bi].hop = hop,
                     Err(e) => tracing::warn!(backend = %address, error = %e, "keeping the old MAC"),
                 }
             }
             let b = &mut self.vips[vi].backends[bi];
+            if b.hop.mac == neigh::UNRESOLVED {
+                // Answering health checks, but its MAC is still unknown: frames would go
+                // nowhere. It stays down; the neighbour refresh brings it up.
+                b.last_error = Some(unresolved_error(&b.hop));
+                return Ok(());
+            }
             b.health = HealthState::Up;
             b.last_error = None;
             tracing::info!(vip = %vip, backend = %address, "backend up");
