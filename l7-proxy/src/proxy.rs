@@ -78,6 +78,7 @@ impl Proxy {
             state: ArcSwap::from_pointee(state),
             metrics,
             clients,
+            tunnels: tokio_util::task::TaskTracker::new(),
         });
         let inner = Arc::new(ProxyInner {
             shared,
@@ -286,8 +287,26 @@ impl ProxyHandle {
             .map(|(_, h)| h)
             .collect();
         let tasks: Vec<JoinHandle<()>> = handles.into_iter().map(ListenerHandle::stop).collect();
-        for task in tasks {
-            let _ = task.await;
-        }
+        // Tunnels (WebSocket...) drain alongside the connections, for the same time.
+        let shared = &self.inner.shared;
+        let drain = std::time::Duration::from_millis(shared.state.load().server.drain_timeout_ms);
+        shared.tunnels.close();
+        let tunnels = async {
+            if tokio::time::timeout(drain, shared.tunnels.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    tunnels = shared.tunnels.len(),
+                    "drain deadline passed, closing remaining tunnels"
+                );
+            }
+        };
+        let listeners = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        tokio::join!(listeners, tunnels);
     }
 }

@@ -44,6 +44,9 @@ pub struct Shared {
     pub state: ArcSwap<RuntimeState>,
     pub metrics: Arc<Metrics>,
     pub clients: ClientCache,
+    /// Upgraded tunnels (WebSocket...), which outlive their HTTP connection: a shutdown
+    /// waits for them as it does for connections.
+    pub tunnels: tokio_util::task::TaskTracker,
 }
 
 impl RuntimeState {

@@ -40,6 +40,7 @@ pub async fn forward(
     route: &str,
     metrics: &Metrics,
     client_upgrade: Option<OnUpgrade>,
+    tunnels: Option<&tokio_util::task::TaskTracker>,
 ) -> Forwarded {
     let h2 = group.protocol != UpstreamProtocol::Http1;
     if client_upgrade.is_some() && h2 {
@@ -173,7 +174,7 @@ pub async fn forward(
                 member.record_outcome(!resp.status().is_server_error(), &group.passive, metrics);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_side) = client_upgrade.take() {
-                        tunnel(client_side, hyper::upgrade::on(&mut resp));
+                        tunnel(client_side, hyper::upgrade::on(&mut resp), tunnels);
                     }
                 }
                 return Forwarded {
@@ -382,9 +383,10 @@ async fn within_request_timeout<F: std::future::Future>(
     }
 }
 
-/// Joins the client's and the member's upgraded connections and copies bytes both ways.
-fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
-    tokio::spawn(async move {
+/// Joins the client's and the member's upgraded connections and copies bytes both ways, as a
+/// task of `tunnels` (which a shutdown waits for, up to its drain timeout).
+fn tunnel(client: OnUpgrade, upstream: OnUpgrade, tunnels: Option<&tokio_util::task::TaskTracker>) {
+    let copy = async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {
@@ -397,5 +399,9 @@ fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(error = %e, "upgraded connection ended with error");
         }
-    });
+    };
+    match tunnels {
+        Some(tracker) => drop(tracker.spawn(copy)),
+        None => drop(tokio::spawn(copy)),
+    }
 }

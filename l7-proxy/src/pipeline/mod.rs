@@ -56,6 +56,8 @@ pub struct ConnInfo {
     pub busy: Option<Arc<Busy>>,
     /// The connection's forwarding header values, built once.
     pub forwarding: Arc<headers::ForwardingValues>,
+    /// Where upgraded tunnels (WebSocket...) run, so that a shutdown drains them too.
+    pub tunnels: Option<tokio_util::task::TaskTracker>,
 }
 
 /// An empty body.
@@ -369,6 +371,7 @@ async fn upstream_phase(
         route,
         metrics,
         client_upgrade,
+        conn.tunnels.as_ref(),
     )
     .await;
     trace.upstream = forwarded.member;

@@ -99,6 +99,7 @@ async fn run(state: &RuntimeState, host: &str) -> (Response<ProxyBody>, Trace) {
             "192.0.2.1:5000".parse().unwrap(),
             false,
         )),
+        tunnels: None,
     };
     let req = Request::get("/x")
         .header("host", host)

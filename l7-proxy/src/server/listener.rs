@@ -152,6 +152,7 @@ async fn serve_connection(
                 framing: Some(framing),
                 busy: Some(busy),
                 forwarding: Arc::new(ForwardingValues::new(client_addr, false)),
+                tunnels: Some(shared.tunnels.clone()),
             };
             serve_http(io, conn, shared, watcher).await
         }
@@ -168,6 +169,7 @@ async fn serve_connection(
                         framing: Some(framing),
                         busy: Some(busy),
                         forwarding: Arc::new(ForwardingValues::new(client_addr, true)),
+                        tunnels: Some(shared.tunnels.clone()),
                     };
                     serve_http(io, conn, shared, watcher).await
                 }

@@ -302,7 +302,28 @@ async fn websocket_upgrade_is_tunnelled() {
         .unwrap();
     assert_eq!(&echoed, b"hello through the tunnel");
     assert_eq!(up.last().headers["upgrade"], "websocket");
-    proxy.shutdown().await;
+
+    // A shutdown drains the tunnel as it drains connections: it keeps working, and the
+    // shutdown ends once it closes (not after the whole drain timeout).
+    let shutdown = proxy.shutdown();
+    tokio::pin!(shutdown);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut shutdown)
+            .await
+            .is_err(),
+        "the shutdown did not wait for the open tunnel"
+    );
+    s.write_all(b"still open").await.unwrap();
+    let mut echoed = vec![0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"still open");
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(3), shutdown)
+        .await
+        .expect("the shutdown ends once the tunnel closes");
 }
 
 #[tokio::test]

@@ -594,6 +594,8 @@ async fn an_upgraded_connection_is_never_pooled() {
     tunnel.write_all(b"pong").await.unwrap();
     assert_eq!(read_until(&mut tunnel, "pong").await, "pong");
     assert_eq!(pool_counters(&proxy).await, (2.0, 1.0));
+    // Closed first: a shutdown waits for open tunnels (up to its drain timeout).
+    drop(tunnel);
     proxy.shutdown().await;
 }
 
