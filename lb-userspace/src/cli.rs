@@ -410,6 +410,20 @@ fn print_human(out: &mut dyn Write, cmd: &Command, data: serde_json::Value) -> a
                 n("backends_removed"),
                 n("backends_changed")
             )?;
+            let restart: Vec<&str> = data
+                .get("needs_restart")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            if !restart.is_empty() {
+                writeln!(
+                    out,
+                    "not applied until lb-agent restarts: [agent] {}",
+                    restart.join(", ")
+                )?;
+            }
         }
         _ => writeln!(out, "ok")?,
     }

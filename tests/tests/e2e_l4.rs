@@ -536,6 +536,18 @@ fn e2e_reload_applies_the_difference() {
         ["b1", "b2"],
         "{counts:?}"
     );
+
+    // An [agent] change applies at the next restart, and the reply says so.
+    let moved = text(&[1, 2], 65537).replace(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\"]\nmetrics_address = \"127.0.0.1:9199\"",
+    );
+    std::fs::write(&path, moved).unwrap();
+    let out = lbctl(&agent, &["reload"]).unwrap();
+    assert!(
+        out.contains("not applied until lb-agent restarts: [agent] metrics_address"),
+        "{out}"
+    );
     agent.stop().unwrap();
 }
 

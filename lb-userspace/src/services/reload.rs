@@ -39,6 +39,9 @@ pub struct ReloadSummary {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub backends_changed: usize,
+    /// `[agent]` settings that changed but apply only at the next restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub needs_restart: Vec<String>,
 }
 
 impl std::fmt::Display for ReloadSummary {
@@ -79,15 +82,31 @@ impl Services {
     /// Applies `config` to the running services (see the module doc).
     pub fn apply(&mut self, config: Config) -> Result<ReloadSummary> {
         let mut hops = self.preflight(&config)?;
-        if config.agent.interfaces != self.agent.interfaces
-            || config.agent.admin_socket != self.agent.admin_socket
-            || config.agent.metrics_address != self.agent.metrics_address
-            || config.agent.pin_name != self.agent.pin_name
-            || config.agent.xdp_mode != self.agent.xdp_mode
-        {
-            tracing::warn!("[agent] changes other than the IPIP sources apply at the next restart");
+        let (new, old) = (&config.agent, &self.agent);
+        let needs_restart: Vec<String> = [
+            ("interfaces", new.interfaces != old.interfaces),
+            ("admin_socket", new.admin_socket != old.admin_socket),
+            (
+                "metrics_address",
+                new.metrics_address != old.metrics_address,
+            ),
+            ("pin_name", new.pin_name != old.pin_name),
+            ("xdp_mode", new.xdp_mode != old.xdp_mode),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(field, _)| field.to_string())
+        .collect();
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                fields = ?needs_restart,
+                "[agent] changes other than the IPIP sources apply at the next restart"
+            );
         }
-        let mut summary = ReloadSummary::default();
+        let mut summary = ReloadSummary {
+            needs_restart,
+            ..ReloadSummary::default()
+        };
         match self.apply_checked(config, &mut hops, &mut summary) {
             Ok(()) => {
                 tracing::info!(?summary, "configuration reloaded");
