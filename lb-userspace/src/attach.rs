@@ -117,8 +117,18 @@ fn attach_fresh(
         }
         Err(e) => e,
     };
+    // Another program holds the interface: generic mode would be refused too, and the
+    // mode is not the problem.
+    let text = format!("{:#}", anyhow::Error::new(err));
+    if text.contains("os error 16") || text.contains("resource busy") {
+        anyhow::bail!(
+            "attaching XDP to {interface}: it already has an XDP program (another lb-agent, or \
+             another tool); detach it first (`ip link set dev {interface} xdp off`) or use \
+             another interface ({text})"
+        );
+    }
+    let err = anyhow::anyhow!(text);
     if mode == XdpModeSetting::Auto {
-        let err = anyhow::Error::new(err);
         tracing::warn!(
             interface,
             error = format!("{err:#}"),
@@ -130,7 +140,7 @@ fn attach_fresh(
         tracing::info!(interface, mode = ?XdpMode::Skb, "XDP attached");
         return Ok(id);
     }
-    Err(anyhow::Error::new(err).context(format!(
+    Err(err.context(format!(
         "attaching XDP to {interface} in {first:?} mode (xdp_mode = \"auto\" falls back to generic)"
     )))
 }

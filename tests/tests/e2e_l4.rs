@@ -1294,3 +1294,35 @@ fn e2e_unresolved_backend_is_down_until_it_answers() {
     );
     agent.stop().unwrap();
 }
+
+/// A second agent on an interface that the first one's program holds is refused with the
+/// cause (the interface is taken), whatever its xdp_mode, and the first keeps the interface.
+#[test]
+fn e2e_second_agent_on_a_taken_interface_says_so() {
+    skip_unless_possible!();
+    let topo = Topology::new(1, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let cfg = config(BackendMode::Dsr, 1, r#"{ type = "tcp" }"#);
+    let _pins = pins(&cfg);
+    let first = AgentHandle::start(&topo.lb.ns, cfg, false);
+    let pin = unique_name("pin");
+    let _second_pins = PinCleanup(pin.clone());
+    for mode in ["auto", "native"] {
+        let text = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\npin_name = \"{pin}\"\nadmin_socket = \"/tmp/{pin}.sock\"\nxdp_mode = \"{mode}\"\n"
+        );
+        let cfg = Config::parse(&text, "second.toml".as_ref()).unwrap();
+        let e = match AgentHandle::try_start(&topo.lb.ns, cfg, false) {
+            Ok(handle) => handle
+                .stop()
+                .expect_err("a second agent took the interface"),
+            Err(e) => e,
+        };
+        assert!(
+            format!("{e:#}").contains("it already has an XDP program"),
+            "{mode}: {e:#}"
+        );
+    }
+    assert_eq!(spread(&topo, 20).keys().collect::<Vec<_>>(), ["b0"]);
+    first.stop().unwrap();
+}
