@@ -126,6 +126,16 @@ fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
     tally(topo, n, || ask_once(vip_addr()))
 }
 
+/// `n` connections to the VIP reach exactly `backends` (each at least once, no other).
+fn assert_reaches(topo: &Topology, n: usize, backends: &[&str]) {
+    let counts = spread(topo, n);
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        backends,
+        "{counts:?}"
+    );
+}
+
 /// Every connection reached one of `backends`, each within `tolerance` (0.10: 10%) of the
 /// mean. With n flows a backend's share varies by about sqrt(n/k) flows, so 10% needs
 /// thousands of flows to be a reliable check.
@@ -1133,12 +1143,7 @@ fn e2e_dsr_follows_a_backend_mac_change() {
     let cfg = config(BackendMode::Dsr, 2, r#"{ type = "tcp" }"#);
     let _pins = pins(&cfg);
     let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
-    let counts = spread(&topo, 60);
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        ["b0", "b1"],
-        "{counts:?}"
-    );
+    assert_reaches(&topo, 60, &["b0", "b1"]);
 
     let new_mac = "02:31:00:00:00:11";
     topo.backends[1]
@@ -1171,12 +1176,7 @@ fn e2e_dsr_follows_a_backend_mac_change() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let counts = spread(&topo, 60);
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        ["b0", "b1"],
-        "{counts:?}"
-    );
+    assert_reaches(&topo, 60, &["b0", "b1"]);
     agent.stop().unwrap();
 }
 
@@ -1279,19 +1279,13 @@ fn e2e_unresolved_backend_is_down_until_it_answers() {
         down.last_error.as_deref().unwrap_or("").contains("no MAC"),
         "{down:?}"
     );
-    let counts = spread(&topo, 30);
-    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b0"], "{counts:?}");
+    assert_reaches(&topo, 30, &["b0"]);
 
     topo.backends[1]
         .ns
         .ip(&["addr", "add", &format!("{b1}/24"), "dev", "eth0"]);
     wait_health(&agent, b1.into(), HealthState::Up, Duration::from_secs(15));
-    let counts = spread(&topo, 60);
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        ["b0", "b1"],
-        "{counts:?}"
-    );
+    assert_reaches(&topo, 60, &["b0", "b1"]);
     agent.stop().unwrap();
 }
 
@@ -1323,6 +1317,6 @@ fn e2e_second_agent_on_a_taken_interface_says_so() {
             "{mode}: {e:#}"
         );
     }
-    assert_eq!(spread(&topo, 20).keys().collect::<Vec<_>>(), ["b0"]);
+    assert_reaches(&topo, 20, &["b0"]);
     first.stop().unwrap();
 }

@@ -236,44 +236,39 @@ async fn returning_clients_resume_with_session_tickets_until_a_reload() {
     proxy.shutdown().await;
 }
 
-/// A `jwt` policy fetches its JWKS over HTTPS, verifying the server against `jwks_ca_file`
-/// (identity providers publish their keys over HTTPS only). Here another proxy instance, with
-/// a certificate from a test CA, serves the JWKS as a fixed response. A gateway that trusts
-/// only the system's CAs refuses that server, so no key is ever loaded and tokens get 401.
-#[tokio::test]
-async fn jwt_fetches_its_jwks_over_https_and_verifies_the_server() {
-    use base64::Engine;
-    let pki = TestPki::new("jwks ca");
-    let file = ConfigFile::new("");
-    let dir = file.dir();
-    let (cert, key) = pki.write(&dir, "jwks", &["127.0.0.1"]);
+/// A proxy that answers every request with the JSON `body` over TLS, with a certificate for
+/// 127.0.0.1 from a fresh test CA (an identity provider, or a service a policy calls). Returns
+/// it, its port, and the CA's PEM file (in `dir`).
+async fn tls_json_server(
+    dir: &std::path::Path,
+    body: &str,
+) -> (l7_proxy::ProxyHandle, u16, std::path::PathBuf) {
+    let pki = TestPki::new("policy fetch ca");
+    let (cert, key) = pki.write(dir, "svc", &["127.0.0.1"]);
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let secret = b"https-jwks-secret";
-    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
-    let jwks = format!(r#"{{"keys":[{{"kty":"oct","kid":"k1","alg":"HS256","k":"{k}"}}]}}"#);
-    let idp = start_proxy(&format!(
+    let server = start_proxy(&format!(
         r#"
 [[listeners]]
 name = "tls"
 address = "127.0.0.1:0"
 tls = {{ certs = [{{ cert = {:?}, key = {:?} }}] }}
 [[routes]]
-name = "jwks"
-action = {{ fixed = {{ status = 200, body = '{jwks}', headers = {{ content-type = "application/json" }} }} }}
+name = "json"
+action = {{ fixed = {{ status = 200, body = '{body}', headers = {{ content-type = "application/json" }} }} }}
 "#,
         cert.display().to_string(),
         key.display().to_string()
     ))
     .await;
-    let jwks_url = format!(
-        "https://127.0.0.1:{}/jwks.json",
-        idp.listener_addr("tls").unwrap().port()
-    );
-    let up = TestUpstream::start("api").await;
-    let gateway = |ca_line: String| {
-        format!(
-            r#"
+    let port = server.listener_addr("tls").unwrap().port();
+    (server, port, ca)
+}
+
+/// A gateway forwarding everything to `up` through `policy` (a TOML inline table).
+async fn gateway_with(up: &TestUpstream, policy: &str) -> l7_proxy::ProxyHandle {
+    start_proxy(&format!(
+        r#"
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
@@ -283,17 +278,35 @@ members = {}
 [[routes]]
 name = "all"
 action = {{ forward = {{ group = "up" }} }}
-policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_line} }}]
+policies = [{policy}]
 "#,
-            members(&[&up])
-        )
-    };
-    let trusting = start_proxy(&gateway(format!(
-        ", jwks_ca_file = {:?}",
-        ca.display().to_string()
-    )))
+        members(&[up])
+    ))
+    .await
+}
+
+/// A `jwt` policy fetches its JWKS over HTTPS, verifying the server against `jwks_ca_file`
+/// (identity providers publish their keys over HTTPS only). Here another proxy instance, with
+/// a certificate from a test CA, serves the JWKS as a fixed response. A gateway that trusts
+/// only the system's CAs refuses that server, so no key is ever loaded and tokens get 401.
+#[tokio::test]
+async fn jwt_fetches_its_jwks_over_https_and_verifies_the_server() {
+    use base64::Engine;
+    let file = ConfigFile::new("");
+    let secret = b"https-jwks-secret";
+    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let jwks = format!(r#"{{"keys":[{{"kty":"oct","kid":"k1","alg":"HS256","k":"{k}"}}]}}"#);
+    let (idp, port, ca) = tls_json_server(&file.dir(), &jwks).await;
+    let up = TestUpstream::start("api").await;
+    let policy = format!(
+        r#"{{ type = "jwt", jwks_url = "https://127.0.0.1:{port}/jwks.json", algorithms = ["HS256"]"#
+    );
+    let trusting = gateway_with(
+        &up,
+        &format!("{policy}, jwks_ca_file = {:?} }}", ca.display().to_string()),
+    )
     .await;
-    let system_only = start_proxy(&gateway(String::new())).await;
+    let system_only = gateway_with(&up, &format!("{policy} }}")).await;
 
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -302,12 +315,14 @@ policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_
         + 600;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some("k1".into());
-    let token = jsonwebtoken::encode(
-        &header,
-        &serde_json::json!({ "sub": "alice", "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .unwrap();
+    let sign = |key: &[u8]| {
+        jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({ "sub": "alice", "exp": exp }),
+            &jsonwebtoken::EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
     let c = client();
     let ask = |proxy: std::net::SocketAddr, token: String| {
         let c = c.clone();
@@ -321,18 +336,12 @@ policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_
         }
     };
     let web = trusting.listener_addr("web").unwrap();
-    let got = ask(web, token.clone()).await;
+    let got = ask(web, sign(secret)).await;
     assert_eq!(got.status, 200, "{}", got.body);
     assert_eq!(got.body, "api");
-    let forged = jsonwebtoken::encode(
-        &header,
-        &serde_json::json!({ "sub": "alice", "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(b"guessed"),
-    )
-    .unwrap();
-    assert_eq!(ask(web, forged).await.status, 401);
+    assert_eq!(ask(web, sign(b"guessed")).await.status, 401);
 
-    let refused = ask(system_only.listener_addr("web").unwrap(), token).await;
+    let refused = ask(system_only.listener_addr("web").unwrap(), sign(secret)).await;
     assert_eq!(refused.status, 401, "{}", refused.body);
     assert_eq!(up.hits(), 1);
     for p in [idp, trusting, system_only] {
@@ -344,54 +353,18 @@ policies = [{{ type = "jwt", jwks_url = "{jwks_url}", algorithms = ["HS256"]{ca_
 /// instance serves JSON over TLS with a test CA's certificate.
 #[tokio::test]
 async fn aggregate_calls_https_services_verified_against_ca_file() {
-    let pki = TestPki::new("aggregate ca");
     let file = ConfigFile::new("");
-    let dir = file.dir();
-    let (cert, key) = pki.write(&dir, "svc", &["127.0.0.1"]);
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let svc = start_proxy(&format!(
-        r#"
-[[listeners]]
-name = "tls"
-address = "127.0.0.1:0"
-tls = {{ certs = [{{ cert = {:?}, key = {:?} }}] }}
-[[routes]]
-name = "user"
-action = {{ fixed = {{ status = 200, body = '{{"name":"alice"}}', headers = {{ content-type = "application/json" }} }} }}
-"#,
-        cert.display().to_string(),
-        key.display().to_string()
-    ))
-    .await;
-    let url = format!(
-        "https://127.0.0.1:{}/user",
-        svc.listener_addr("tls").unwrap().port()
-    );
+    let (svc, port, ca) = tls_json_server(&file.dir(), r#"{"name":"alice"}"#).await;
     let up = TestUpstream::start("unused").await;
-    let gateway = |ca_line: String| {
-        format!(
-            r#"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[upstreams]]
-name = "up"
-members = {}
-[[routes]]
-name = "all"
-action = {{ forward = {{ group = "up" }} }}
-policies = [{{ type = "aggregate", on_error = "partial", calls = [{{ key = "user", url = "{url}" }}]{ca_line} }}]
-"#,
-            members(&[&up])
-        )
-    };
-    let trusting = start_proxy(&gateway(format!(
-        ", ca_file = {:?}",
-        ca.display().to_string()
-    )))
+    let policy = format!(
+        r#"{{ type = "aggregate", on_error = "partial", calls = [{{ key = "user", url = "https://127.0.0.1:{port}/user" }}]"#
+    );
+    let trusting = gateway_with(
+        &up,
+        &format!("{policy}, ca_file = {:?} }}", ca.display().to_string()),
+    )
     .await;
-    let system_only = start_proxy(&gateway(String::new())).await;
+    let system_only = gateway_with(&up, &format!("{policy} }}")).await;
     let c = client();
     let got = get(&c, trusting.listener_addr("web").unwrap(), "h", "/").await;
     assert_eq!(got.status, 200, "{}", got.body);
