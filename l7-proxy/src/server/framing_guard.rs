@@ -63,6 +63,10 @@ enum State {
     ChunkData(u64),
     ChunkDataEnd(u8),
     Trailers,
+    /// A head over [`MAX_HEAD`]: no longer parsed, only followed to its end (an empty line),
+    /// so that the head timer runs until then; the guard stops there. Holds the last three
+    /// bytes seen.
+    LongHead([u8; 3]),
     Stopped,
 }
 
@@ -105,6 +109,7 @@ impl<S> FramingGuard<S> {
     /// A head has begun and not ended.
     fn in_head(&self) -> bool {
         matches!(self.state, State::Head) && !self.pending.is_empty()
+            || matches!(self.state, State::LongHead(_))
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
@@ -117,6 +122,18 @@ impl<S> FramingGuard<S> {
         while !bytes.is_empty() {
             match self.state {
                 State::Stopped => return,
+                State::LongHead(mut last) => {
+                    for &b in bytes {
+                        // `\n\n` or `\n\r\n` ends a head (hyper takes bare LFs too).
+                        if b == b'\n' && (last[2] == b'\n' || last[1..] == *b"\n\r") {
+                            self.state = State::Stopped;
+                            return;
+                        }
+                        last = [last[1], last[2], b];
+                    }
+                    self.state = State::LongHead(last);
+                    return;
+                }
                 State::Head => {
                     if self.pending.is_empty() {
                         // hyper ignores empty lines before a request line.
@@ -202,7 +219,11 @@ impl<S> FramingGuard<S> {
 
     fn stop_if_too_long(&mut self) {
         if self.pending.len() > MAX_HEAD {
-            self.stop();
+            let tail = self.pending[self.pending.len() - 3..]
+                .try_into()
+                .unwrap_or_default();
+            self.pending = Vec::new();
+            self.state = State::LongHead(tail);
         }
     }
 
@@ -425,6 +446,22 @@ POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
         let up = b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\
 GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
         assert_eq!(verdicts(up, 9)[..2], [Some(FramingVerdict::Ok), None]);
+    }
+
+    /// A head too long to parse is still followed to its end, so that its timer runs until
+    /// then; the guard stops after it.
+    #[test]
+    fn a_head_too_long_to_parse_is_followed_to_its_end() {
+        let (mut guard, _) = FramingGuard::new((), None);
+        let mut head = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+        guard.feed(&head);
+        assert!(guard.in_head());
+        guard.feed(b"\r\n\r");
+        assert!(guard.in_head());
+        guard.feed(b"\nGET / HTTP/1.1\r\n");
+        assert!(!guard.in_head());
+        assert!(matches!(guard.state, State::Stopped));
     }
 
     #[test]

@@ -154,7 +154,7 @@ async fn serve_connection(
                 forwarding: Arc::new(ForwardingValues::new(client_addr, false)),
                 tunnels: Some(shared.tunnels.clone()),
             };
-            serve_http(io, conn, shared, watcher).await
+            serve_http(io, conn, shared, watcher, idle.max(handshake_timeout)).await
         }
         Some(acceptor) => {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -171,7 +171,7 @@ async fn serve_connection(
                         forwarding: Arc::new(ForwardingValues::new(client_addr, true)),
                         tunnels: Some(shared.tunnels.clone()),
                     };
-                    serve_http(io, conn, shared, watcher).await
+                    serve_http(io, conn, shared, watcher, idle.max(handshake_timeout)).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -180,17 +180,25 @@ async fn serve_connection(
     }
 }
 
-async fn serve_http<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher)
-where
+async fn serve_http<I>(
+    io: I,
+    conn: ConnInfo,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+    head_backstop: Duration,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Heads are timed by the FramingGuard, from their first byte: hyper's timer also
-        // runs between requests, which closed keep-alive connections after it.
-        .header_read_timeout(None);
+        // Heads are timed by the FramingGuard, from their first byte. hyper's timer also runs
+        // between requests, so it is set to the idle timeout (or the header timeout, if
+        // longer): it only bounds heads the guard no longer follows (after it stopped on a
+        // connection that did not upgrade after all), without closing keep-alive
+        // connections sooner than the idle timeout would.
+        .header_read_timeout(head_backstop);
     builder.http2().timer(TokioTimer::new());
     let peer = conn.client_addr;
     let service = service_fn(move |req| {

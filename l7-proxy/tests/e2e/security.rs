@@ -280,3 +280,40 @@ async fn idle_timeout_does_not_cut_a_request_waiting_for_its_upstream() {
     assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
     proxy.shutdown().await;
 }
+
+/// A head over the 64 KiB the framing guard parses is still timed from its first byte: sent
+/// a byte at a time after that, it is cut off after header_read_timeout_ms, not kept open for
+/// as long as each byte resets the idle timer.
+#[tokio::test]
+async fn an_oversized_head_sent_slowly_is_cut_off() {
+    let (proxy, _up) =
+        proxy_with_upstream("header_read_timeout_ms = 300\nidle_timeout_ms = 5000").await;
+    let addr = proxy.listener_addr("web").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 70_000));
+    s.write_all(&head).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let cut = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"a").await.is_err() {
+                return;
+            }
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "a slow oversized head was not cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.shutdown().await;
+}
