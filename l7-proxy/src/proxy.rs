@@ -287,26 +287,24 @@ impl ProxyHandle {
             .map(|(_, h)| h)
             .collect();
         let tasks: Vec<JoinHandle<()>> = handles.into_iter().map(ListenerHandle::stop).collect();
-        // Tunnels (WebSocket...) drain alongside the connections, for the same time.
+        // Tunnels (WebSocket...) drain within the same deadline as the connections. They are
+        // waited for once the connections are done: a connection still draining may yet
+        // upgrade and start one.
         let shared = &self.inner.shared;
         let drain = std::time::Duration::from_millis(shared.state.load().server.drain_timeout_ms);
+        let deadline = tokio::time::Instant::now() + drain;
+        for task in tasks {
+            let _ = task.await;
+        }
         shared.tunnels.close();
-        let tunnels = async {
-            if tokio::time::timeout(drain, shared.tunnels.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    tunnels = shared.tunnels.len(),
-                    "drain deadline passed, closing remaining tunnels"
-                );
-            }
-        };
-        let listeners = async {
-            for task in tasks {
-                let _ = task.await;
-            }
-        };
-        tokio::join!(listeners, tunnels);
+        if tokio::time::timeout_at(deadline, shared.tunnels.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tunnels = shared.tunnels.len(),
+                "drain deadline passed, closing remaining tunnels"
+            );
+        }
     }
 }
