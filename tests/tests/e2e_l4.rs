@@ -1320,3 +1320,44 @@ fn e2e_second_agent_on_a_taken_interface_says_so() {
     assert_reaches(&topo, 20, &["b0"]);
     first.stop().unwrap();
 }
+
+/// A reload that drops a backend's `mac` while its next hop does not answer ARP leaves it
+/// down with the reason, out of the table, rather than up with no MAC to send to.
+#[test]
+fn e2e_reload_to_an_unresolved_next_hop_takes_the_backend_down() {
+    skip_unless_possible!();
+    let topo = Topology::new(2, BackendMode::Dsr);
+    let _srv = servers(&topo);
+    let b1 = backend_ip(1);
+    topo.backends[1]
+        .ns
+        .ip(&["addr", "del", &format!("{b1}/24"), "dev", "eth0"]);
+    let pin = unique_name("pin");
+    let _pins = PinCleanup(pin.clone());
+    let path = PathBuf::from(format!("/tmp/{pin}.toml"));
+    let _file = FileCleanup(path.clone());
+    let text = |b1_mac: &str| {
+        format!(
+            "[agent]\ninterfaces = [\"eth0\"]\npin_name = \"{pin}\"\nadmin_socket = \"/tmp/{pin}.sock\"\n\n\
+             [[vip]]\naddress = \"{VIP}\"\nport = {PORT}\nprotocol = \"tcp\"\n\n\
+             [[vip.backend]]\naddress = \"{}\"\n\n[[vip.backend]]\naddress = \"{b1}\"\n{b1_mac}",
+            backend_ip(0)
+        )
+    };
+    std::fs::write(&path, text("mac = \"02:31:00:00:00:99\"\n")).unwrap();
+    let agent = AgentHandle::start_from_file(&topo.lb.ns, &path);
+    std::fs::write(&path, text("")).unwrap();
+    lbctl(&agent, &["reload"]).unwrap();
+    let b = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == b1)
+        .expect("backend 1");
+    assert_eq!(b.health, HealthState::Down, "{b:?}");
+    assert!(
+        b.last_error.as_deref().unwrap_or("").contains("no MAC"),
+        "{b:?}"
+    );
+    assert_reaches(&topo, 30, &["b0"]);
+    agent.stop().unwrap();
+}

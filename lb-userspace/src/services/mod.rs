@@ -193,7 +193,7 @@ pub struct Services {
 }
 
 /// Why a backend whose next hop has no known MAC is down.
-fn unresolved_error(hop: &NextHop) -> String {
+pub(super) fn unresolved_error(hop: &NextHop) -> String {
     format!(
         "no MAC for next hop {} (ARP/ND got no answer; retrying, or give `mac`)",
         hop.via
@@ -751,19 +751,33 @@ impl Services {
                     new = %crate::config::MacAddr(mac),
                     "next hop MAC changed"
                 );
-                b.hop.mac = mac;
+                // Written from a copy, kept only once the datapath has it: a failed write is
+                // tried again on the next pass.
+                let mut next = Backend {
+                    hop: NextHop { mac, ..b.hop },
+                    check: None,
+                    spec: b.spec.clone(),
+                    last_error: b.last_error.clone(),
+                    ..*b
+                };
                 if unresolved {
-                    b.last_error = None;
+                    next.last_error = None;
                     if !checked {
-                        b.health = HealthState::Up;
-                        table_changed = true;
+                        next.health = HealthState::Up;
                     }
                 }
-                Self::write_backend(&mut self.dp, b)?;
+                if let Err(e) = Self::write_backend(&mut self.dp, &next) {
+                    tracing::warn!(backend = %b.spec.address, error = %e, "writing the new next hop");
+                    continue;
+                }
+                table_changed |= next.health != b.health;
+                (b.hop, b.health, b.last_error) = (next.hop, next.health, next.last_error);
                 changed += 1;
             }
             if table_changed {
-                self.install_table(vi)?;
+                if let Err(e) = self.install_table(vi) {
+                    tracing::warn!(vip = %name, error = %e, "installing the table");
+                }
             }
         }
         Ok(changed)

@@ -328,7 +328,9 @@ impl Services {
         let mut revived = Vec::new();
         if self.vips[vi].spec.health_check.is_none() {
             for (bi, b) in self.vips[vi].backends.iter_mut().enumerate() {
-                if b.health == HealthState::Down {
+                // One whose next hop has no MAC yet stays down: the neighbour refresh
+                // brings it up once ARP/ND answers.
+                if b.health == HealthState::Down && b.hop.mac != crate::neigh::UNRESOLVED {
                     b.health = HealthState::Up;
                     b.last_error = None;
                     revived.push(bi);
@@ -370,14 +372,42 @@ impl Services {
         hop: NextHop,
     ) -> Result<()> {
         let b = &mut self.vips[vi].backends[bi];
-        let old = (b.hop, b.spec.mac, b.spec.interface.clone());
+        let old = (
+            b.hop,
+            b.spec.mac,
+            b.spec.interface.clone(),
+            b.health,
+            b.last_error.clone(),
+        );
         b.hop = hop;
         b.spec.mac = spec.mac;
         b.spec.interface = spec.interface.clone();
-        if let Err(e) = Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi]) {
+        // A next hop that does not answer ARP/ND: the backend is down until it does (see
+        // `Services::new_backend`), out of the table rather than sent to a zero MAC.
+        let unresolved = hop.mac == crate::neigh::UNRESOLVED && b.health == HealthState::Up;
+        if unresolved {
+            b.health = HealthState::Down;
+            b.last_error = Some(super::unresolved_error(&hop));
+        }
+        let written =
+            Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi]).and_then(|()| {
+                if unresolved {
+                    self.install_table(vi)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = written {
             let b = &mut self.vips[vi].backends[bi];
-            (b.hop, b.spec.mac, b.spec.interface) = old;
-            let undo = Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi]);
+            (b.hop, b.spec.mac, b.spec.interface, b.health, b.last_error) = old;
+            let undo =
+                Self::write_backend(&mut self.dp, &self.vips[vi].backends[bi]).and_then(|()| {
+                    if unresolved {
+                        self.install_table(vi)
+                    } else {
+                        Ok(())
+                    }
+                });
             let vip = self.vips[vi].spec.id();
             return Err(Failure::undone(e, undo).into_error(format!(
                 "changing the next hop of backend {} of VIP {vip}",
