@@ -1251,6 +1251,30 @@ interface = "eth0"
     agent.stop().unwrap();
 }
 
+/// Takes backend `i`'s address off its interface, so that nothing answers ARP for it (a
+/// machine that is off); returns the address.
+fn silence_backend(topo: &Topology, i: usize) -> std::net::Ipv4Addr {
+    let ip = backend_ip(i);
+    topo.backends[i]
+        .ns
+        .ip(&["addr", "del", &format!("{ip}/24"), "dev", "eth0"]);
+    ip
+}
+
+/// Backend `ip` is down because its next hop has no MAC.
+fn assert_down_without_mac(agent: &AgentHandle, ip: std::net::Ipv4Addr) {
+    let b = agent
+        .backends()
+        .into_iter()
+        .find(|b| b.address == ip)
+        .expect("the backend");
+    assert_eq!(b.health, HealthState::Down, "{b:?}");
+    assert!(
+        b.last_error.as_deref().unwrap_or("").contains("no MAC"),
+        "{b:?}"
+    );
+}
+
 /// A backend whose next hop does not answer ARP (a machine that is off) no longer stops the
 /// agent from starting: it is down, with the reason, and comes up by itself once it answers.
 #[test]
@@ -1258,10 +1282,7 @@ fn e2e_unresolved_backend_is_down_until_it_answers() {
     skip_unless_possible!();
     let topo = Topology::new(2, BackendMode::Dsr);
     let _srv = servers(&topo);
-    let b1 = backend_ip(1);
-    topo.backends[1]
-        .ns
-        .ip(&["addr", "del", &format!("{b1}/24"), "dev", "eth0"]);
+    let b1 = silence_backend(&topo, 1);
     let cfg = config_text(
         BackendMode::Dsr,
         2,
@@ -1269,16 +1290,7 @@ fn e2e_unresolved_backend_is_down_until_it_answers() {
     );
     let _pins = pins(&cfg);
     let agent = AgentHandle::start(&topo.lb.ns, cfg, false);
-    let down = agent
-        .backends()
-        .into_iter()
-        .find(|b| b.address == b1)
-        .expect("backend 1");
-    assert_eq!(down.health, HealthState::Down, "{down:?}");
-    assert!(
-        down.last_error.as_deref().unwrap_or("").contains("no MAC"),
-        "{down:?}"
-    );
+    assert_down_without_mac(&agent, b1);
     assert_reaches(&topo, 30, &["b0"]);
 
     topo.backends[1]
@@ -1328,10 +1340,7 @@ fn e2e_reload_to_an_unresolved_next_hop_takes_the_backend_down() {
     skip_unless_possible!();
     let topo = Topology::new(2, BackendMode::Dsr);
     let _srv = servers(&topo);
-    let b1 = backend_ip(1);
-    topo.backends[1]
-        .ns
-        .ip(&["addr", "del", &format!("{b1}/24"), "dev", "eth0"]);
+    let b1 = silence_backend(&topo, 1);
     let pin = unique_name("pin");
     let _pins = PinCleanup(pin.clone());
     let path = PathBuf::from(format!("/tmp/{pin}.toml"));
@@ -1348,16 +1357,7 @@ fn e2e_reload_to_an_unresolved_next_hop_takes_the_backend_down() {
     let agent = AgentHandle::start_from_file(&topo.lb.ns, &path);
     std::fs::write(&path, text("")).unwrap();
     lbctl(&agent, &["reload"]).unwrap();
-    let b = agent
-        .backends()
-        .into_iter()
-        .find(|b| b.address == b1)
-        .expect("backend 1");
-    assert_eq!(b.health, HealthState::Down, "{b:?}");
-    assert!(
-        b.last_error.as_deref().unwrap_or("").contains("no MAC"),
-        "{b:?}"
-    );
+    assert_down_without_mac(&agent, b1);
     assert_reaches(&topo, 30, &["b0"]);
     agent.stop().unwrap();
 }
