@@ -108,31 +108,43 @@ fn read_key(
 /// or the system's when none: for the HTTPS fetches policies make (a JWKS). Errors are
 /// plain text, for the policy to name its field.
 pub fn https_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = RootCertStore::empty();
-    let added = match ca {
+    let roots = match ca {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            roots.add_parsable_certificates(certs).0
-        }
-        None => {
+            let mut roots = RootCertStore::empty();
+            if roots.add_parsable_certificates(certs).0 == 0 {
+                return Err(format!("no usable CA certificate in {}", path.display()));
+            }
             roots
-                .add_parsable_certificates(rustls_native_certs::load_native_certs().certs)
-                .0
         }
+        None => system_roots().ok_or("no CA certificates found on this system; name a CA file")?,
     };
-    if added == 0 {
-        return Err(match ca {
-            Some(path) => format!("no usable CA certificate in {}", path.display()),
-            None => "no CA certificates found on this system; name a CA file".into(),
-        });
-    }
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// The system's CA certificates, if it has any.
+fn system_roots() -> Option<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let added = roots
+        .add_parsable_certificates(rustls_native_certs::load_native_certs().certs)
+        .0;
+    (added > 0).then_some(roots)
+}
+
+/// The TLS config of an HTTPS connector that only ever sends `http://` URIs: it needs one,
+/// but never uses it (no roots).
+pub fn unused_client_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth()
 }
 
 /// A connector for the HTTP calls policies make (a JWKS, aggregated calls): `https://` URLs
@@ -147,11 +159,7 @@ pub fn policy_connector(
         https_client_config(ca)?
     } else {
         // Never used: no URL needs TLS.
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(VERSIONS)
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth()
+        unused_client_config()
     };
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -264,18 +272,13 @@ pub fn upstream_client_config(
     let t = tls.get_ref();
     let roots = match &t.ca {
         Some(ca) => read_roots(config, &format!("{at}.ca"), ca)?,
-        None => {
-            let mut roots = RootCertStore::empty();
-            let native = rustls_native_certs::load_native_certs();
-            if roots.add_parsable_certificates(native.certs).0 == 0 {
-                return Err(config.invalid(
-                    at.clone(),
-                    tls,
-                    "no CA certificates found on this system; set `ca`",
-                ));
-            }
-            roots
-        }
+        None => system_roots().ok_or_else(|| {
+            config.invalid(
+                at.clone(),
+                tls,
+                "no CA certificates found on this system; set `ca`",
+            )
+        })?,
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)

@@ -249,13 +249,7 @@ fn build(
         // Plain groups send `http://` URIs, which pass through without TLS; the config
         // (no roots) is never used.
         None => HttpsConnector::<CountingConnector>::builder()
-            .with_tls_config(
-                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
+            .with_tls_config(crate::tls::unused_client_config())
             .https_or_http()
             .enable_http1()
             .wrap_connector(counting),
