@@ -107,7 +107,7 @@ impl AggregatePolicy {
                 )));
             }
         }
-        let urls = config
+        let urls: Vec<Uri> = config
             .calls
             .iter()
             .enumerate()
@@ -116,7 +116,7 @@ impl AggregatePolicy {
                     .url
                     .parse()
                     .map_err(|e| err(format!("calls[{i}].url: {e}")))?;
-                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                if !super::fetchable(&uri) {
                     return Err(err(format!(
                         "calls[{i}].url: {:?} is not an https:// or http:// URL with a host",
                         c.url
@@ -132,7 +132,7 @@ impl AggregatePolicy {
                 HeaderName::try_from(h.as_str()).map_err(|e| err(format!("forward_headers: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        let https = config.calls.iter().any(|c| c.url.starts_with("https://"));
+        let https = urls.iter().any(|u| u.scheme_str() == Some("https"));
         if config.ca_file.is_some() && !https {
             return Err(err(
                 "ca_file verifies https:// calls; every call here is http://".into(),

@@ -225,26 +225,17 @@ impl JwtPolicy {
         }
         let mut fetcher = None;
         if let Some(url) = &config.jwks_url {
-            let uri = url.parse::<http::Uri>().ok();
-            let scheme = uri.as_ref().and_then(http::Uri::scheme_str);
-            if !matches!(scheme, Some("https" | "http"))
-                || uri.as_ref().and_then(http::Uri::host).is_none()
-            {
+            let Some(uri) = url.parse::<http::Uri>().ok().filter(super::fetchable) else {
                 return Err(err(format!(
                     "jwks_url {url:?} is not an https:// or http:// URL with a host"
                 )));
-            }
-            if scheme == Some("http") && config.jwks_ca_file.is_some() {
+            };
+            let https = uri.scheme_str() == Some("https");
+            if !https && config.jwks_ca_file.is_some() {
                 return Err(err(
                     "jwks_ca_file verifies an https:// jwks_url; this one is http://".into(),
                 ));
             }
-            let connector = crate::tls::policy_connector(
-                scheme == Some("https"),
-                config.jwks_ca_file.as_deref(),
-            )
-            .map_err(|e| err(format!("jwks_ca_file: {e}")))?;
-            fetcher = Some(Client::builder(TokioExecutor::new()).build(connector));
             if config.jwks_refresh_secs == 0 {
                 return Err(err(
                     "jwks_refresh_secs must be at least 1: 0 would fetch the JWKS on every \
@@ -253,6 +244,10 @@ impl JwtPolicy {
                 ));
             }
             super::check_secs("jwks_refresh_secs", config.jwks_refresh_secs).map_err(err)?;
+            // Built once every check has passed (it may read the system's CA store).
+            let connector = crate::tls::policy_connector(https, config.jwks_ca_file.as_deref())
+                .map_err(|e| err(format!("jwks_ca_file: {e}")))?;
+            fetcher = Some(Client::builder(TokioExecutor::new()).build(connector));
         }
         let keys = match &config.jwks_file {
             Some(path) => {

@@ -522,6 +522,12 @@ pub struct PolicyBuildError {
     pub message: String,
 }
 
+/// Whether the policies' HTTP client can fetch `uri` (a JWKS, an aggregated call): an
+/// `https://` or `http://` URL with a host.
+pub(crate) fn fetchable(uri: &http::Uri) -> bool {
+    matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some()
+}
+
 /// `error` and its sources, as one line: an HTTP client's error is a summary ("client error
 /// (Connect)"), and the cause (a refused connection, a certificate the CAs do not vouch for)
 /// is in its sources.
