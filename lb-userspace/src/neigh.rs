@@ -66,22 +66,31 @@ pub fn neighbours() -> Result<Neighbours, NeighError> {
     let entries = ip_json(&["neigh", "show"])?;
     let mut table = Neighbours::new();
     for e in entries.as_array().into_iter().flatten() {
-        let failed = e["state"].as_array().is_some_and(|s| {
-            s.iter()
-                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
-        });
         let (Some(dst), Some(ifindex), Some(mac)) = (
             e["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok()),
             e["dev"].as_str().and_then(|d| index.get(d).copied()),
-            e["lladdr"].as_str().and_then(|m| m.parse::<MacAddr>().ok()),
+            entry_mac(e),
         ) else {
             continue;
         };
-        if !failed {
-            table.insert((dst, ifindex), mac.0);
-        }
+        table.insert((dst, ifindex), mac);
     }
     Ok(table)
+}
+
+/// The MAC of one `ip -j neigh` entry, unless the entry failed or is still incomplete.
+fn entry_mac(entry: &Value) -> Option<[u8; 6]> {
+    let failed = entry["state"].as_array().is_some_and(|s| {
+        s.iter()
+            .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
+    });
+    if failed {
+        return None;
+    }
+    entry["lladdr"]
+        .as_str()
+        .and_then(|s| s.parse::<MacAddr>().ok())
+        .map(|m| m.0)
 }
 
 fn ip_json(args: &[&str]) -> Result<Value, NeighError> {
@@ -150,22 +159,7 @@ fn route(addr: IpAddr, via: Option<&str>) -> Result<(String, IpAddr), NeighError
 fn neighbour_mac(next_hop: IpAddr, dev: &str) -> Result<Option<[u8; 6]>, NeighError> {
     let nh = next_hop.to_string();
     let v = ip_json(&["neigh", "show", "to", &nh, "dev", dev])?;
-    let Some(entries) = v.as_array() else {
-        return Ok(None);
-    };
-    for e in entries {
-        let failed = e["state"].as_array().is_some_and(|s| {
-            s.iter()
-                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
-        });
-        if failed {
-            continue;
-        }
-        if let Some(mac) = e["lladdr"].as_str().and_then(|s| s.parse::<MacAddr>().ok()) {
-            return Ok(Some(mac.0));
-        }
-    }
-    Ok(None)
+    Ok(v.as_array().into_iter().flatten().find_map(entry_mac))
 }
 
 /// `addr:port` as a socket address; an IPv6 link-local address gets interface `ifindex` as

@@ -122,16 +122,16 @@ impl<S> FramingGuard<S> {
         while !bytes.is_empty() {
             match self.state {
                 State::Stopped => return,
-                State::LongHead(mut last) => {
-                    for &b in bytes {
-                        // `\n\n` or `\n\r\n` ends a head (hyper takes bare LFs too).
-                        if b == b'\n' && (last[2] == b'\n' || last[1..] == *b"\n\r") {
-                            self.state = State::Stopped;
-                            return;
-                        }
-                        last = [last[1], last[2], b];
-                    }
-                    self.state = State::LongHead(last);
+                State::LongHead(last) => {
+                    // `last` ends the previous read: a head's end may straddle two reads.
+                    // (Only heads over MAX_HEAD come here, so the copy is rare.)
+                    let mut seen = last.to_vec();
+                    seen.extend_from_slice(bytes);
+                    self.state = if find_blank_line(&seen) {
+                        State::Stopped
+                    } else {
+                        State::LongHead(seen[seen.len() - 3..].try_into().unwrap_or_default())
+                    };
                     return;
                 }
                 State::Head => {
