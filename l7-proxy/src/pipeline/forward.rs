@@ -352,7 +352,7 @@ impl Body for WatchedBody {
 /// timeout is not the member's fault. While the body streams, the member must take each part
 /// within the timeout of the last one; a client that goes silent fails its own body instead
 /// ([`WatchedBody`]). `Err` is a timeout to blame on the member.
-async fn within_request_timeout<F: std::future::Future>(
+async fn within_request_timeout<F: Future>(
     send: F,
     timeout: Duration,
     watch: Option<&BodyWatch>,

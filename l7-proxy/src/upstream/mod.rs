@@ -106,8 +106,7 @@ impl Member {
 
     /// True when the member may take traffic: up by active checks and not ejected.
     pub fn is_available(&self) -> bool {
-        self.active_up.load(Ordering::Relaxed)
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+        self.is_active_up() && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
     }
 
     /// Up as far as active health checks know (ejections aside).
