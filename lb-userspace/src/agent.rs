@@ -207,13 +207,11 @@ async fn follow_neighbours(services: Arc<Mutex<Services>>) {
             }
             Err(_) => continue,
         };
-        let refreshed = services
+        // Failed writes are logged there and tried again on the next pass.
+        services
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .refresh_next_hops(&table);
-        if let Err(e) = refreshed {
-            tracing::warn!(error = %e, "updating a backend's next hop");
-        }
     }
 }
 

@@ -723,7 +723,7 @@ impl Services {
     ///
     /// A backend whose next hop never answered ([`neigh::UNRESOLVED`]) is solicited again, and
     /// once its MAC is known it goes up (with health checks, once they pass `rise` times).
-    pub fn refresh_next_hops(&mut self, table: &neigh::Neighbours) -> Result<usize> {
+    pub fn refresh_next_hops(&mut self, table: &neigh::Neighbours) -> usize {
         let mut changed = 0;
         for vi in 0..self.vips.len() {
             let name = self.vips[vi].spec.id();
@@ -780,7 +780,7 @@ impl Services {
                 }
             }
         }
-        Ok(changed)
+        changed
     }
 
     pub fn health_report(&mut self, r: HealthReport) -> Result<()> {
